@@ -1,0 +1,297 @@
+"""Typed, validated configuration: YAML in, frozen dataclasses out.
+
+One file configures every stage; each stage reads its own section. A config error names the
+field (``rm.lr``) and what is allowed. Command-line overrides use the same dotted names
+(``rm.num_workers=2``). Configs are frozen: nothing mutates them while a job runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the field and what is allowed."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # A Hugging Face model path or hub name; "embedded" builds the tiny local model (no download).
+    name_or_path: str = "embedded"
+    # Seed of the embedded tokenizer and model weights (deterministic build).
+    seed: int = 0
+    # Embedded model shape (ignored for other models).
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 256
+    vocab_size: int = 512
+    max_positions: int = 128
+    # Where built models are cached (relative paths are under the working directory).
+    cache_dir: str = ".cache/rlhf_ray"
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    # Supervised pre-training of the embedded policy on the synthetic corpus, so it writes well-formed text.
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 3e-3
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Synthetic preference task (see rlhf_ray.data.synthetic) or JSONL files.
+    train_path: str = ""  # empty: generate the synthetic task
+    eval_path: str = ""
+    num_train: int = 4000
+    num_eval: int = 400
+    min_k: int = 2
+    max_k: int = 8
+    # Label noise: best ~ softmax(gold / temperature) over the candidates.
+    label_temperature: float = 0.25
+    seed: int = 1
+
+
+@dataclass(frozen=True)
+class RMConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    epochs: int = 6
+    batch_size: int = 16  # records (prompts) per worker per step; each has K_n candidates
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    max_length: int = 64  # tokens of prompt + response fed to the RM
+    seed: int = 0
+    # Where Ray Train keeps run directories and checkpoints ("" = <output_dir>/rm/ray_runs; on a
+    # multi-node cluster use shared storage, e.g. s3://bucket/path or an NFS mount).
+    storage_path: str = ""
+    # Checkpoint directory to resume from ("" = start fresh).
+    resume_from: str = ""
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    num_replicas: int = 1
+    # Autoscaling (min/max replicas); when max_replicas > num_replicas autoscaling is on.
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 4.0
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    max_batch_size: int = 64
+    batch_wait_timeout_s: float = 0.005
+    max_responses: int = 16
+    max_chars: int = 2000
+    max_prompts: int = 256
+    # Name of the environment variable holding a bearer token; auth is on when it is set.
+    auth_token_env: str = "RLHF_RAY_SERVE_TOKEN"
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    iterations: int = 20
+    prompts_per_iteration: int = 64
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    epochs: int = 2
+    minibatch_size: int = 32
+    lr: float = 1e-4
+    clip_eps: float = 0.2
+    value_clip_eps: float = 0.2
+    beta: float = 0.0  # weight of KL(pi_old || pi_theta) in the objective
+    c1: float = 0.5  # value-loss weight
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.05  # InstructGPT reference-KL penalty in the reward (0 = off)
+    adaptive_kl: bool = False
+    target_kl: float = 2.0
+    kl_horizon: int = 1000
+    max_grad_norm: float = 1.0
+    whiten_advantages: bool = True
+    # Reward for responses cut at max_new_tokens without EOS is the RM score minus this penalty.
+    truncation_penalty: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    kv_cache_mib: int = 64
+    # Max logprob drift (vLLM vs learner) tolerated after a weight sync before failing loudly.
+    max_logprob_drift: float = 1e-3
+    async_one_step_off: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    # Everything a run writes goes under here.
+    output_dir: str = "runs/demo"
+
+
+_POSITIVE = {
+    "sft.steps", "sft.batch_size", "data.num_train", "data.num_eval", "rm.epochs", "rm.batch_size",
+    "rm.max_length", "serve.num_replicas", "serve.max_replicas", "serve.max_batch_size",
+    "serve.max_responses", "serve.max_chars", "serve.max_prompts", "ppo.iterations",
+    "ppo.prompts_per_iteration", "ppo.max_new_tokens", "ppo.epochs", "ppo.minibatch_size",
+    "rollout.num_workers", "model.hidden_size", "model.num_layers", "model.num_heads",
+    "model.vocab_size", "model.max_positions", "model.intermediate_size", "rollout.kv_cache_mib",
+}
+_NONNEG = {
+    "rm.num_workers", "serve.min_replicas", "ppo.beta", "ppo.c1", "ppo.entropy_coef", "ppo.kl_coef",
+    "ppo.truncation_penalty", "serve.num_gpus", "rollout.gpus_per_worker", "rm.weight_decay",
+}
+_POSITIVE_FLOAT = {
+    "sft.lr", "rm.lr", "ppo.lr", "ppo.clip_eps", "ppo.temperature", "data.label_temperature",
+    "ppo.max_grad_norm", "rollout.max_logprob_drift", "ppo.target_kl",
+}
+_UNIT = {"ppo.gamma", "ppo.lam", "ppo.top_p"}
+
+
+def _coerce(name: str, value: Any, typ: Any) -> Any:
+    """Coerce a YAML/CLI value to the field's type or raise ConfigError naming the field."""
+    if typing.get_origin(typ) is Literal:
+        allowed = typing.get_args(typ)
+        if value not in allowed:
+            raise ConfigError(f"{name}: {value!r} is not one of {list(allowed)}")
+        return value
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    raise ConfigError(f"{name}: unsupported field type {typ}")
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = prefix or "top level"
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(fields)}")
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else key
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = _build(typ, value or {}, name)
+        else:
+            kwargs[key] = _coerce(name, value, typ)
+    return cls(**kwargs)
+
+
+def _check_ranges(cfg: Config) -> None:
+    for name in sorted(_POSITIVE | _NONNEG | _POSITIVE_FLOAT | _UNIT):
+        section, key = name.split(".")
+        v = getattr(getattr(cfg, section), key)
+        if name in _POSITIVE and v <= 0:
+            raise ConfigError(f"{name}: must be a positive integer, got {v}")
+        if name in _NONNEG and v < 0:
+            raise ConfigError(f"{name}: must be >= 0, got {v}")
+        if name in _POSITIVE_FLOAT and v <= 0:
+            raise ConfigError(f"{name}: must be > 0, got {v}")
+        if name in _UNIT and not 0.0 <= v <= 1.0:
+            raise ConfigError(f"{name}: must be in [0, 1], got {v}")
+    if cfg.data.min_k < 2 or cfg.data.max_k < cfg.data.min_k:
+        raise ConfigError(
+            f"data.min_k/data.max_k: need 2 <= min_k <= max_k, got {cfg.data.min_k}..{cfg.data.max_k}")
+    if cfg.model.hidden_size % cfg.model.num_heads:
+        raise ConfigError(f"model.hidden_size: {cfg.model.hidden_size} is not divisible by "
+                          f"model.num_heads={cfg.model.num_heads}")
+    if cfg.serve.max_replicas < max(cfg.serve.min_replicas, 1):
+        raise ConfigError(f"serve.max_replicas: must be >= serve.min_replicas ({cfg.serve.min_replicas})")
+    if not 0 < cfg.serve.port < 65536:
+        raise ConfigError(f"serve.port: must be in 1..65535, got {cfg.serve.port}")
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"rm.lr=1e-3"`` -> ("rm.lr", 1e-3). The value is parsed as YAML (numbers, booleans)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.field=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Read a YAML config (or defaults when ``path`` is None) and apply dotted overrides."""
+    tree: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p}: not found")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p}: invalid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {p}: top level must be a mapping of sections")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    cfg = _build(Config, tree, "")
+    _check_ranges(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)

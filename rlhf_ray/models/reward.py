@@ -1,0 +1,57 @@
+"""The reward model: a causal-LM backbone with a scalar head on the last token, R(x, y) -> float.
+
+It is Hugging Face's ``AutoModelForSequenceClassification`` with ``num_labels=1`` (the head reads the
+last non-pad token), so a saved RM is an ordinary model directory (safetensors + config + tokenizer)
+that loads without Ray and without this package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rlhf_ray.data.preferences import RMBatch, encode_texts, rm_text
+
+
+def init_reward_model(backbone: str | Path, seed: int = 0):
+    """A fresh RM on a pretrained backbone (the SFT policy); the scalar head starts near zero."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(backbone)
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        backbone, num_labels=1, dtype=torch.float32, pad_token_id=tokenizer.pad_token_id)
+    torch.nn.init.normal_(model.score.weight, std=1e-3)
+    return model, tokenizer
+
+
+def load_reward_model(path: str | Path):
+    """Load a saved RM directory (safetensors only: never unpickles)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "model.safetensors").exists() and not list(path.glob("model-*.safetensors")):
+        raise FileNotFoundError(f"{path}: no model.safetensors (an RM directory or Ray Train checkpoint is expected)")
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def batch_rewards(model, batch: RMBatch) -> torch.Tensor:
+    """Rewards of a collated group, float [B, Kmax] (padding slots hold copies; mask with ``valid``)."""
+    flat = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0]  # (N,)
+    return flat[batch.index]
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer, prompts: list[str], responses: list[str], max_length: int,
+                batch_size: int = 256) -> tuple[list[float], int]:
+    """R(x_i, y_i) for aligned lists; returns (rewards, number of inputs truncated to max_length)."""
+    out, truncated = [], 0
+    texts = [rm_text(p, r) for p, r in zip(prompts, responses)]
+    for i in range(0, len(texts), batch_size):
+        ids, mask, t = encode_texts(tokenizer, texts[i:i + batch_size], max_length)
+        truncated += t
+        out.extend(model(input_ids=ids, attention_mask=mask).logits[:, 0].tolist())
+    return out, truncated

@@ -1,0 +1,45 @@
+"""Pure torch ops: listwise reward-model loss, masked statistics, GAE and PPO pieces."""
+from .ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    PPOStats,
+    clipped_surrogate,
+    entropy_from_logits,
+    gae,
+    kl_k1,
+    kl_k2,
+    kl_k3,
+    kl_old_new,
+    kl_penalized_rewards,
+    logprobs_from_logits,
+    policy_ratio,
+    ppo_objective,
+    value_loss,
+)
+from .rm import expected_calibration_error, listwise_probs, listwise_rm_loss
+from .stats import masked_mean, masked_sum, masked_var, masked_whiten
+
+__all__ = [
+    "AdaptiveKLController",
+    "FixedKLController",
+    "PPOStats",
+    "clipped_surrogate",
+    "entropy_from_logits",
+    "expected_calibration_error",
+    "gae",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "kl_old_new",
+    "kl_penalized_rewards",
+    "listwise_probs",
+    "listwise_rm_loss",
+    "logprobs_from_logits",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "policy_ratio",
+    "ppo_objective",
+    "value_loss",
+]

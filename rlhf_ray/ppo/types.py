@@ -1,0 +1,59 @@
+"""Typed messages between the PPO actors. Arrays are numpy so that the object store hands them
+over zero-copy (read-only); every [B, T] array uses the same token layout:
+
+    column:   0 .. P_b-1            P_b .. P_b+R_b-1          P_b+R_b .. T-1
+    content:  prompt tokens         response tokens           padding (right)
+
+``response_mask[b, t]`` is True on response tokens. Per-token quantities (logprobs, values, rewards,
+advantages) are aligned with the token they describe: ``old_logprobs[b, t]`` is log pi(token_t | tokens_<t).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Rollout:
+    """What one RolloutWorker returns for a chunk of prompts."""
+
+    input_ids: np.ndarray  # int64 [B, T]
+    attention_mask: np.ndarray  # bool [B, T] prompt + response
+    response_mask: np.ndarray  # bool [B, T]
+    rollout_logprobs: np.ndarray  # float32 [B, T] the engine's sampled-token logprobs (0 off-response)
+    truncated: np.ndarray  # bool [B] cut at max_new_tokens without EOS
+    prompts: list[str]
+    responses: list[str]  # decoded response text (special tokens removed)
+    policy_version: int  # version of the weights that generated this chunk
+    worker_id: int
+    gen_seconds: float
+    num_tokens: int  # response tokens generated
+
+
+@dataclass
+class ScoredRollout:
+    """Rollouts from all workers merged into one batch, with the RM score per response."""
+
+    rollout: Rollout  # merged (worker_id = -1, policy_version = the oldest of the chunks)
+    scores: np.ndarray  # float32 [B] RM reward R(x, y)
+    gold: np.ndarray  # float32 [B] hidden gold reward (evaluation only; NaN when unknown)
+    score_seconds: float
+
+
+@dataclass
+class TrainBatch:
+    """Everything the learner needs for PPO epochs on one batch."""
+
+    input_ids: np.ndarray  # int64 [B, T]
+    attention_mask: np.ndarray  # bool [B, T]
+    response_mask: np.ndarray  # bool [B, T]
+    old_logprobs: np.ndarray  # float32 [B, T] log pi_old (learner recomputation)
+    ref_logprobs: np.ndarray  # float32 [B, T]
+    old_values: np.ndarray  # float32 [B, T]
+    rewards: np.ndarray  # float32 [B, T] per-token rewards (score on last response token, minus KL penalty)
+    advantages: np.ndarray  # float32 [B, T] (whitened if configured)
+    returns: np.ndarray  # float32 [B, T]
+    policy_version: int
+    stats: dict = field(default_factory=dict)  # scalars: reward means, KL to reference, ...

@@ -1,0 +1,44 @@
+"""Starting or joining Ray with the settings this project needs."""
+
+from __future__ import annotations
+
+import os
+
+# Ray Train's report() waits for the controller's poll (default every 2 s): poll faster.
+# Quiet transformers' per-load reports and progress bars in every worker.
+_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"),
+    "TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error"),
+    "HF_HUB_DISABLE_PROGRESS_BARS": os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
+
+
+def quiet_libraries() -> None:
+    """Apply the same quieting in this process (the driver)."""
+    os.environ.update(_ENV)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except Exception:
+        pass
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True):
+    """Join ``address`` (e.g. "auto" on a cluster) or start a local Ray; idempotent."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    os.environ.update(_ENV)  # inherited by the local raylet and so by every actor
+    kwargs = dict(include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": dict(_ENV)})
+    if address:
+        kwargs["address"] = address
+    elif num_cpus is not None:
+        kwargs["num_cpus"] = num_cpus
+    if quiet:
+        kwargs["logging_level"] = "warning"
+    ray.init(**kwargs)
+    return ray

@@ -1,0 +1,57 @@
+import pytest
+
+from rlhf_ray.cli import main
+from rlhf_ray.config import ConfigError, load_config
+
+
+def test_defaults_and_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("rm:\n  num_workers: 3\n  lr: 0.01\nppo:\n  gamma: 0.9\n")
+    cfg = load_config(f, ["rm.lr=2e-3", "data.max_k=5"])
+    assert cfg.rm.num_workers == 3 and cfg.rm.lr == 2e-3 and cfg.ppo.gamma == 0.9 and cfg.data.max_k == 5
+    assert cfg.sft.steps == load_config().sft.steps  # untouched fields keep defaults
+    with pytest.raises(Exception):
+        cfg.rm.lr = 1.0  # frozen
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("rm.num_workers=two", "rm.num_workers: expected an integer"),
+    ("rm.bogus=1", "rm: unknown field(s) ['bogus']; allowed:"),
+    ("nosection.x=1", "top level: unknown field(s) ['nosection']"),
+    ("ppo.gamma=1.5", "ppo.gamma: must be in [0, 1]"),
+    ("rm.use_gpu=maybe", "rm.use_gpu: expected true or false"),
+    ("data.min_k=1", "data.min_k/data.max_k"),
+    ("rm.lr=0", "rm.lr: must be > 0"),
+    ("model.num_heads=3", "model.hidden_size: 128 is not divisible by model.num_heads=3"),
+    ("rm.epochs", "expected section.field=value"),
+])
+def test_errors_name_the_field(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert needle in str(e.value)
+
+
+def test_bad_yaml_file_named(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("rm: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_cli_help_lists_stages(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for stage in ("build-model", "make-data", "train-rm", "demo"):
+        assert stage in out
+    with pytest.raises(SystemExit):
+        main(["train-rm", "--help"])
+    assert "--config" in capsys.readouterr().out
+
+
+def test_cli_config_error_exit_code(capsys):
+    assert main(["make-data", "data.max_k=oops"]) == 2
+    assert "data.max_k: expected an integer" in capsys.readouterr().err
