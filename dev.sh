@@ -13,12 +13,18 @@ setup() {
   local want
   want=$(cat pyproject.toml dev.sh | sha256sum | cut -c1-16)
   if [ "$(cat .venv/.rlhf_ray_stamp 2>/dev/null)" = "$want" ]; then return; fi
-  .venv/bin/python -m pip install -q --upgrade pip
+  echo "dev.sh: installing into .venv (first time: ~2-3 minutes)" >&2
+  # pip warns about every missing local index directory: keep its output readable.
+  pipq() { .venv/bin/python -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+  pipq --upgrade pip
   # torch first, exactly: the CPU wheel on this machine; any other torch pulls a CUDA build.
-  .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[cpu,dev]"
+  pipq "torch==2.13.0"
+  pipq -e ".[cpu,dev]"
   # pip drags in CUDA-linked torchvision/torchaudio/torchcodec, which break `import vllm` on CPU.
   .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  # Fail here, not in the tests, if the install is broken.
+  local check="import torch, ray.train, ray.serve, transformers, vllm"
+  if ! .venv/bin/python -c "$check" >/dev/null 2>&1; then .venv/bin/python -c "$check"; exit 1; fi
   echo "$want" > .venv/.rlhf_ray_stamp
 }
 

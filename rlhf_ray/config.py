@@ -67,7 +67,7 @@ class RMConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     epochs: int = 6
-    batch_size: int = 16  # records (prompts) per worker per step; each has K_n candidates
+    batch_size: int = 8  # records (prompts) per worker per step; each has K_n candidates
     lr: float = 3e-4
     weight_decay: float = 0.0
     max_length: int = 64  # tokens of prompt + response fed to the RM
