@@ -1,0 +1,145 @@
+"""Scoring with a saved reward model, in-process (no Ray): what the RM service and PPO call.
+
+For a prompt x with candidates y_1..y_K the RM gives rewards R(x, y_i) and the listwise model
+P(y_i | x) = softmax_i R(x, y_i) (``rlhf_ray.ops.listwise_probs``). Inputs longer than
+``max_length`` tokens are cut by the training rule (``encode_texts``: keep the first
+max_length - 1 tokens, then EOS) and flagged as truncated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from rlhf_ray.data.preferences import encode_texts, rm_text
+from rlhf_ray.ops import listwise_probs
+
+Group = tuple[str, list[str]]  # (prompt, candidate responses)
+
+
+class GroupScore(NamedTuple):
+    """The RM's answer for one prompt and its K candidates."""
+
+    rewards: list[float]  # R(x, y_i), K values
+    probs: list[float]  # P(y_i | x) = softmax(rewards), sums to 1
+    best: int  # argmax_i rewards (the first one on ties)
+    truncated: list[bool]  # y_i's input was cut to max_length tokens
+
+
+class FlatScores(NamedTuple):
+    rewards: np.ndarray  # float32 [N]
+    truncated: np.ndarray  # bool [N]
+
+
+def model_version(model_dir: str | Path) -> str:
+    """``"epoch<E>-<sha256[:12] of the safetensors bytes>"``; ``epoch?`` without trainer state."""
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no model*.safetensors")
+    digest = hashlib.sha256()
+    for f in files:
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+    epoch = "?"
+    state = model_dir / "trainer_state.json"
+    if state.is_file():
+        try:
+            epoch = str(json.loads(state.read_text()).get("epoch", "?"))
+        except (ValueError, AttributeError):
+            pass
+    return f"epoch{epoch}-{digest.hexdigest()[:12]}"
+
+
+def group_scores(rewards: np.ndarray, truncated: np.ndarray, sizes: list[int]) -> list[GroupScore]:
+    """Split flat scores into groups of ``sizes`` (each >= 1) and add P(y_i|x) and the argmax.
+
+    rewards: float [N]; truncated: bool [N]; sum(sizes) == N.
+    """
+    if not sizes:
+        return []
+    kmax = max(sizes)
+    padded = torch.zeros((len(sizes), kmax), dtype=torch.float64)  # (B, Kmax)
+    valid = torch.zeros((len(sizes), kmax), dtype=torch.bool)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    for b, (s, k) in enumerate(zip(starts, sizes)):
+        padded[b, :k] = torch.from_numpy(rewards[s:s + k].astype(np.float64))
+        valid[b, :k] = True
+    probs = listwise_probs(padded, valid)  # (B, Kmax), 0 at padding
+    out = []
+    for b, (s, k) in enumerate(zip(starts, sizes)):
+        r = rewards[s:s + k]
+        out.append(GroupScore(rewards=r.tolist(), probs=probs[b, :k].tolist(), best=int(np.argmax(r)),
+                              truncated=truncated[s:s + k].tolist()))
+    return out
+
+
+class RewardScorer:
+    """A saved RM directory (HF format or a Ray Train checkpoint), ready to score text.
+
+    Loads safetensors only. Not thread-safe: call it from one thread at a time.
+    """
+
+    def __init__(self, model_dir: str | Path, max_length: int = 64, batch_size: int = 256,
+                 device: str | None = None):
+        from rlhf_ray.models.reward import load_reward_model
+
+        self.model_dir = Path(model_dir).resolve()
+        self.model_version = model_version(self.model_dir)
+        self.model, self.tokenizer = load_reward_model(self.model_dir)
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if max_length < 2 or (context is not None and max_length > context):
+            raise ValueError(f"max_length={max_length}: must be in [2, {context}] (the model's context)")
+        self.max_length, self.batch_size = max_length, batch_size
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model.to(self.device)
+
+    def score_flat(self, prompts: list[str], responses: list[str]) -> FlatScores:
+        """R(x_i, y_i) for aligned lists, and which inputs were truncated."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        texts = [rm_text(p, r) for p, r in zip(prompts, responses)]
+        rewards = np.zeros(len(texts), dtype=np.float32)
+        truncated = np.zeros(len(texts), dtype=bool)
+        # Similar lengths share a forward pass (less padding); characters are a cheap proxy for tokens.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                chunk = [texts[i] for i in idx]
+                ids, mask, n_cut = encode_texts(self.tokenizer, chunk, self.max_length)  # (n, L)
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                rewards[idx] = logits[:, 0].float().cpu().numpy()
+                truncated[idx] = self._truncation_flags(chunk, mask, n_cut)
+        return FlatScores(rewards, truncated)
+
+    def _truncation_flags(self, texts: list[str], mask: torch.Tensor, n_cut: int) -> np.ndarray:
+        # A cut sequence is exactly max_length long, but so is one that fit exactly: re-tokenize
+        # only those to tell them apart (encode_texts returns a count, not which ones).
+        flags = np.zeros(len(texts), dtype=bool)
+        full = (mask.sum(1) == self.max_length).nonzero().flatten().tolist()
+        if full:
+            lengths = [len(ids) + 1 for ids in self.tokenizer([texts[i] for i in full])["input_ids"]]  # + EOS
+            flags[full] = np.array(lengths) > self.max_length
+        if int(flags.sum()) != n_cut:
+            raise RuntimeError(f"truncation flags ({int(flags.sum())}) disagree with encode_texts ({n_cut})")
+        return flags
+
+    def score_pairs(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        """Flat rewards, float32 [N], for aligned (prompt, response) lists (PPO's reward)."""
+        return self.score_flat(prompts, responses).rewards
+
+    def score_groups(self, groups: list[Group]) -> list[GroupScore]:
+        """One forward over all candidates of all groups; each group needs at least one response."""
+        sizes = [len(responses) for _, responses in groups]
+        if any(k == 0 for k in sizes):
+            raise ValueError(f"group {sizes.index(0)} has no responses")
+        prompts = [p for p, responses in groups for _ in responses]
+        flat = self.score_flat(prompts, [r for _, responses in groups for r in responses])
+        return group_scores(flat.rewards, flat.truncated, sizes)

@@ -1,0 +1,310 @@
+"""The RM service: real Ray Serve on a free local port, real HTTP (requests) and the handle path,
+checked against the in-process RewardScorer. Serve is started once for the module."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+import requests
+
+from rlhf_ray.data import synthetic
+from rlhf_ray.data.preferences import rm_text
+
+MAX_RESPONSES, MAX_PROMPTS, MAX_CHARS = 4, 3, 600
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service(NamedTuple):
+    url: str
+    handle: object
+    cfg: object
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster, rm_dir, test_config):
+    from rlhf_ray.reward.serve import deploy_rm, shutdown_rm
+
+    cfg = dataclasses.replace(
+        test_config.serve, port=free_port(), num_cpus=0.25, max_responses=MAX_RESPONSES,
+        max_prompts=MAX_PROMPTS, max_chars=MAX_CHARS,
+        auth_token_env=f"RLHF_RAY_TEST_TOKEN_{uuid.uuid4().hex[:8]}")  # unset: auth off
+    url, handle = deploy_rm(cfg, rm_dir, max_length=64, name="rm")
+    yield Service(url, handle, cfg)
+    shutdown_rm()
+
+
+@pytest.fixture(scope="module")
+def scorer(rm_dir):
+    from rlhf_ray.reward.scorer import RewardScorer
+
+    return RewardScorer(rm_dir, max_length=64)
+
+
+@pytest.fixture(scope="module")
+def groups():
+    records = synthetic.preference_records(3, seed=11)
+    return [(r["prompt"], r["responses"][:MAX_RESPONSES]) for r in records]
+
+
+def softmax(x) -> np.ndarray:
+    z = np.exp(np.asarray(x, dtype=np.float64) - np.max(x))
+    return z / z.sum()
+
+
+def check_answer(answer: dict, expected, model_version: str) -> None:
+    """One /score answer against the in-process GroupScore."""
+    assert set(answer) == {"rewards", "probs", "best", "truncated", "model_version"}
+    np.testing.assert_allclose(answer["rewards"], expected.rewards, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(answer["probs"], softmax(answer["rewards"]), rtol=0, atol=1e-6)
+    assert answer["best"] == int(np.argmax(answer["rewards"]))
+    assert answer["truncated"] == expected.truncated
+    assert answer["model_version"] == model_version
+
+
+def test_http_and_handle_agree_with_in_process_scorer(service, scorer, groups):
+    expected = scorer.score_groups(groups)
+    assert all(len(r) >= 2 for _, r in groups)
+    for (prompt, responses), exp in zip(groups, expected):
+        r = requests.post(f"{service.url}/score", json={"prompt": prompt, "responses": responses}, timeout=30)
+        assert r.status_code == 200, r.text
+        check_answer(r.json(), exp, scorer.model_version)
+        check_answer(service.handle.score.remote(prompt, responses).result(timeout_s=30), exp, scorer.model_version)
+
+    items = [{"prompt": p, "responses": rs} for p, rs in groups]
+    r = requests.post(f"{service.url}/score_batch", json={"items": items}, timeout=30)
+    assert r.status_code == 200, r.text
+    via_handle = service.handle.score_batch.remote(items).result(timeout_s=30)
+    for body in (r.json(), via_handle):
+        assert body["model_version"] == scorer.model_version
+        assert len(body["results"]) == len(groups)
+        for answer, exp in zip(body["results"], expected):
+            check_answer(answer, exp, scorer.model_version)
+
+    prompts = [p for p, rs in groups for _ in rs]
+    responses = [y for _, rs in groups for y in rs]
+    flat = service.handle.score_pairs.remote(prompts, responses).result(timeout_s=30)
+    np.testing.assert_allclose(flat["rewards"], scorer.score_pairs(prompts, responses), rtol=0, atol=1e-5)
+
+    version = requests.get(f"{service.url}/version", timeout=10).json()
+    assert version["model_version"] == scorer.model_version and version["batching"] is True
+    assert requests.get(f"{service.url}/docs", timeout=10).status_code == 200
+    assert "/score_batch" in requests.get(f"{service.url}/openapi.json", timeout=10).json()["paths"]
+
+
+def test_concurrent_requests_share_forward_passes(service, scorer, groups):
+    service.handle.get_stats.remote(reset=True).result(timeout_s=30)
+    prompt, responses = groups[0]
+    pending = [service.handle.score.remote(prompt, responses) for _ in range(16)]
+    answers = [p.result(timeout_s=60) for p in pending]
+    stats = service.handle.get_stats.remote().result(timeout_s=30)
+    assert stats["requests"] == 16 and stats["items"] == 16 * len(responses)
+    assert stats["batches"] < stats["requests"]  # @serve.batch merged some
+    exp = scorer.score_groups([groups[0]])[0]
+    for a in answers:
+        check_answer(a, exp, scorer.model_version)
+
+
+def test_over_long_input_is_truncated_by_the_training_rule(service, scorer):
+    import torch
+
+    prompt, long = "Review the film:", " ".join(["wonderful"] * 50)  # > 64 tokens, < MAX_CHARS
+    r = requests.post(f"{service.url}/score", json={"prompt": prompt, "responses": ["fine.", long]}, timeout=30)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["truncated"] == [False, True]
+    # The rule: the first max_length - 1 tokens, then EOS.
+    tok = scorer.tokenizer
+    ids = tok(rm_text(prompt, long))["input_ids"]
+    assert len(ids) + 1 > 64
+    cut = torch.tensor([ids[:63] + [tok.eos_token_id]])
+    with torch.no_grad():
+        expected = scorer.model(input_ids=cut, attention_mask=torch.ones_like(cut)).logits[0, 0].item()
+    assert abs(body["rewards"][1] - expected) < 1e-5
+
+
+def _bad_requests():
+    ok = ["a", "b"]
+    return [
+        # (body: dict or raw str, expected status, field the error must name)
+        ({"prompt": "x", "responses": []}, 422, "responses"),
+        ({"prompt": "x", "responses": ["r"] * (MAX_RESPONSES + 1)}, 422, "responses"),
+        ({"prompt": "x", "responses": ["a", "y" * (MAX_CHARS + 1)]}, 422, "responses[1]"),
+        ({"prompt": "p" * (MAX_CHARS + 1), "responses": ok}, 422, "prompt"),
+        ({"prompt": 3, "responses": ok}, 422, "prompt"),
+        ({"prompt": "x", "responses": "ab"}, 422, "responses"),
+        ({"prompt": "x", "responses": ["a", 7]}, 422, "responses[1]"),
+        ({"prompt": "x", "responses": ["a", None]}, 422, "responses[1]"),
+        ({"responses": ok}, 422, "prompt"),
+        ({"prompt": "x"}, 422, "responses"),
+        ({"prompt": "x", "responses": ok, "best": 0}, 422, "best"),
+        ('{"prompt": "x", "responses": [', 400, "body"),
+        ("not json at all", 400, "body"),
+        ("[1, 2]", 422, "body"),
+        ("", 422, "body"),
+    ]
+
+
+def _bad_batches():
+    item = {"prompt": "x", "responses": ["a", "b"]}
+    return [
+        ({"items": []}, 422, "items"),
+        ({"items": [item] * (MAX_PROMPTS + 1)}, 422, "items"),
+        ({"items": [item, {"prompt": "x", "responses": []}]}, 422, "items[1].responses"),
+        ({"items": [item, {"prompt": "x", "responses": ["a", 1]}]}, 422, "items[1].responses[1]"),
+        ({"items": item}, 422, "items"),
+        ({"prompt": "x", "responses": ["a"]}, 422, "items"),
+    ]
+
+
+def _post(url: str, body):
+    if isinstance(body, str):
+        return requests.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=30)
+    return requests.post(url, json=body, timeout=30)
+
+
+def test_bad_requests_get_4xx_naming_the_field(service, groups):
+    from rlhf_ray.reward.serve import RequestError
+
+    cases = [("/score", *c) for c in _bad_requests()] + [("/score_batch", *c) for c in _bad_batches()]
+    for route, body, status, field in cases:
+        r = _post(service.url + route, body)
+        assert r.status_code == status, (route, body, r.status_code, r.text)
+        error = r.json()["error"]
+        assert field in [f["field"] for f in error["fields"]], (route, body, error)
+        assert field in error["message"], error
+    assert requests.get(f"{service.url}/score", timeout=10).status_code == 405
+    assert requests.get(f"{service.url}/nope", timeout=10).json()["error"]["type"] == "http_error"
+
+    # The handle path refuses the same way (RequestError, a ValueError, with the same fields).
+    with pytest.raises(RequestError) as e:
+        service.handle.score.remote("x", []).result(timeout_s=30)
+    assert e.value.status == 422 and e.value.fields[0]["field"] == "responses"
+    with pytest.raises(RequestError, match="2 prompts but 1 responses"):
+        service.handle.score_pairs.remote(["a", "b"], ["c"]).result(timeout_s=30)
+
+    # Still healthy and answering.
+    assert requests.get(f"{service.url}/healthz", timeout=10).json() == {"status": "ok"}
+    prompt, responses = groups[0]
+    assert _post(f"{service.url}/score", {"prompt": prompt, "responses": responses}).status_code == 200
+
+
+def test_a_failing_request_does_not_fail_the_others_in_its_batch():
+    from rlhf_ray.reward.scorer import GroupScore
+    from rlhf_ray.reward.serve import score_jobs
+
+    class Scorer:  # fails on any group whose prompt is "boom"
+        def score_groups(self, groups):
+            if any(p == "boom" for p, _ in groups):
+                raise RuntimeError("boom")
+            return [GroupScore([float(len(r)) for r in rs], [], 0, [False] * len(rs)) for _, rs in groups]
+
+    jobs = [[("a", ["xx", "y"])], [("boom", ["z"])], [("b", ["qqq"]), ("c", ["w"])]]
+    out = score_jobs(Scorer(), jobs)
+    assert [g.rewards for g in out[0]] == [[2.0, 1.0]]
+    assert isinstance(out[1], RuntimeError)
+    assert [g.rewards for g in out[2]] == [[3.0], [1.0]]
+    assert [len(r) for r in score_jobs(Scorer(), [jobs[0], jobs[2]])] == [1, 2]
+
+
+def test_bearer_token(service, rm_dir, monkeypatch):
+    from rlhf_ray.reward.serve import deploy_rm, shutdown_rm
+
+    cfg = dataclasses.replace(service.cfg, auth_token_env=f"RLHF_RAY_TEST_TOKEN_{uuid.uuid4().hex[:8]}")
+    monkeypatch.setenv(cfg.auth_token_env, "s3cret-token")
+    url, handle = deploy_rm(cfg, rm_dir, name="rm_auth", route_prefix="/auth")
+    try:
+        good = {"prompt": "x", "responses": ["a", "b"]}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"},
+                        {"Authorization": "Bearer s3cret-token-and-more"}):
+            r = requests.post(f"{url}/score", json=good, headers=headers, timeout=30)
+            assert r.status_code == 401, (headers, r.text)
+            assert r.json()["error"]["type"] == "unauthorized"
+        assert requests.get(f"{url}/version", timeout=10).status_code == 401
+        # Auth comes before parsing: a malformed body without a token is 401, not 400.
+        assert _post(f"{url}/score", "{oops").status_code == 401
+        auth = {"Authorization": "Bearer s3cret-token"}
+        r = requests.post(f"{url}/score", json=good, headers=auth, timeout=30)
+        assert r.status_code == 200 and len(r.json()["rewards"]) == 2
+        assert requests.get(f"{url}/version", headers=auth, timeout=10).status_code == 200
+        assert requests.get(f"{url}/healthz", timeout=10).status_code == 200  # open
+        assert requests.get(f"{url}/docs", timeout=10).status_code == 200  # open
+        # The main app (no token configured) is unaffected.
+        assert requests.post(f"{service.url}/score", json=good, timeout=30).status_code == 200
+        # Handles are in-cluster: no token.
+        assert handle.score.remote("x", ["a"]).result(timeout_s=30)["probs"] == [1.0]
+    finally:
+        shutdown_rm("rm_auth")
+
+
+def perturbed_checkpoint(src: Path, dest: Path) -> Path:
+    """A copy of ``src`` with the score head's weights changed (a "new" checkpoint)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dest)
+    tensors = load_file(dest / "model.safetensors")
+    assert "score.weight" in tensors
+    tensors["score.weight"] = tensors["score.weight"] * 1.5 + 0.01
+    save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+def test_rolling_a_new_checkpoint_drops_no_request(service, scorer, groups, rm_dir, tmp_path):
+    from rlhf_ray.reward.scorer import RewardScorer
+    from rlhf_ray.reward.serve import deploy_rm
+
+    new_dir = perturbed_checkpoint(rm_dir, tmp_path / "ckpt2")
+    new = RewardScorer(new_dir, max_length=64)
+    assert new.model_version != scorer.model_version
+    prompt, responses = groups[0]
+    old_exp, new_exp = scorer.score_groups([groups[0]])[0], new.score_groups([groups[0]])[0]
+
+    stop, seen, lock = threading.Event(), [], threading.Lock()
+
+    def client():
+        with requests.Session() as s:
+            while not stop.is_set():
+                try:
+                    r = s.post(f"{service.url}/score", json={"prompt": prompt, "responses": responses}, timeout=60)
+                    item = (r.status_code, r.json() if r.status_code == 200 else r.text)
+                except requests.RequestException as e:
+                    item = (-1, repr(e))
+                with lock:
+                    seen.append(item)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        deploy_rm(service.cfg, new_dir, max_length=64, name="rm")  # the roll
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    failures = [s for s in seen if s[0] != 200]
+    assert not failures, failures[:3]
+    versions = [body["model_version"] for _, body in seen]
+    assert len(seen) > 10 and set(versions) == {scorer.model_version, new.model_version}
+    assert versions[-1] == new.model_version
+    for _, body in seen:
+        check_answer(body, old_exp if body["model_version"] == scorer.model_version else new_exp,
+                     body["model_version"])
+    assert requests.get(f"{service.url}/version", timeout=10).json()["model_version"] == new.model_version
+    answer = service.handle.score.remote(prompt, responses).result(timeout_s=30)
+    check_answer(answer, new_exp, new.model_version)
