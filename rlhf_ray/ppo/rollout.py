@@ -1,0 +1,299 @@
+"""The rollout side of PPO: a vLLM engine that turns prompts into :class:`Rollout` chunks and takes
+new policy weights from the learner (versioned).
+
+A plain class; Ray is applied at the edge (``rlhf_ray/ppo/actors.py``)::
+
+    Worker = ray.remote(num_cpus=cfg.rollout.cpus_per_worker, num_gpus=cfg.rollout.gpus_per_worker,
+                        runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}})(RolloutWorker)
+
+Conventions the learner relies on:
+
+* Prompt ids are ``tokenizer(prompt)["input_ids"]`` of the model directory's own tokenizer (BOS added
+  by its post-processor), fed to vLLM as token ids, so the learner recomputes exactly these ids.
+* Response tokens are everything the engine sampled, EOS included when it was sampled (the EOS is
+  an action the policy took). ``truncated[b]`` is True when no EOS came within ``max_new_tokens``
+  (or before the model's length limit). ``responses[b]`` is ``tokenizer.decode(response ids,
+  skip_special_tokens=True)``, so it keeps the leading space of the first token.
+* Logprobs are those of the model itself, log_softmax(logits) at temperature 1 without top-p
+  renormalisation (vLLM's "raw_logprobs"), whatever temperature/top_p the sampling used; with the
+  PPO defaults (temperature 1, top_p 1) that is also the sampling distribution.
+* Sequences are kept at most ``max_model_len - 1`` tokens long, so that :meth:`logprobs_of` (which
+  scores a whole sequence as a vLLM prompt) can score every rollout.
+"""
+
+from __future__ import annotations
+
+import gc
+import glob
+import os
+import sys
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from rlhf_ray.config import RolloutConfig
+from rlhf_ray.ppo.types import Rollout
+from rlhf_ray.ppo.weights import bucket_nbytes, bucket_to_bytes
+
+EXTENSION = "rlhf_ray.ppo.vllm_ext.WeightSyncExtension"
+_SKIP_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _resolve_refs(buckets) -> list[Mapping]:
+    """Buckets as a flat list of dicts. Ray resolves an object ref passed as a top-level argument,
+    not refs nested in a list: those are fetched here (a ref may hold one bucket or a list)."""
+    if isinstance(buckets, Mapping):
+        buckets = [buckets]
+    buckets = list(buckets)
+    ray = sys.modules.get("ray")  # only a Ray caller can have passed refs
+    if ray is not None and any(isinstance(b, ray.ObjectRef) for b in buckets):
+        buckets = [ray.get(b) if isinstance(b, ray.ObjectRef) else b for b in buckets]
+    out = []
+    for b in buckets:
+        out.extend(b if isinstance(b, (list, tuple)) else [b])
+    if not all(isinstance(b, Mapping) for b in out):
+        raise TypeError(f"update_weights: buckets must be dicts name -> array, got {type(out[0]).__name__}")
+    return out
+
+
+def _chosen_logprobs(lps, token_ids, first: int = 0) -> list[float]:
+    """Logprob of ``token_ids[i]`` at position ``first + i`` of vLLM's per-position logprobs
+    (``FlatLogprobs`` or a list of {token_id: Logprob})."""
+    out = []
+    if hasattr(lps, "start_indices"):  # FlatLogprobs
+        for i, tok in enumerate(token_ids):
+            s, e = lps.start_indices[first + i], lps.end_indices[first + i]
+            out.append(lps.logprobs[lps.token_ids.index(tok, s, e)])
+    else:
+        out = [lps[first + i][tok].logprob for i, tok in enumerate(token_ids)]
+    return out
+
+
+def _checkpoint_names(model_path: str) -> set[str] | None:
+    """Weight names in the model directory's safetensors files (None for a hub name)."""
+    files = glob.glob(os.path.join(model_path, "*.safetensors"))
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for f in files:
+        with safe_open(f, "np") as st:
+            names.update(k for k in st.keys() if not k.endswith(_SKIP_SUFFIXES))
+    return names
+
+
+class RolloutWorker:
+    """One vLLM engine: :meth:`generate` rollouts, :meth:`update_weights` from the learner,
+    :meth:`logprobs_of` given sequences (the drift check after a sync).
+
+    ``seed`` and ``worker_id`` together seed the engine, so workers sample differently.
+    ``device``: "cpu" (float32, eager; logprobs then match a float32 transformers forward within
+    ~1e-5) or "cuda" (dtype from the model config). ``engine_kwargs`` override any ``vllm.LLM``
+    argument (e.g. ``block_size``, ``max_model_len``, ``dtype``).
+
+    On CPU the engine runs in this process unless ``VLLM_ENABLE_V1_MULTIPROCESSING=1`` is set explicitly
+    (in-process starts in 3-10 s instead of 25-40 s and uses ~1 GiB less memory); on GPU vLLM's
+    default (a separate engine process) stands unless the variable says otherwise. vLLM reads the
+    variable when the first engine of a process is built; in-process vLLM also takes over
+    ``torch.set_num_threads`` of the host process, so keep training in another process.
+    """
+
+    def __init__(self, model_path: str, rollout_cfg: RolloutConfig, worker_id: int = 0, seed: int = 0,
+                 device: str = "cpu", engine_kwargs: dict | None = None):
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
+        if device == "cpu":
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        self.model_path = str(model_path)
+        self.cfg = rollout_cfg
+        self.worker_id = worker_id
+        self.seed = seed
+        self.device = device
+        self._version = 0
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id
+        self.eos_id = self.tokenizer.eos_token_id
+        self._expected_names = _checkpoint_names(self.model_path)
+
+        kwargs = dict(
+            model=self.model_path,
+            seed=int(np.random.SeedSequence([seed, worker_id]).generate_state(1)[0] & 0x7FFFFFFF),
+            kv_cache_memory_bytes=int(rollout_cfg.kv_cache_mib) << 20,
+            enable_prefix_caching=True,  # safe: reset after every weight update
+            worker_extension_cls=EXTENSION,
+        )
+        if device == "cpu":
+            # block_size: vLLM's CPU default is 128, so a prompt shorter than 128 tokens never hits the
+            # prefix cache and a short sequence reserves 128 tokens of KV; 32 (the CPU kernel needs a
+            # multiple of 32) measured as fast or faster.
+            kwargs.update(dtype="float32", enforce_eager=True, block_size=32)
+        kwargs.update(engine_kwargs or {})
+        self.llm = LLM(**kwargs)
+        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        # Arguments of collective_rpc reach the worker as Python objects only in-process.
+        self.in_process = type(self.llm.llm_engine.engine_core).__name__ == "InprocClient"
+        cache = self.llm.llm_engine.vllm_config.cache_config
+        self.block_size = int(cache.block_size)
+        self.kv_blocks = cache.num_gpu_blocks  # None if the engine did not report it
+        self._warned_kv = False
+
+    # ---- state -------------------------------------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def get_version(self) -> int:
+        return self._version
+
+    def ready(self) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        """Stop the engine (a multiprocess engine leaks its /dev/shm unless shut down before the
+        process goes). Idempotent."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
+
+    # ---- generation --------------------------------------------------------------------------
+
+    def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
+        """Prompt ids exactly as the learner gets them: the tokenizer's encoding, BOS included."""
+        return [list(ids) for ids in self.tokenizer(list(prompts))["input_ids"]]
+
+    def generate(self, prompts: list[str], max_new_tokens: int, temperature: float, top_p: float,
+                 seed: int | None = None, *, ignore_eos: bool = False) -> Rollout:
+        """Sample one response per prompt. ``seed`` makes the chunk reproducible (each prompt gets
+        its own stream, derived from (seed, worker_id, index)); None uses the engine's RNG.
+        ``ignore_eos`` (benchmarks) generates exactly ``max_new_tokens`` tokens."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if not prompts:
+            raise ValueError("generate: no prompts")
+        t0 = time.perf_counter()
+        prompt_ids = self.encode_prompts(prompts)
+        limit = self.max_model_len - 1  # longest sequence logprobs_of can score
+        params = []
+        seeds = (np.random.SeedSequence([seed, self.worker_id]).generate_state(len(prompts))
+                 if seed is not None else [None] * len(prompts))
+        for i, ids in enumerate(prompt_ids):
+            room = limit - len(ids)
+            if room < 1:
+                raise ValueError(f"prompt {i} is {len(ids)} tokens; the model takes at most "
+                                 f"{limit - 1} prompt tokens to leave room for a response")
+            params.append(SamplingParams(
+                max_tokens=min(max_new_tokens, room), temperature=temperature, top_p=top_p,
+                seed=None if seeds[i] is None else int(seeds[i] & 0x7FFFFFFF), logprobs=0,
+                ignore_eos=ignore_eos, detokenize=False, flat_logprobs=True))
+        self._check_kv_capacity([len(ids) + p.max_tokens for ids, p in zip(prompt_ids, params)])
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
+                                    use_tqdm=False)
+
+        responses_ids = [list(o.outputs[0].token_ids) for o in outputs]
+        lengths = [len(p) + len(r) for p, r in zip(prompt_ids, responses_ids)]
+        B, T = len(prompts), max(lengths)
+        input_ids = np.full((B, T), self.pad_id, dtype=np.int64)
+        attention_mask = np.zeros((B, T), dtype=bool)
+        response_mask = np.zeros((B, T), dtype=bool)
+        logprobs = np.zeros((B, T), dtype=np.float32)
+        truncated = np.zeros(B, dtype=bool)
+        for b, (p, r, out) in enumerate(zip(prompt_ids, responses_ids, outputs)):
+            P, R = len(p), len(r)
+            input_ids[b, :P + R] = p + r
+            attention_mask[b, :P + R] = True
+            response_mask[b, P:P + R] = True
+            logprobs[b, P:P + R] = _chosen_logprobs(out.outputs[0].logprobs, r)
+            truncated[b] = ignore_eos or not (R and r[-1] == self.eos_id)
+        texts = self.tokenizer.batch_decode(
+            [r[:-1] if (r and r[-1] == self.eos_id) else r for r in responses_ids], skip_special_tokens=True)
+        return Rollout(
+            input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
+            rollout_logprobs=logprobs, truncated=truncated, prompts=list(prompts), responses=texts,
+            policy_version=self._version, worker_id=self.worker_id,
+            gen_seconds=time.perf_counter() - t0, num_tokens=int(response_mask.sum()))
+
+    def _check_kv_capacity(self, max_lengths: list[int]) -> None:
+        """Warn (once) when the chunk does not fit the KV cache at once: vLLM then runs the
+        overflow after the rest, which can halve throughput without any other sign."""
+        if not self.kv_blocks or self._warned_kv:
+            return
+        need = sum(-(-n // self.block_size) for n in max_lengths) + 1  # + vLLM's null block
+        if need > self.kv_blocks:
+            self._warned_kv = True
+            mib = self.cfg.kv_cache_mib * need / self.kv_blocks
+            warnings.warn(f"RolloutWorker {self.worker_id}: {len(max_lengths)} sequences need {need} KV blocks "
+                          f"of {self.block_size} tokens, the cache holds {self.kv_blocks}: set "
+                          f"rollout.kv_cache_mib >= {int(mib) + 1} to run them in one batch", RuntimeWarning)
+
+    def logprobs_of(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                    response_mask: np.ndarray) -> np.ndarray:
+        """The engine's log pi(token_t | tokens_<t) on ``response_mask``, 0 elsewhere; float32 [B, T].
+
+        Inputs use the Rollout layout (each row's tokens first, then right padding). Each row is
+        scored as a prompt (prompt_logprobs); vLLM never reads the prefix cache for those.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        input_ids, attention_mask = np.asarray(input_ids), np.asarray(attention_mask, bool)
+        response_mask = np.asarray(response_mask, bool)
+        B, T = input_ids.shape
+        lengths = attention_mask.sum(1)
+        if not all(attention_mask[b, :lengths[b]].all() for b in range(B)):
+            raise ValueError("attention_mask must be a prefix of each row (right padding only)")
+        if (response_mask & ~attention_mask).any() or response_mask[:, 0].any():
+            raise ValueError("response_mask must lie inside attention_mask, after the first token")
+        seqs = [input_ids[b, :lengths[b]].tolist() for b in range(B)]
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
+                                flat_logprobs=True)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], params, use_tqdm=False)
+        out = np.zeros((B, T), dtype=np.float32)
+        for b, (s, o) in enumerate(zip(seqs, outputs)):
+            # prompt_logprobs[t] is log p(s[t] | s[:t]); position 0 has none.
+            out[b, 1:len(s)] = _chosen_logprobs(o.prompt_logprobs, s[1:], first=1)
+        return np.where(response_mask, out, np.float32(0.0))
+
+    # ---- weights -----------------------------------------------------------------------------
+
+    def update_weights(self, buckets, version: int) -> dict:
+        """Load a full set of policy weights and stamp ``version`` on later rollouts.
+
+        ``buckets``: what :func:`rlhf_ray.ppo.weights.state_dict_buckets` returns (a list of dicts
+        name -> float32 array in Hugging Face checkpoint names), a single dict, or a list of Ray
+        object refs to buckets (fetched here; a ref passed as the argument itself is resolved by Ray).
+        Every weight of the model must be present: vLLM would silently keep old values for the rest.
+        Returns {"version", "seconds", "bytes"}.
+        """
+        t0 = time.perf_counter()
+        buckets = _resolve_refs(buckets)
+        if self._expected_names is not None:
+            names = set().union(*(b.keys() for b in buckets))
+            missing = self._expected_names - names
+            if missing:
+                raise ValueError(f"update_weights: {len(missing)} weight(s) missing, e.g. "
+                                 f"{sorted(missing)[:5]}; got e.g. {sorted(names)[:5]}")
+        nbytes = bucket_nbytes(buckets)
+        payload = buckets if self.in_process else [bucket_to_bytes(b) for b in buckets]
+        self.llm.collective_rpc("load_buckets", args=(payload,))
+        # KV blocks cached under the old weights would otherwise be reused for shared prefixes.
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("reset_prefix_cache failed (requests still running?)")
+        self._version = int(version)
+        return {"version": self._version, "seconds": time.perf_counter() - t0, "bytes": nbytes}
+
+    def __repr__(self) -> str:
+        return (f"RolloutWorker(id={self.worker_id}, model={Path(self.model_path).name}, "
+                f"version={self._version}, in_process={getattr(self, 'in_process', None)})")

@@ -1,0 +1,303 @@
+"""RolloutWorker on a real vLLM engine (in-process, CPU, float32): rollout layout, sampled logprobs
+against a transformers recomputation, weight sync (every engine's weights change, prefix cache
+invalidated), and two workers as Ray actors fed by one object ref.
+
+One engine serves the whole module; tests that load other weights put the SFT weights back.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+from rlhf_ray.data import synthetic  # noqa: E402
+from rlhf_ray.ppo.weights import logprob_drift, state_dict_buckets  # noqa: E402
+
+TOL = 1e-4  # float32 vLLM vs float32 transformers: measured ~2e-6
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+
+def hf_model(policy_dir, noise: float = 0.0, seed: int = 0):
+    """The policy in transformers, optionally with Gaussian noise added to every weight."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
+    if noise:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(noise * torch.randn(p.shape, generator=g))
+    return model
+
+
+@torch.no_grad()
+def hf_logprobs(model, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    """log pi(token_t | tokens_<t) for every t >= 1 (0 at t = 0), float32 [B, T]."""
+    ids = torch.as_tensor(input_ids)
+    logits = model(input_ids=ids, attention_mask=torch.as_tensor(attention_mask).long()).logits
+    lp = torch.log_softmax(logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1)
+    out = np.zeros(input_ids.shape, np.float32)
+    out[:, 1:] = lp.numpy()
+    return out
+
+
+def long_prompts(n: int, seed: int = 0) -> list[str]:
+    """Prompts of ~45-60 tokens: a few reviews, then a new review to write (spans >= 1 KV block)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        parts = []
+        for _ in range(3):
+            product = rng.choice(synthetic.PRODUCT_LIST)
+            parts.append(f"{synthetic.make_prompt(product)} {synthetic.sample_response(rng, product)}")
+        out.append(" ".join(parts) + " " + synthetic.make_prompt(rng.choice(synthetic.PRODUCT_LIST)))
+    return out
+
+
+# ---- fixtures -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def worker(policy_dir, test_config):
+    from rlhf_ray.ppo.rollout import RolloutWorker
+
+    # In-process vLLM sets the host's torch threads and seeds its global RNGs: undo for other tests.
+    threads = torch.get_num_threads()
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    w = RolloutWorker(str(policy_dir), test_config.rollout, worker_id=3, seed=0)
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.set_rng_state(states[2])
+    yield w
+    w.shutdown()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sft_model(policy_dir):
+    return hf_model(policy_dir)
+
+
+@pytest.fixture(scope="module")
+def rollout(worker):
+    """16 synthetic prompts, 24 new tokens: room for most responses to end in EOS."""
+    return worker.generate(synthetic.prompts(16, seed=5), max_new_tokens=24, temperature=1.0, top_p=1.0, seed=0)
+
+
+def restore_sft(worker, sft_model):
+    return worker.update_weights(state_dict_buckets(sft_model.state_dict(), 1 << 20),
+                                 version=worker.version + 1)
+
+
+# ---- pure helpers (no engine) ---------------------------------------------------------------------
+
+def test_state_dict_buckets_bounds_order_and_copies():
+    sd = {"a": torch.ones(10), "b": torch.ones(3, 4, dtype=torch.float64), "big": torch.zeros(100),
+          "c": torch.ones(4, 2).t(), "rotary_emb.inv_freq": torch.ones(2), "d": np.arange(6, dtype=np.float16)}
+    buckets = state_dict_buckets(sd, bucket_bytes=100)
+    names = [n for b in buckets for n in b]
+    assert names == ["a", "b", "big", "c", "d"]  # order kept, rotary buffer dropped
+    sizes = [sum(a.nbytes for a in b.values()) for b in buckets]
+    assert all(s <= 100 or len(b) == 1 for s, b in zip(sizes, buckets)), sizes
+    assert [list(b) for b in buckets] == [["a", "b"], ["big"], ["c", "d"]]  # 40+48 bytes fit, +400 do not
+    for b in buckets:
+        for a in b.values():
+            assert a.dtype == np.float32 and a.flags.c_contiguous
+    sd["a"].add_(1)  # the learner keeps training: buckets must not change
+    assert (buckets[0]["a"] == 1).all()
+    wrapped = state_dict_buckets({"policy.x": torch.ones(2), "value_head.w": torch.ones(2)}, 1 << 20,
+                                 strip_prefix="policy.")
+    assert [list(b) for b in wrapped] == [["x"]]
+
+
+def test_logprob_drift_reads_only_the_mask():
+    a = np.array([[0.0, -1.0, np.nan], [-2.0, -0.5, -np.inf]], np.float32)
+    b = np.array([[5.0, -1.25, 0.0], [-2.0, -0.4, 0.0]], np.float32)
+    m = np.array([[False, True, False], [True, True, False]])
+    assert logprob_drift(a, b, m) == pytest.approx(0.25)
+    assert logprob_drift(a, b, np.zeros_like(m)) == 0.0
+
+
+# ---- generation -----------------------------------------------------------------------------------
+
+def check_layout(worker, r, max_new_tokens: int):
+    """Every invariant of the Rollout token layout (see rlhf_ray/ppo/types.py)."""
+    tok = worker.tokenizer
+    B, T = r.input_ids.shape
+    assert r.input_ids.dtype == np.int64 and r.rollout_logprobs.dtype == np.float32
+    for a in (r.attention_mask, r.response_mask):
+        assert a.dtype == bool and a.shape == (B, T)
+    assert r.truncated.shape == (B,) and len(r.prompts) == len(r.responses) == B
+    assert r.attention_mask.sum(1).max() == T  # no all-padding column
+    for b in range(B):
+        prompt_ids = tok(r.prompts[b])["input_ids"]
+        P, L = len(prompt_ids), int(r.attention_mask[b].sum())
+        R = L - P
+        assert prompt_ids[0] == tok.bos_token_id
+        assert r.input_ids[b, :P].tolist() == prompt_ids
+        assert r.attention_mask[b].tolist() == [True] * L + [False] * (T - L)
+        assert r.response_mask[b].tolist() == [False] * P + [True] * R + [False] * (T - L)
+        assert (r.input_ids[b, L:] == tok.pad_token_id).all()
+        resp = r.input_ids[b, P:L].tolist()
+        assert 1 <= R <= max_new_tokens
+        ends_in_eos = resp[-1] == tok.eos_token_id
+        assert r.truncated[b] == (not ends_in_eos)
+        assert r.truncated[b] == (R == max_new_tokens and not ends_in_eos)
+        assert tok.eos_token_id not in resp[:-1]
+        assert tok.decode(resp[:-1] if ends_in_eos else resp, skip_special_tokens=True) == r.responses[b]
+    assert (r.rollout_logprobs[r.response_mask] <= 0).all()
+    assert (r.rollout_logprobs[r.response_mask] < 0).any()
+    assert (r.rollout_logprobs[~r.response_mask] == 0).all()
+    assert r.num_tokens == int(r.response_mask.sum())
+    assert r.gen_seconds > 0
+
+
+def test_rollout_layout(worker, rollout):
+    check_layout(worker, rollout, 24)
+    assert rollout.worker_id == 3 and rollout.policy_version == worker.version
+    assert (~rollout.truncated).sum() >= 8  # the SFT policy ends most reviews with EOS
+    assert all(r.strip().startswith("the ") for r in rollout.responses[:4]), rollout.responses
+
+
+def test_truncation_with_few_tokens(worker):
+    r = worker.generate(synthetic.prompts(6, seed=6), max_new_tokens=3, temperature=1.0, top_p=1.0, seed=1)
+    check_layout(worker, r, 3)
+    # every synthetic review is longer than 3 tokens: all cut, all exactly 3 tokens
+    assert r.truncated.all() and (r.response_mask.sum(1) == 3).all()
+
+
+def test_sampled_logprobs_match_transformers(worker, rollout, sft_model):
+    ref = hf_logprobs(sft_model, rollout.input_ids, rollout.attention_mask)
+    assert logprob_drift(rollout.rollout_logprobs, ref, rollout.response_mask) < TOL
+    mine = worker.logprobs_of(rollout.input_ids, rollout.attention_mask, rollout.response_mask)
+    assert logprob_drift(mine, ref, rollout.response_mask) < TOL
+    assert (mine[~rollout.response_mask] == 0).all()
+
+
+def test_seeded_generation(worker):
+    prompts = ["review of the lamp :"] * 6
+    a = worker.generate(prompts, 12, 1.0, 1.0, seed=42)
+    b = worker.generate(prompts, 12, 1.0, 1.0, seed=42)
+    assert np.array_equal(a.input_ids, b.input_ids)  # reproducible
+    assert len(set(a.responses)) > 1  # one stream per prompt: equal prompts, different samples
+
+
+def test_prompt_too_long_is_refused(worker):
+    with pytest.raises(ValueError, match="prompt 0"):
+        worker.generate(["the " * 200], 4, 1.0, 1.0)
+
+
+# ---- weight sync ----------------------------------------------------------------------------------
+
+def test_update_weights_changes_engine(worker, rollout, policy_dir, sft_model):
+    new = hf_model(policy_dir, noise=0.05, seed=1)
+    old_ref = hf_logprobs(sft_model, rollout.input_ids, rollout.attention_mask)
+    new_ref = hf_logprobs(new, rollout.input_ids, rollout.attention_mask)
+    v0 = worker.version
+    buckets = state_dict_buckets(new.state_dict(), 64 << 10)
+    assert len(buckets) > 5  # the sync really went in several buckets
+    try:
+        info = worker.update_weights(buckets, version=v0 + 1)
+        assert info["version"] == v0 + 1 == worker.version == worker.get_version()
+        assert info["bytes"] == sum(p.numel() * 4 for p in new.parameters()) and info["seconds"] > 0
+
+        after = worker.logprobs_of(rollout.input_ids, rollout.attention_mask, rollout.response_mask)
+        m = rollout.response_mask
+        assert logprob_drift(after, new_ref, m) < TOL
+        assert logprob_drift(after, old_ref, m) > 1e-2
+
+        r = worker.generate(rollout.prompts, 24, 1.0, 1.0, seed=0)
+        assert r.policy_version == v0 + 1
+        assert logprob_drift(r.rollout_logprobs, hf_logprobs(new, r.input_ids, r.attention_mask),
+                             r.response_mask) < TOL
+    finally:
+        restore_sft(worker, sft_model)
+    back = worker.logprobs_of(rollout.input_ids, rollout.attention_mask, rollout.response_mask)
+    assert logprob_drift(back, old_ref, rollout.response_mask) < TOL
+
+
+def test_update_weights_refuses_partial_state(worker, sft_model):
+    sd = {k: v for k, v in sft_model.state_dict().items() if "layers.1." not in k}
+    v = worker.version
+    with pytest.raises(ValueError, match="missing"):
+        worker.update_weights(state_dict_buckets(sd, 1 << 20), version=v + 1)
+    assert worker.version == v
+
+
+def test_prefix_cache_is_reset_after_update(worker, policy_dir, sft_model):
+    """Prompts spanning >= 1 KV block are served from the prefix cache on a repeat. After new
+    weights, those cached blocks are stale: without the reset the sampled logprobs are wrong
+    (shown below by loading weights behind the worker's back), with it they match transformers."""
+    prompts = long_prompts(6)
+    lens = [len(ids) for ids in worker.encode_prompts(prompts)]
+    assert worker.block_size == 32 and min(lens) > worker.block_size and max(lens) + 16 < worker.max_model_len, lens
+    new = hf_model(policy_dir, noise=0.05, seed=2)
+    buckets = state_dict_buckets(new.state_dict(), 1 << 20)
+    try:
+        worker.generate(prompts, 16, 1.0, 1.0, seed=3)  # caches the prompts' full blocks (old weights)
+
+        worker.llm.collective_rpc("load_buckets", args=(buckets,))  # new weights, cache not reset
+        stale = worker.generate(prompts, 16, 1.0, 1.0, seed=3)
+        ref = hf_logprobs(new, stale.input_ids, stale.attention_mask)
+        assert logprob_drift(stale.rollout_logprobs, ref, stale.response_mask) > 1e-2
+
+        restore_sft(worker, sft_model)
+        worker.generate(prompts, 16, 1.0, 1.0, seed=3)  # cache the blocks again, under SFT weights
+        worker.update_weights(buckets, version=worker.version + 1)
+        r = worker.generate(prompts, 16, 1.0, 1.0, seed=3)
+        ref = hf_logprobs(new, r.input_ids, r.attention_mask)
+        assert logprob_drift(r.rollout_logprobs, ref, r.response_mask) < TOL
+    finally:
+        restore_sft(worker, sft_model)
+
+
+# ---- Ray ------------------------------------------------------------------------------------------
+
+def test_two_ray_workers_one_object_ref(ray_cluster, policy_dir, test_config, sft_model):
+    ray = ray_cluster
+    from rlhf_ray.ppo.rollout import RolloutWorker
+
+    Worker = ray.remote(num_cpus=1, runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}})(
+        RolloutWorker)
+    workers = [Worker.remote(str(policy_dir), test_config.rollout, worker_id=i, seed=0) for i in range(2)]
+    try:
+        assert ray.get([w.ready.remote() for w in workers], timeout=240) == [True, True]
+        prompts = synthetic.prompts(8, seed=7)
+        rollouts = ray.get([w.generate.remote(prompts, 16, 1.0, 1.0, 11) for w in workers], timeout=120)
+        for i, r in enumerate(rollouts):
+            assert r.worker_id == i and r.policy_version == 0 and r.num_tokens > 0
+            assert logprob_drift(r.rollout_logprobs, hf_logprobs(sft_model, r.input_ids, r.attention_mask),
+                                 r.response_mask) < TOL
+        assert not np.array_equal(rollouts[0].input_ids, rollouts[1].input_ids)  # workers sample apart
+
+        new = hf_model(policy_dir, noise=0.05, seed=3)
+        ref = ray.put(state_dict_buckets(new.state_dict(), 256 << 10))  # one put, read by both
+        infos = ray.get([w.update_weights.remote(ref, 5) for w in workers], timeout=120)
+        assert [i["version"] for i in infos] == [5, 5]
+        assert ray.get([w.get_version.remote() for w in workers]) == [5, 5]
+
+        r = rollouts[0]
+        lps = ray.get([w.logprobs_of.remote(r.input_ids, r.attention_mask, r.response_mask) for w in workers],
+                      timeout=120)
+        new_ref = hf_logprobs(new, r.input_ids, r.attention_mask)
+        old_ref = hf_logprobs(sft_model, r.input_ids, r.attention_mask)
+        assert logprob_drift(lps[0], lps[1], r.response_mask) < 1e-5
+        for lp in lps:
+            assert logprob_drift(lp, new_ref, r.response_mask) < TOL
+            assert logprob_drift(lp, old_ref, r.response_mask) > 1e-2
+
+        # Buckets as separate refs inside a list: the worker fetches them itself.
+        refs = [ray.put(b) for b in state_dict_buckets(sft_model.state_dict(), 256 << 10)]
+        assert ray.get(workers[1].update_weights.remote(refs, 6), timeout=120)["version"] == 6
+        back = ray.get(workers[1].logprobs_of.remote(r.input_ids, r.attention_mask, r.response_mask))
+        assert logprob_drift(back, old_ref, r.response_mask) < TOL
+    finally:
+        ray.get([w.shutdown.remote() for w in workers], timeout=60)
+        for w in workers:
+            ray.kill(w)
