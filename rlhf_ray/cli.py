@@ -15,7 +15,9 @@ STAGES = {
     "build-model": "build (or reuse) the embedded tokenizer + tiny Llama and SFT it on the synthetic corpus",
     "make-data": "write the synthetic preference task (JSONL, K varies per record) and its gold ceiling",
     "train-rm": "train the listwise reward model under Ray Train (TorchTrainer, DDP); resume with rm.resume_from=DIR",
-    "demo": "end to end on the embedded default: model, SFT, RM under Ray Train, evaluation table and plots",
+    "serve-rm": "deploy the RM (a Ray Train checkpoint or model directory) as a Ray Serve HTTP/JSON service",
+    "ppo": "PPO with vLLM rollout actors, RM scoring, advantage and learner actors",
+    "demo": "end to end on the embedded default: model, SFT, RM under Ray Train, RM on Ray Serve, PPO",
 }
 
 
@@ -29,14 +31,26 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--config", metavar="FILE.yaml", help="YAML config (sections: model, sft, data, rm, ...)")
         s.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
         s.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
+        if name == "serve-rm":
+            s.add_argument("--checkpoint", required=True, help="RM checkpoint / model directory (safetensors)")
+        if name == "ppo":
+            s.add_argument("--rm-checkpoint", default=None,
+                           help="RM directory (default: <output_dir>/rm/latest from train-rm)")
+            s.add_argument("--policy", default=None,
+                           help="initial policy (default: model.name_or_path, the embedded model SFT'd)")
+            s.add_argument("--rm-via-serve", action="store_true",
+                           help="score through the Ray Serve deployment instead of an in-process RM")
     return p
 
 
 def _init_ray(args, cfg: Config):
     from rlhf_ray.runtime import init_ray
 
-    # Locally, ask Ray for enough CPU slots for the configured workers (num_cpus is a scheduling label).
-    num_cpus = None if args.address else max(4, int(cfg.rm.num_workers * cfg.rm.cpus_per_worker) + 1)
+    # Locally, ask Ray for enough CPU slots for the configured actors (num_cpus is a scheduling label).
+    num_cpus = None
+    if not args.address:
+        ppo_cpus = cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + 2 + cfg.serve.num_cpus
+        num_cpus = max(4, int(cfg.rm.num_workers * cfg.rm.cpus_per_worker) + 1, int(ppo_cpus + 0.999))
     return init_ray(args.address, num_cpus=num_cpus)
 
 
@@ -69,25 +83,70 @@ def cmd_train_rm(args, cfg: Config) -> None:
     print(f"RM checkpoint: {res.checkpoint_dir}\nplot: {plot}")
 
 
+def cmd_serve_rm(args, cfg: Config) -> None:
+    from rlhf_ray.reward.serve import serve_rm_forever
+
+    _init_ray(args, cfg)
+    serve_rm_forever(cfg.serve, args.checkpoint, cfg.rm.max_length)
+
+
+def cmd_ppo(args, cfg: Config) -> None:
+    from rlhf_ray.pipeline import policy_stage, ppo_table
+    from rlhf_ray.ppo.driver import run_ppo
+
+    out = Path(cfg.output_dir).resolve()
+    rm_dir = Path(args.rm_checkpoint or out / "rm" / "latest")
+    if not (rm_dir / "config.json").exists():
+        raise ConfigError(f"--rm-checkpoint: {rm_dir} is not an RM directory (run `rlhf-ray train-rm` first)")
+    policy = args.policy or policy_stage(cfg)
+    _init_ray(args, cfg)
+    handle = None
+    if args.rm_via_serve:
+        from rlhf_ray.reward.serve import deploy_rm
+
+        url, handle = deploy_rm(cfg.serve, rm_dir, cfg.rm.max_length)
+        print(f"RM served at {url}")
+    try:
+        res = run_ppo(cfg, policy, rm_dir, out / "ppo", rm_handle=handle)
+    finally:
+        if handle is not None:
+            from rlhf_ray.reward.serve import shutdown_rm
+
+            shutdown_rm()
+    print("\n" + ppo_table(res))
+
+
 def cmd_demo(args, cfg: Config) -> None:
     import time
 
-    from rlhf_ray.pipeline import plot_rm_curves, policy_stage, rm_stage, rm_table
+    from rlhf_ray.pipeline import demo_serve_query, plot_rm_curves, policy_stage, ppo_table, rm_stage, rm_table
+    from rlhf_ray.ppo.driver import run_ppo
+    from rlhf_ray.reward.serve import deploy_rm, shutdown_rm
 
     t0 = time.time()
-    print("== 1/2 embedded model: tokenizer + tiny Llama, SFT on the synthetic corpus")
+    out = Path(cfg.output_dir).resolve()
+    print("== 1/4 embedded model: tokenizer + tiny Llama, SFT on the synthetic corpus")
     policy = policy_stage(cfg)
     print(f"policy: {policy}")
-    print("== 2/2 reward model under Ray Train")
+    print("== 2/4 reward model under Ray Train")
     _init_ray(args, cfg)
     res = rm_stage(cfg, policy)
-    plot = plot_rm_curves(res.metrics_path, res.metrics_path.parent / "rm_curves.png", res.gold_ceiling)
-    print("\n" + rm_table(res))
-    print(f"\nRM checkpoint: {res.checkpoint_dir}\nplots: {plot}\ndemo took {time.time() - t0:.0f} s")
+    rm_plot = plot_rm_curves(res.metrics_path, res.metrics_path.parent / "rm_curves.png", res.gold_ceiling)
+    print("\n" + rm_table(res) + "\n")
+    print("== 3/4 the RM as a service on Ray Serve")
+    url, handle = deploy_rm(cfg.serve, res.checkpoint_dir, cfg.rm.max_length)
+    try:
+        print(demo_serve_query(url, cfg.serve.auth_token_env))
+        print("== 4/4 PPO: vLLM rollout workers, RM scoring through the Serve deployment, learner")
+        ppo = run_ppo(cfg, policy, res.checkpoint_dir, out / "ppo", rm_handle=handle)
+    finally:
+        shutdown_rm()
+    print("\n" + rm_table(res) + "\n\n" + ppo_table(ppo))
+    print(f"\nplots: {rm_plot}  {ppo.plot_path}\noutputs: {out}\ndemo took {time.time() - t0:.0f} s")
 
 
 COMMANDS = {"build-model": cmd_build_model, "make-data": cmd_make_data, "train-rm": cmd_train_rm,
-            "demo": cmd_demo}
+            "serve-rm": cmd_serve_rm, "ppo": cmd_ppo, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

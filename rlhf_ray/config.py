@@ -101,7 +101,7 @@ class ServeConfig:
 
 @dataclass(frozen=True)
 class PPOConfig:
-    iterations: int = 20
+    iterations: int = 150
     prompts_per_iteration: int = 64
     max_new_tokens: int = 16
     temperature: float = 1.0
@@ -116,7 +116,9 @@ class PPOConfig:
     entropy_coef: float = 0.0
     gamma: float = 1.0
     lam: float = 0.95
-    kl_coef: float = 0.05  # InstructGPT reference-KL penalty in the reward (0 = off)
+    # InstructGPT reference-KL penalty in the reward (0 = off). At 0.05 the tiny policy learns to write
+    # near-empty responses the RM over-rates (gold falls while RM reward rises); 0.4 keeps KL ~2.
+    kl_coef: float = 0.4
     adaptive_kl: bool = False
     target_kl: float = 2.0
     kl_horizon: int = 1000

@@ -83,3 +83,33 @@ def plot_rm_curves(metrics_path: Path, dest: Path, ceiling: float | None) -> Pat
     fig.savefig(dest, dpi=100)
     plt.close(fig)
     return dest
+
+
+def demo_serve_query(url: str, token_env: str) -> str:
+    """One real HTTP request to the deployed RM, shown the way a user would send it."""
+    import json as _json
+    import os
+
+    import requests
+
+    token = os.environ.get(token_env)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    body = {"prompt": "review of the kettle :",
+            "responses": ["the spout is great and the handle is solid .", "the switch is broken .",
+                          "the keyboard is lovely ."]}
+    r = requests.post(f"{url}/score", json=body, headers=headers, timeout=30)
+    r.raise_for_status()
+    return f"POST {url}/score {_json.dumps(body)}\n -> {_json.dumps(r.json())}"
+
+
+def ppo_table(res) -> str:
+    """Held-out gold and RM reward of the policy before and after PPO (res: rlhf_ray.ppo.driver.PPOResult)."""
+    b, a = res.before, res.after
+    last = res.history[-1] if res.history else {}
+    lines = [f"{'held-out prompts':30s} {'before PPO':>11s} {'after PPO':>10s}",
+             f"{'gold reward (hidden)':30s} {b['eval_gold']:+11.3f} {a['eval_gold']:+10.3f}",
+             f"{'RM reward':30s} {b['eval_rm_score']:+11.3f} {a['eval_rm_score']:+10.3f}"]
+    if "kl_ref" in last:
+        lines.append(f"{'KL to reference (last batch)':30s} {0.0:11.3f} {last['kl_ref']:10.3f}")
+    lines.append(f"PPO took {res.seconds:.0f} s; policy saved to {res.policy_dir}")
+    return "\n".join(lines)

@@ -45,7 +45,7 @@ def test_cli_help_lists_stages(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for stage in ("build-model", "make-data", "train-rm", "demo"):
+    for stage in ("build-model", "make-data", "train-rm", "serve-rm", "ppo", "demo"):
         assert stage in out
     with pytest.raises(SystemExit):
         main(["train-rm", "--help"])
@@ -55,3 +55,9 @@ def test_cli_help_lists_stages(capsys):
 def test_cli_config_error_exit_code(capsys):
     assert main(["make-data", "data.max_k=oops"]) == 2
     assert "data.max_k: expected an integer" in capsys.readouterr().err
+
+
+def test_cli_ppo_without_rm_checkpoint_says_what_to_do(tmp_path, capsys):
+    assert main(["ppo", f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "--rm-checkpoint" in err and "rlhf-ray train-rm" in err

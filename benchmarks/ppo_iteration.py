@@ -1,0 +1,151 @@
+"""Time breakdown of a PPO iteration, synchronous vs one-step-off, and weight-sync cost vs memcpy.
+
+    .venv/bin/python benchmarks/ppo_iteration.py [--iterations 4] [--workers 1] [--rm-dir DIR]
+                                                 [--sync-hidden 512 --sync-layers 8] [key=value ...]
+
+1. The same PPO run twice (rollout.async_one_step_off false, then true; held-out evaluation off),
+   reporting per-stage seconds averaged over the iterations after the first (warm-up):
+   rollout (slowest worker's generate), score, evaluate (pi_old, values), advantage, train, sync,
+   sync_wall (learner export + every engine's reload + the drift check, as the driver waits for it)
+   and the iteration's wall time; goal when overlapped: iteration <= 1.15 x max(rollout, learn) with
+   learn = score + evaluate + advantage + train (what the next rollout overlaps with).
+2. Weight sync of a bigger model (default hidden 512 x 8 layers, untrained): learner export to
+   buckets + object store + every engine's reload, in seconds per GB, against a numpy memcpy of the
+   same bytes.
+
+Overrides (``ppo.prompts_per_iteration=64``) apply to both runs. Without ``--rm-dir`` a small RM is
+trained in-process first (~10 s). Timings on a shared 2-core machine are noisy: run it twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+STAGES = ("gen_seconds", "score_seconds", "evaluate_seconds", "advantage_seconds", "train_seconds",
+          "sync_seconds", "sync_wall_seconds", "iteration_seconds")
+
+
+def quick_rm(policy_dir: Path, cfg, dest: Path) -> Path:
+    from rlhf_ray.data import synthetic
+    from rlhf_ray.models.reward import init_reward_model
+    from rlhf_ray.reward.train import RMTrainLoop, save_checkpoint
+
+    model, tok = init_reward_model(policy_dir)
+    loop = RMTrainLoop(cfg.rm, model, tok, synthetic.preference_records(800, seed=3), log=lambda *_: None)
+    loop.train_epoch(0)
+    model.eval()
+    return save_checkpoint(model, tok, loop.optimizer, {"epoch": 0}, dest)
+
+
+def breakdown(history: list[dict]) -> dict:
+    rows = history[1:] or history  # the first iteration includes engine warm-up
+    out = {k: statistics.mean(h[k] for h in rows) for k in STAGES}
+    # What the next rollout overlaps with in one-step-off mode: scoring and learning on this batch.
+    out["learn_seconds"] = sum(out[k] for k in ("score_seconds", "evaluate_seconds", "advantage_seconds",
+                                                "train_seconds"))
+    out["ratio"] = out["iteration_seconds"] / max(out["gen_seconds"], out["learn_seconds"])
+    out["version_lag"] = max(h["version_lag"] for h in rows)
+    return out
+
+
+def sync_benchmark(cfg, hidden: int, layers: int, workers: int, repeats: int = 3) -> dict:
+    """Learner -> object store -> every engine, for an untrained embedded model of the given size."""
+    import ray
+
+    from rlhf_ray.models.embedded import embedded_base
+    from rlhf_ray.ppo import actors, driver
+
+    mcfg = dataclasses.replace(cfg.model, hidden_size=hidden, num_layers=layers, intermediate_size=hidden * 2)
+    model_dir = embedded_base(mcfg)
+    learner = actors.start_learner(model_dir, cfg.ppo)
+    pool = driver.RolloutPool(model_dir, cfg.rollout, seed=0)
+    pool.set_num_workers(workers)
+    pool.wait_ready()
+    n = ray.get(learner.num_buckets.remote(driver.DEFAULT_BUCKET_BYTES), timeout=600)
+    walls, engine = [], []
+    for v in range(1, repeats + 1):
+        t = time.perf_counter()
+        refs = learner.weight_buckets.options(num_returns=n).remote(driver.DEFAULT_BUCKET_BYTES)
+        infos = ray.get(pool.sync(refs, v), timeout=600)
+        walls.append(time.perf_counter() - t)
+        engine.append(max(i["seconds"] for i in infos))
+        nbytes = infos[0]["bytes"]
+    pool.shutdown()
+    ray.kill(learner)
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    copies = []
+    for _ in range(5):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        copies.append(time.perf_counter() - t)
+    gb = nbytes / 1e9
+    return {"model_mib": nbytes / 2**20, "buckets": n, "workers": workers,
+            "sync_wall_s_per_gb": min(walls) / gb, "engine_load_s_per_gb": min(engine) / gb,
+            "memcpy_s_per_gb": min(copies) / gb}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--iterations", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--rm-dir", default="")
+    ap.add_argument("--cache-dir", default=".cache/rlhf_ray")
+    ap.add_argument("--sync-hidden", type=int, default=512)
+    ap.add_argument("--sync-layers", type=int, default=8)
+    ap.add_argument("--skip-sync", action="store_true")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+
+    from rlhf_ray.config import load_config
+    from rlhf_ray.models.embedded import resolve_model
+    from rlhf_ray.ppo.driver import run_ppo
+    from rlhf_ray.runtime import init_ray, quiet_libraries
+
+    quiet_libraries()
+    cfg = load_config(None, [f"model.cache_dir={args.cache_dir}", f"ppo.iterations={args.iterations}",
+                             f"rollout.num_workers={args.workers}", *args.overrides])
+    init_ray(num_cpus=max(4, int(args.workers + 3)))
+    policy = Path(resolve_model(cfg.model, cfg.sft))
+    tmp = Path(tempfile.mkdtemp(prefix="ppo_bench_"))
+    rm_dir = Path(args.rm_dir) if args.rm_dir else quick_rm(policy, cfg, tmp / "rm")
+
+    results = {}
+    for mode in (False, True):
+        run_cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, async_one_step_off=mode))
+        res = run_ppo(run_cfg, policy, rm_dir, tmp / f"async_{mode}", log=lambda *_: None, eval_every=0)
+        results["one-step-off" if mode else "synchronous"] = breakdown(res.history)
+
+    p = cfg.ppo
+    print(f"\nPPO iteration, {args.workers} rollout worker(s), {p.prompts_per_iteration} prompts x "
+          f"<= {p.max_new_tokens} tokens, {p.epochs} epochs of minibatch {p.minibatch_size}; "
+          f"mean of iterations 2..{args.iterations} (seconds)")
+    cols = ("gen", "score", "evaluate", "advantage", "train", "learn", "sync", "sync_wall", "iteration")
+    print(f"{'mode':<14}" + "".join(f"{c:>10}" for c in cols) + f"{'iter/max':>10}{'lag':>5}")
+    for mode, b in results.items():
+        print(f"{mode:<14}" + "".join(f"{b[c + '_seconds']:>10.3f}" for c in cols)
+              + f"{b['ratio']:>10.2f}{b['version_lag']:>5}")
+    sync_t, async_t = results["synchronous"]["iteration_seconds"], results["one-step-off"]["iteration_seconds"]
+    print(f"one-step-off speed-up {sync_t / async_t:.2f}x; goal iteration <= 1.15 x max(rollout, learn): "
+          f"{'met' if results['one-step-off']['ratio'] <= 1.15 else 'NOT met'} "
+          f"({results['one-step-off']['ratio']:.2f})")
+
+    if not args.skip_sync:
+        s = sync_benchmark(cfg, args.sync_hidden, args.sync_layers, args.workers)
+        print(f"\nweight sync, {s['model_mib']:.1f} MiB policy in {s['buckets']} bucket(s) -> {s['workers']} "
+              f"engine(s): {s['sync_wall_s_per_gb']:.2f} s/GB end to end (export + object store + reload), "
+              f"engine reload {s['engine_load_s_per_gb']:.2f} s/GB; memcpy {s['memcpy_s_per_gb']:.3f} s/GB "
+              f"({s['sync_wall_s_per_gb'] / s['memcpy_s_per_gb']:.0f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""AdvantageWorker: reference logprobs, per-token KL, rewards, GAE advantages and returns.
+
+Reward rule (InstructGPT): every response token t gets -kl_coef * (log pi_old - log pi_ref)(t), and the
+LAST response token also gets the sequence reward
+
+    score = R(x, y) - truncation_penalty * [y was cut at max_new_tokens without EOS]
+
+The truncated response is still scored by the RM (it sees the text that was written); the penalty
+is what makes "ran out of tokens" worse than "finished". GAE (rlhf_ray.ops.gae) then runs over the
+response span with the learner's values; the value after the last response token is 0.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from rlhf_ray.config import PPOConfig
+from rlhf_ray.ops import (
+    AdaptiveKLController,
+    FixedKLController,
+    gae,
+    kl_penalized_rewards,
+    logprobs_from_logits,
+    masked_mean,
+    masked_whiten,
+)
+from rlhf_ray.ppo.types import ScoredRollout, TrainBatch
+
+
+@torch.no_grad()
+def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      batch_size: int = 64) -> torch.Tensor:
+    """log pi(token_t | tokens_<t) for every column t >= 1 of a right-padded batch; column 0 is 0.
+
+    input_ids: long [B, T], attention_mask: bool/0-1 [B, T] -> float32 [B, T].
+    """
+    out = torch.zeros(input_ids.shape, dtype=torch.float32)
+    for i in range(0, len(input_ids), batch_size):
+        ids, am = input_ids[i:i + batch_size], attention_mask[i:i + batch_size]
+        logits = model(input_ids=ids, attention_mask=am.long()).logits  # (b, T, V)
+        out[i:i + batch_size, 1:] = logprobs_from_logits(logits[:, :-1], ids[:, 1:]).cpu()
+    return out
+
+
+def sequence_rewards(scores: np.ndarray, truncated: np.ndarray, truncation_penalty: float) -> np.ndarray:
+    """Sequence reward placed on the last response token: RM score minus the truncation penalty.
+
+    scores: float [B]; truncated: bool [B] -> float32 [B].
+    """
+    return (scores - truncation_penalty * truncated.astype(np.float32)).astype(np.float32)
+
+
+class AdvantageWorker:
+    """Holds a frozen copy of the initial policy (the reference) and the KL-coefficient controller.
+
+    ``compute(scored, old)`` turns a scored rollout plus the learner's {"old_logprobs", "values"} into a
+    TrainBatch. Stateful only through the adaptive KL controller (one instance per job).
+    """
+
+    def __init__(self, ref_model_path: str, ppo_cfg: PPOConfig, device: str = "cpu"):
+        from transformers import AutoModelForCausalLM
+
+        self.cfg, self.device = ppo_cfg, device
+        self.ref = AutoModelForCausalLM.from_pretrained(str(ref_model_path), dtype=torch.float32).to(device)
+        self.ref.eval().requires_grad_(False)
+        if ppo_cfg.adaptive_kl:
+            self.kl_ctl = AdaptiveKLController(ppo_cfg.kl_coef, ppo_cfg.target_kl, ppo_cfg.kl_horizon)
+        else:
+            self.kl_ctl = FixedKLController(ppo_cfg.kl_coef)
+
+    def ref_logprobs(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """float32 [B, T] reference-policy logprobs of each token (column 0 is 0)."""
+        ids, am = torch.tensor(input_ids, device=self.device), torch.tensor(attention_mask, device=self.device)
+        return sequence_logprobs(self.ref, ids, am).numpy()
+
+    def compute(self, scored: ScoredRollout, old: dict) -> TrainBatch:
+        """scored: merged rollout [B, T] with RM scores [B]; old: {"old_logprobs", "values"} float32 [B, T]
+        from the learner (and optionally "seconds"). Returns the TrainBatch with stats."""
+        start = time.perf_counter()
+        ro, cfg = scored.rollout, self.cfg
+        # torch.tensor copies: arrays from the object store are read-only views.
+        mask = torch.tensor(ro.response_mask)
+        old_lp = torch.tensor(old["old_logprobs"], dtype=torch.float32)
+        values = torch.tensor(old["values"], dtype=torch.float32)
+        ref_lp = torch.tensor(self.ref_logprobs(ro.input_ids, ro.attention_mask))
+
+        seq_reward = sequence_rewards(scored.scores, ro.truncated, cfg.truncation_penalty)
+        kl_coef = self.kl_ctl.value
+        rewards, kl = kl_penalized_rewards(torch.tensor(seq_reward), old_lp, ref_lp, mask, kl_coef)
+        adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            adv = masked_whiten(adv, mask)
+
+        # KL(pi_old || pi_ref) per sequence (sum of k1 over the response), the x-axis of reward-vs-KL plots.
+        kl_seq = kl.sum(-1)
+        self.kl_ctl.update(kl_seq.mean().item(), n_steps=len(kl_seq))
+        behaviour = torch.tensor(ro.rollout_logprobs, dtype=torch.float32)
+        resp_len = ro.response_mask.sum(-1)
+        gold = scored.gold[~np.isnan(scored.gold)]
+        stats = {
+            "rm_score": float(scored.scores.mean()),
+            "gold": float(gold.mean()) if gold.size else float("nan"),
+            "reward": float(seq_reward.mean()),
+            "kl_ref": float(kl_seq.mean()),
+            "kl_ref_per_token": float(masked_mean(kl, mask)),
+            "kl_coef": float(kl_coef),
+            "kl_coef_next": float(self.kl_ctl.value),
+            "truncated_frac": float(ro.truncated.mean()),
+            "response_len": float(resp_len.mean()),
+            "value_mean": float(masked_mean(values, mask)),
+            "return_mean": float(masked_mean(returns, mask)),
+            # |log pi_behaviour - log pi_old|: engine-vs-learner mismatch, plus staleness in async mode.
+            "behaviour_logprob_gap": float(masked_mean((behaviour - old_lp).abs(), mask)),
+            "batch_size": int(len(kl_seq)),
+            "gen_seconds": float(ro.gen_seconds),
+            "gen_tokens": int(ro.num_tokens),
+            "score_seconds": float(scored.score_seconds),
+            "evaluate_seconds": float(old.get("seconds", float("nan"))),
+            "total_tokens": int(ro.attention_mask.sum()),
+        }
+        stats["advantage_seconds"] = time.perf_counter() - start
+        f32 = lambda t: t.numpy().astype(np.float32, copy=False)  # noqa: E731
+        return TrainBatch(
+            input_ids=ro.input_ids, attention_mask=ro.attention_mask, response_mask=ro.response_mask,
+            old_logprobs=f32(old_lp), ref_logprobs=f32(ref_lp), old_values=f32(values),
+            rewards=f32(rewards), advantages=f32(adv), returns=f32(returns),
+            policy_version=ro.policy_version, stats=stats)

@@ -1,0 +1,326 @@
+"""The PPO loop on Ray, top to bottom (cleanrl style).
+
+Per iteration::
+
+    prompts -> RolloutWorker x N (vLLM)  -ref-> RolloutScorer (merge chunks, RM score)
+            -ref-> Learner.evaluate (pi_old logprobs, values) -ref-> AdvantageWorker (ref logprobs, KL,
+            rewards, GAE) -ref-> Learner.train (PPO epochs) -> weight buckets put once in the object
+            store -> every RolloutWorker.update_weights(refs, version) -> drift check -> held-out eval
+
+Bulk data (rollouts, batches, weights) moves actor to actor as object refs; the driver only fetches
+small results through :func:`_get_small` (stats dicts, versions, a probe of a few sequences), which
+refuses anything bigger than SMALL_RESULT_BYTES.
+
+Modes: synchronous (rollout t+1 starts after the weights of step t are in the engines), or
+``rollout.async_one_step_off``: rollout t+1 is launched at the start of iteration t with the current
+weights and overlaps scoring and learning on batch t, so every batch after the first is exactly one
+policy version old (``version_lag``; the learner recomputes pi_old, and ``behaviour_logprob_gap``
+reports how far the sampling policy was from it).
+
+The number of rollout workers can change between iterations of a running job: through the
+``on_iteration`` callback (``ctx.pool.set_num_workers(n)``) or by writing a number into
+``<out_dir>/rollout_workers``. New workers start from the initial policy and get the current weights
+before their first rollout.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from rlhf_ray.config import Config, PPOConfig, RolloutConfig
+from rlhf_ray.data import synthetic
+from rlhf_ray.reward.train import MetricsLog
+
+DEFAULT_BUCKET_BYTES = 64 << 20  # weight buckets: one object each in the object store
+SMALL_RESULT_BYTES = 256 << 10  # the most the driver may fetch in one ray.get
+GET_TIMEOUT_S = 900.0  # a stage that takes longer is stuck (e.g. an actor pending on resources)
+EVAL_PROMPTS = 64  # held-out prompts for the gold/RM evaluation
+EVAL_SEED = 7919  # held-out prompt set and sampling seed (fixed: the same prompts every evaluation)
+DRIFT_PROBE_ROWS = 4
+CONTROL_FILE = "rollout_workers"
+
+
+class WeightSyncError(RuntimeError):
+    """After a weight sync an engine's logprobs differ from the learner's by more than allowed."""
+
+
+def _get_small(refs, limit: int = SMALL_RESULT_BYTES):
+    """The driver's only ray.get. It may hold stats dicts, versions and a drift probe, never a batch:
+    anything over ``limit`` bytes (pickled) raises."""
+    import ray
+
+    value = ray.get(refs, timeout=GET_TIMEOUT_S)
+    size = len(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+    if size > limit:
+        raise RuntimeError(f"driver fetched {size} bytes ({type(value).__name__}); bulk data must stay "
+                           f"in the object store and move actor to actor as refs (limit {limit})")
+    return value
+
+
+class RolloutPool:
+    """The rollout workers of a job; resizable between iterations."""
+
+    def __init__(self, model_path: str | Path, rollout_cfg: RolloutConfig, seed: int, log=print):
+        self.model_path, self.cfg, self.seed, self.log = str(model_path), rollout_cfg, seed, log
+        self.workers: list = []
+        self._next_id = 0
+        self._weights = None  # (bucket refs, version) of the last sync, for workers added later
+
+    def set_num_workers(self, n: int) -> None:
+        """Start or stop workers so that ``n`` run. Call between iterations (no rollout in flight).
+        A new worker gets the last synced weights before anything else."""
+        import ray
+
+        from rlhf_ray.ppo import actors
+
+        if n < 1:
+            raise ValueError(f"set_num_workers: need at least 1 worker, got {n}")
+        need, have = actors.cpus_needed(n, self.cfg), ray.cluster_resources().get("CPU", 0)
+        if need > have:  # an actor that cannot be placed would pend forever
+            raise ValueError(f"set_num_workers({n}): the PPO actors would need {need} CPUs, the Ray cluster "
+                             f"has {have}")
+        while len(self.workers) < n:
+            w = actors.start_rollout_worker(self.model_path, self.cfg, worker_id=self._next_id, seed=self.seed)
+            self._next_id += 1
+            if self._weights is not None:
+                w.update_weights.remote(*self._weights)  # actor tasks run in order: before any rollout
+            self.workers.append(w)
+        while len(self.workers) > n:
+            w = self.workers.pop()
+            _get_small(w.shutdown.remote())  # also waits for the worker's earlier tasks
+            ray.kill(w)
+
+    def wait_ready(self) -> None:
+        _get_small([w.ready.remote() for w in self.workers])
+
+    def generate(self, prompts: list[str], ppo: PPOConfig, seed: int) -> list:
+        """Split the prompts across the workers; returns one Rollout ref per worker."""
+        parts = [list(p) for p in np.array_split(np.array(prompts, dtype=object), len(self.workers)) if len(p)]
+        return [w.generate.remote(part, ppo.max_new_tokens, ppo.temperature, ppo.top_p, seed)
+                for w, part in zip(self.workers, parts)]
+
+    def sync(self, bucket_refs, version: int) -> list:
+        """Load the same weights (refs: put once) into every worker; returns refs of their info dicts."""
+        self._weights = (bucket_refs, version)
+        return [w.update_weights.remote(bucket_refs, version) for w in self.workers]
+
+    def shutdown(self) -> None:
+        import ray
+
+        for w in self.workers:
+            try:
+                _get_small(w.shutdown.remote())
+            except Exception:  # a dead worker: kill it anyway
+                pass
+            ray.kill(w)
+        self.workers = []
+
+
+@dataclass
+class IterationContext:
+    """What ``on_iteration`` callbacks get besides the metrics: handles, not data."""
+
+    iteration: int
+    pool: RolloutPool
+    learner: object  # actor handle
+    scored: object  # ObjectRef[ScoredRollout] of this iteration
+
+
+@dataclass
+class PPOResult:
+    before: dict  # held-out evaluation of the initial policy (eval_gold, eval_rm_score, ...)
+    after: dict  # held-out evaluation of the final policy
+    history: list[dict] = field(default_factory=list)  # per-iteration metrics (as in metrics.jsonl)
+    policy_dir: Path | None = None  # the trained policy, an ordinary HF directory
+    metrics_path: Path | None = None
+    plot_path: Path | None = None
+    seconds: float = 0.0
+
+    @property
+    def gold_before(self) -> float:
+        return self.before["eval_gold"]
+
+    @property
+    def gold_after(self) -> float:
+        return self.after["eval_gold"]
+
+
+def _requested_workers(path: Path, log) -> int | None:
+    """The worker count an operator wrote into the control file, if any (bad content is ignored)."""
+    try:
+        return int(path.read_text().strip())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        log(f"[ppo] ignoring {path}: expected an integer")
+        return None
+
+
+def _progress(m: dict, iterations: int) -> str:
+    return (f"[ppo] it {m['iteration']}/{iterations} v{m['policy_version']} "
+            f"gold {m['gold']:+.3f} (held-out {m.get('eval_gold', math.nan):+.3f}) rm {m['rm_score']:+.3f} "
+            f"kl_ref {m['kl_ref']:.3f} | pg {m['policy_loss']:+.4f} vf {m['value_loss']:.4f} "
+            f"clip {m['clip_frac']:.3f} ent {m['entropy']:.2f} | gen {m['gen_seconds']:.2f}s "
+            f"score {m['score_seconds']:.2f}s learn {m['learn_seconds']:.2f}s sync {m['sync_seconds']:.3f}s "
+            f"drift {m['drift']:.1e} | {m['iteration_seconds']:.1f}s workers {m['num_workers']} "
+            f"lag {m['version_lag']}")
+
+
+def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_dir: str | Path, log=print, *,
+            rm_handle=None, on_iteration: Callable[[dict, IterationContext], None] | None = None,
+            bucket_bytes: int = DEFAULT_BUCKET_BYTES, eval_every: int = 1) -> PPOResult:
+    """PPO on Ray (joins the running Ray; see rlhf_ray.runtime.init_ray). Starts its actors, runs
+    ``cfg.ppo.iterations`` iterations, saves the policy to ``out_dir/policy``, writes
+    ``out_dir/metrics.jsonl`` (+ TensorBoard) and ``out_dir/ppo.png``, and stops its actors.
+
+    ``rm_handle``: a Serve handle of the RM (rlhf_ray.reward.serve.deploy_rm) used instead of loading
+    ``rm_dir`` in-process. ``eval_every``: held-out evaluation period in iterations (the last iteration
+    is always evaluated; 0 = only before and after). Raises WeightSyncError when an engine's logprobs
+    drift from the learner's by more than ``rollout.max_logprob_drift`` after a sync.
+    """
+    import ray
+
+    from rlhf_ray.ppo import actors
+    from rlhf_ray.ppo.plots import plot_ppo
+    from rlhf_ray.ppo.weights import logprob_drift
+
+    ppo, rc = cfg.ppo, cfg.rollout
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_log = MetricsLog(out_dir / "metrics.jsonl")
+    control_file = out_dir / CONTROL_FILE
+    need, have = actors.cpus_needed(rc.num_workers, rc), ray.cluster_resources().get("CPU", 0)
+    if need > have:
+        raise ValueError(f"PPO needs {need} CPUs (rollout.num_workers={rc.num_workers} x "
+                         f"rollout.cpus_per_worker={rc.cpus_per_worker} + learner + scorer + advantage); "
+                         f"the Ray cluster has {have}")
+    start = time.perf_counter()
+
+    # ---- actors
+    learner = actors.start_learner(policy_dir, ppo)
+    advantage = actors.start_advantage(policy_dir, ppo)
+    scorer = actors.start_scorer(rm_dir, cfg.rm.max_length, rm_handle)
+    pool = RolloutPool(policy_dir, rc, seed=ppo.seed, log=log)
+    try:
+        pool.set_num_workers(rc.num_workers)
+        n_buckets = _get_small(learner.num_buckets.remote(bucket_bytes))
+        pool.wait_ready()
+        log(f"[ppo] {len(pool.workers)} rollout workers, learner, scorer and advantage actors up "
+            f"in {time.perf_counter() - start:.1f}s")
+
+        held_out = synthetic.prompts(EVAL_PROMPTS, seed=EVAL_SEED)
+
+        def evaluate() -> dict:
+            """Mean gold and RM reward of samples on the held-out prompts (rollout worker 0)."""
+            t = time.perf_counter()
+            ro = pool.workers[0].generate.remote(held_out, ppo.max_new_tokens, ppo.temperature, ppo.top_p,
+                                                 EVAL_SEED)
+            s = _get_small(scorer.summary.remote(ro))
+            return {"eval_gold": s["gold"], "eval_rm_score": s["rm_score"], "eval_response_len": s["response_len"],
+                    "eval_truncated_frac": s["truncated_frac"], "eval_policy_version": s["policy_version"],
+                    "eval_examples": s["examples"], "eval_seconds": time.perf_counter() - t}
+
+        def launch_rollout(it: int) -> list:
+            prompts = synthetic.prompts(ppo.prompts_per_iteration, seed=ppo.seed * 1_000_003 + it)
+            return pool.generate(prompts, ppo, seed=ppo.seed * 1_000_003 + it)
+
+        before = evaluate()
+        log(f"[ppo] before: held-out gold {before['eval_gold']:+.3f} rm {before['eval_rm_score']:+.3f} "
+            f"e.g. {before['eval_examples'][0]!r}")
+        metrics_log.write(0, {k: v for k, v in before.items() if k != "eval_examples"})
+        after, history = before, []
+
+        pending = launch_rollout(0)
+        for it in range(ppo.iterations):
+            t_it = time.perf_counter()
+            chunks = pending
+            if rc.async_one_step_off and it + 1 < ppo.iterations:
+                # One step off: rollout it+1 samples with the current weights while batch it is learned.
+                pending = launch_rollout(it + 1)
+
+            # ---- score -> pi_old and values -> advantages -> PPO epochs (refs only)
+            scored = scorer.score.remote(*chunks)
+            old = learner.evaluate.remote(scored)
+            batch = advantage.compute.remote(scored, old)
+            stats = _get_small(learner.train.remote(batch))
+            version = stats["policy_version"]
+
+            # ---- weight sync: buckets put once (as the learner's return values), the same refs to every
+            # engine; then the drift check on one engine (round robin): its logprobs of a few sampled
+            # sequences vs the learner's. Actor tasks run in order, so logprobs_of sees the new weights;
+            # everything is submitted first and waited for once.
+            t_sync = time.perf_counter()
+            buckets = learner.weight_buckets.options(num_returns=n_buckets).remote(bucket_bytes)
+            synced = pool.sync(buckets, version)
+            checked = it % len(pool.workers)
+            ids, attn, resp, learner_lp = learner.probe.options(num_returns=4).remote(scored, DRIFT_PROBE_ROWS)
+            engine_lp = pool.workers[checked].logprobs_of.remote(ids, attn, resp)
+            infos = _get_small(synced)
+            drift = logprob_drift(*_get_small([engine_lp, learner_lp, resp]))
+            sync_wall = time.perf_counter() - t_sync
+            if any(info["version"] != version for info in infos):
+                raise WeightSyncError(f"engines report versions {[i['version'] for i in infos]}, expected {version}")
+            if not drift <= rc.max_logprob_drift:
+                raise WeightSyncError(f"iteration {it + 1}: rollout worker {checked} logprobs differ from the "
+                                      f"learner's by {drift:.3g} > rollout.max_logprob_drift={rc.max_logprob_drift} "
+                                      f"after syncing version {version}")
+
+            # ---- held-out evaluation of the new weights
+            last = it + 1 == ppo.iterations
+            evaluation = evaluate() if last or (eval_every and (it + 1) % eval_every == 0) else {}
+            after = {**after, **evaluation} if evaluation else after
+
+            # ---- metrics
+            sync_bytes = sum(i["bytes"] for i in infos)
+            m = {
+                "iteration": it + 1, **stats, **{k: v for k, v in evaluation.items() if k != "eval_examples"},
+                "num_workers": len(pool.workers),
+                "learn_seconds": stats["evaluate_seconds"] + stats["advantage_seconds"] + stats["train_seconds"],
+                "sync_seconds": max(i["seconds"] for i in infos), "sync_wall_seconds": sync_wall,
+                "sync_bytes": sync_bytes,
+                "sync_gb_per_s": sync_bytes / 1e9 / max(sum(i["seconds"] for i in infos), 1e-9),
+                "drift": drift, "drift_worker": checked,
+                "rollout_tokens_per_s": stats["gen_tokens"] / max(stats["gen_seconds"], 1e-9),
+                "score_tokens_per_s": stats["total_tokens"] / max(stats["score_seconds"], 1e-9),
+                "evaluate_tokens_per_s": stats["total_tokens"] / max(stats["evaluate_seconds"], 1e-9),
+                "advantage_tokens_per_s": stats["total_tokens"] / max(stats["advantage_seconds"], 1e-9),
+                "iteration_seconds": time.perf_counter() - t_it,
+            }
+            history.append(m)
+            metrics_log.write(it + 1, m)
+            log(_progress(m, ppo.iterations))
+            if "eval_examples" in evaluation:
+                log(f"[ppo]   e.g. {evaluation['eval_examples'][0]!r}")
+
+            # ---- between iterations: resize the rollout pool, then (sync mode) the next rollout
+            if on_iteration is not None:
+                on_iteration(m, IterationContext(it + 1, pool, learner, scored))
+            wanted = _requested_workers(control_file, log)
+            if wanted is not None and wanted != len(pool.workers):
+                try:
+                    pool.set_num_workers(wanted)
+                    log(f"[ppo] rollout workers -> {wanted} ({control_file})")
+                except ValueError as e:
+                    log(f"[ppo] not resizing: {e}")
+            if not rc.async_one_step_off and not last:
+                pending = launch_rollout(it + 1)
+
+        policy_out = Path(_get_small(learner.save.remote(str(out_dir / "policy"))))
+        plot = plot_ppo(history, out_dir / "ppo.png", before)
+        seconds = time.perf_counter() - start
+        log(f"[ppo] done in {seconds:.0f}s: held-out gold {before['eval_gold']:+.3f} -> {after['eval_gold']:+.3f}, "
+            f"rm {before['eval_rm_score']:+.3f} -> {after['eval_rm_score']:+.3f}, "
+            f"kl_ref {history[-1]['kl_ref']:.3f}; policy {policy_out}, plot {plot}")
+        return PPOResult(before=before, after=after, history=history, policy_dir=policy_out,
+                         metrics_path=metrics_log.path, plot_path=plot, seconds=seconds)
+    finally:
+        pool.shutdown()
+        for actor in (learner, advantage, scorer):
+            ray.kill(actor)

@@ -1,0 +1,191 @@
+"""Learner: the policy (a Hugging Face causal LM) plus a value head, trained with PPO.
+
+Value function: a linear head on the policy's last hidden state (shared trunk, as in TRL's
+``AutoModelForCausalLMWithValueHead``), not a separate critic copy. One forward pass gives both the
+logits and the values, which halves learner compute and memory; on the 2-core CPU demo the learner
+is the longest stage. The price is that the value loss (weighted by c1) also shapes the trunk.
+Only the policy's weights are pushed to the rollout engines; the head stays on the learner.
+
+Token layout as in ``rlhf_ray.ppo.types``: ``logprobs[b, t]`` = log pi(token_t | tokens_<t) and
+``values[b, t]`` = V(tokens_<t), both read from the hidden state at position t-1; column 0 is 0.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from rlhf_ray.config import PPOConfig
+from rlhf_ray.ops import entropy_from_logits, logprobs_from_logits, ppo_objective
+from rlhf_ray.ppo.types import ScoredRollout, TrainBatch
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Learner:
+    """Policy + value head; ``evaluate`` (pi_old logprobs, values), ``train`` (PPO epochs), weight export."""
+
+    def __init__(self, policy_path: str | Path, ppo_cfg: PPOConfig, device: str | None = None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg, self.device = ppo_cfg, device or default_device()
+        torch.manual_seed(ppo_cfg.seed)
+        self.policy = AutoModelForCausalLM.from_pretrained(str(policy_path), dtype=torch.float32).to(self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(policy_path))
+        # Dropout off throughout: pi_old recomputed in evaluate() must equal the first train forward.
+        self.policy.eval()
+        self.value_head = nn.Linear(self.policy.config.hidden_size, 1).to(self.device)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        params = list(self.policy.parameters()) + list(self.value_head.parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=ppo_cfg.lr, eps=1e-5, weight_decay=0.0)
+        self.rng = np.random.default_rng(ppo_cfg.seed)
+        self.version = 0  # bumped by every train(); stamped on the weights sent to the engines
+
+    # ------------------------------------------------------------------ forward
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_entropy: bool = False):
+        """-> logprobs [B, T], values [B, T], entropy [B, T] or None (column 0 is 0)."""
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask.long(), output_hidden_states=True)
+        logits = out.logits[:, :-1]  # (B, T-1, V): predicts tokens 1..T-1
+        pad = lambda x: nn.functional.pad(x, (1, 0))  # noqa: E731  (B, T-1) -> (B, T)
+        logprobs = pad(logprobs_from_logits(logits, input_ids[:, 1:]))
+        values = pad(self.value_head(out.hidden_states[-1][:, :-1]).squeeze(-1).float())
+        entropy = pad(entropy_from_logits(logits)) if with_entropy else None
+        return logprobs, values, entropy
+
+    def _tensors(self, *arrays: np.ndarray, rows=None) -> list[torch.Tensor]:
+        """numpy [B, T] (possibly read-only views from the object store) -> tensors on the device,
+        trimmed to the longest sequence of the selected rows."""
+        am = arrays[1] if rows is None else arrays[1][rows]
+        length = int(am.sum(-1).max()) if am.size else 1
+        sel = [a if rows is None else a[rows] for a in arrays]
+        return [torch.tensor(a[:, :length], device=self.device) for a in sel]
+
+    @torch.no_grad()
+    def logprobs(self, input_ids: np.ndarray, attention_mask: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """float32 [B, T] logprobs of each token under the current policy (0 at column 0 and padding)."""
+        B, T = input_ids.shape
+        out = np.zeros((B, T), dtype=np.float32)
+        for i in range(0, B, batch_size):
+            rows = np.arange(i, min(i + batch_size, B))
+            ids, am = self._tensors(input_ids, attention_mask, rows=rows)
+            lp, _, _ = self._forward(ids, am)
+            out[rows, :lp.shape[1]] = torch.where(am.bool(), lp, 0.0).cpu().numpy()
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, scored: ScoredRollout, batch_size: int = 64) -> dict:
+        """pi_old logprobs and values of the rollout under the current weights.
+
+        Returns {"old_logprobs": float32 [B, T], "values": float32 [B, T], "seconds": float}.
+        """
+        start = time.perf_counter()
+        ro = scored.rollout
+        B, T = ro.input_ids.shape
+        old_lp, values = np.zeros((B, T), np.float32), np.zeros((B, T), np.float32)
+        for i in range(0, B, batch_size):
+            rows = np.arange(i, min(i + batch_size, B))
+            ids, am = self._tensors(ro.input_ids, ro.attention_mask, rows=rows)
+            lp, v, _ = self._forward(ids, am)
+            old_lp[rows, :lp.shape[1]] = lp.cpu().numpy()
+            values[rows, :v.shape[1]] = v.cpu().numpy()
+        return {"old_logprobs": old_lp, "values": values, "seconds": time.perf_counter() - start}
+
+    def probe(self, scored: ScoredRollout, n: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The first n sequences of the rollout and their logprobs under the CURRENT weights, for the
+        engine-vs-learner drift check after a weight sync: (input_ids, attention_mask, response_mask,
+        logprobs), each [n, T]. A tuple, so that Ray can return the parts as separate objects."""
+        ro = scored.rollout
+        ids, am, rm = (np.array(a[:n]) for a in (ro.input_ids, ro.attention_mask, ro.response_mask))
+        return ids, am, rm, self.logprobs(ids, am)
+
+    # ------------------------------------------------------------------ PPO
+
+    def _minibatch_loss(self, batch: TrainBatch, rows: np.ndarray):
+        ids, am, mask, old_lp, old_v, adv, ret = self._tensors(
+            batch.input_ids, batch.attention_mask, batch.response_mask, batch.old_logprobs,
+            batch.old_values, batch.advantages, batch.returns, rows=rows)
+        cfg = self.cfg
+        lp, v, ent = self._forward(ids, am, with_entropy=True)
+        return ppo_objective(lp, old_lp, adv, v, old_v, ret, mask, clip_eps=cfg.clip_eps, beta=cfg.beta,
+                             c1=cfg.c1, value_clip_eps=cfg.value_clip_eps, entropy=ent,
+                             entropy_coef=cfg.entropy_coef)
+
+    @torch.no_grad()
+    def loss(self, batch: TrainBatch) -> float:
+        """-L of the whole batch at the current weights (for tests and diagnostics)."""
+        loss, _ = self._minibatch_loss(batch, np.arange(len(batch.input_ids)))
+        return float(loss)
+
+    def train(self, batch: TrainBatch) -> dict:
+        """ppo.epochs passes of shuffled minibatches over the batch; returns small scalar stats
+        (this batch's upstream stats merged in) and bumps ``version``."""
+        start, cfg = time.perf_counter(), self.cfg
+        B = len(batch.input_ids)
+        sums: dict[str, float] = {}
+        steps = 0
+        for _ in range(cfg.epochs):
+            order = self.rng.permutation(B)
+            for i in range(0, B, cfg.minibatch_size):
+                loss, st = self._minibatch_loss(batch, order[i:i + cfg.minibatch_size])
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                self.optimizer.step()
+                for k, v in (*st._asdict().items(), ("loss", loss.detach()), ("grad_norm", grad_norm)):
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                steps += 1
+        stats = {k: v / steps for k, v in sums.items()}
+        seconds = time.perf_counter() - start
+        lag = self.version - batch.policy_version  # staleness of the data vs the weights it trains
+        self.version += 1
+        return {
+            **batch.stats,
+            "policy_loss": -stats["l_clip"], "value_loss": stats["value_loss"], "kl_old": stats["kl"],
+            "clip_frac": stats["clip_frac"], "entropy": stats["entropy"], "objective": stats["objective"],
+            "loss": stats["loss"], "grad_norm": stats["grad_norm"], "train_steps": steps,
+            "train_seconds": seconds,
+            "train_tokens_per_s": cfg.epochs * float(batch.attention_mask.sum()) / seconds,
+            "policy_version": self.version, "data_version": batch.policy_version, "version_lag": lag,
+        }
+
+    # ------------------------------------------------------------------ weights
+
+    def get_version(self) -> int:
+        return self.version
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The policy's weights (HF names, float32 numpy on CPU); the value head is not included."""
+        return {k: v.detach().to("cpu", torch.float32).numpy() for k, v in self.policy.state_dict().items()}
+
+    def weight_buckets(self, bucket_bytes: int) -> list[dict[str, np.ndarray]]:
+        """The policy's weights split into buckets of about ``bucket_bytes`` (for the engines)."""
+        from rlhf_ray.ppo.weights import state_dict_buckets
+
+        return state_dict_buckets(self.state_dict(), bucket_bytes)
+
+    def num_buckets(self, bucket_bytes: int) -> int:
+        return len(self.weight_buckets(bucket_bytes))
+
+    def save(self, path: str | Path) -> Path:
+        """The policy as an ordinary HF directory (safetensors + tokenizer) and the value head beside it."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.policy.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
+                  str(path / VALUE_HEAD_FILE))
+        (path / "ppo_version.txt").write_text(f"{self.version}\n")
+        return path
