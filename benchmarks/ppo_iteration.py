@@ -69,11 +69,11 @@ def sync_benchmark(cfg, hidden: int, layers: int, workers: int, repeats: int = 3
     pool = driver.RolloutPool(model_dir, cfg.rollout, seed=0)
     pool.set_num_workers(workers)
     pool.wait_ready()
-    n = ray.get(learner.num_buckets.remote(driver.DEFAULT_BUCKET_BYTES), timeout=600)
+    n = ray.get(learner.num_buckets.remote(cfg.rollout.weight_bucket_mib << 20), timeout=600)
     walls, engine = [], []
     for v in range(1, repeats + 1):
         t = time.perf_counter()
-        refs = learner.weight_buckets.options(num_returns=n).remote(driver.DEFAULT_BUCKET_BYTES)
+        refs = learner.weight_buckets.options(num_returns=n).remote(cfg.rollout.weight_bucket_mib << 20)
         infos = ray.get(pool.sync(refs, v), timeout=600)
         walls.append(time.perf_counter() - t)
         engine.append(max(i["seconds"] for i in infos))

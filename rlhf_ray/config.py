@@ -129,6 +129,10 @@ class PPOConfig:
     whiten_advantages: bool = True
     # Reward for responses cut at max_new_tokens without EOS is the RM score minus this penalty.
     truncation_penalty: float = 0.0
+    # Held-out evaluation (gold and RM reward of samples on a fixed prompt set): every N iterations
+    # (0 = only before and after PPO), on this many prompts. It blocks the iteration it runs in.
+    eval_every: int = 1
+    eval_prompts: int = 64
     seed: int = 0
 
 
@@ -138,6 +142,8 @@ class RolloutConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     kv_cache_mib: int = 64
+    # Weight sync: the policy goes to the engines in buckets of at most this size (one object each).
+    weight_bucket_mib: int = 64
     # Max logprob drift (vLLM vs learner) tolerated after a weight sync before failing loudly.
     max_logprob_drift: float = 1e-3
     async_one_step_off: bool = False
@@ -161,11 +167,11 @@ _POSITIVE = {
     "rm.max_length", "serve.num_replicas", "serve.max_replicas", "serve.max_batch_size",
     "serve.max_responses", "serve.max_chars", "serve.max_prompts", "ppo.iterations",
     "ppo.prompts_per_iteration", "ppo.max_new_tokens", "ppo.epochs", "ppo.minibatch_size",
-    "rollout.num_workers", "model.hidden_size", "model.num_layers", "model.num_heads",
+    "rollout.num_workers", "rollout.weight_bucket_mib", "ppo.eval_prompts", "model.hidden_size", "model.num_layers", "model.num_heads",
     "model.vocab_size", "model.max_positions", "model.intermediate_size", "rollout.kv_cache_mib",
 }
 _NONNEG = {
-    "rm.num_workers", "serve.min_replicas", "ppo.beta", "ppo.c1", "ppo.entropy_coef", "ppo.kl_coef",
+    "rm.num_workers", "ppo.eval_every", "serve.min_replicas", "ppo.beta", "ppo.c1", "ppo.entropy_coef", "ppo.kl_coef",
     "ppo.truncation_penalty", "serve.num_gpus", "rollout.gpus_per_worker", "rm.weight_decay",
 }
 _POSITIVE_FLOAT = {

@@ -38,10 +38,8 @@ from rlhf_ray.config import Config, PPOConfig, RolloutConfig
 from rlhf_ray.data import synthetic
 from rlhf_ray.reward.train import MetricsLog
 
-DEFAULT_BUCKET_BYTES = 64 << 20  # weight buckets: one object each in the object store
 SMALL_RESULT_BYTES = 256 << 10  # the most the driver may fetch in one ray.get
 GET_TIMEOUT_S = 900.0  # a stage that takes longer is stuck (e.g. an actor pending on resources)
-EVAL_PROMPTS = 64  # held-out prompts for the gold/RM evaluation
 EVAL_SEED = 7919  # held-out prompt set and sampling seed (fixed: the same prompts every evaluation)
 DRIFT_PROBE_ROWS = 4
 CONTROL_FILE = "rollout_workers"
@@ -175,13 +173,14 @@ def _progress(m: dict, iterations: int) -> str:
 
 def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_dir: str | Path, log=print, *,
             rm_handle=None, on_iteration: Callable[[dict, IterationContext], None] | None = None,
-            bucket_bytes: int = DEFAULT_BUCKET_BYTES, eval_every: int = 1) -> PPOResult:
+            bucket_bytes: int | None = None, eval_every: int | None = None) -> PPOResult:
     """PPO on Ray (joins the running Ray; see rlhf_ray.runtime.init_ray). Starts its actors, runs
     ``cfg.ppo.iterations`` iterations, saves the policy to ``out_dir/policy``, writes
     ``out_dir/metrics.jsonl`` (+ TensorBoard) and ``out_dir/ppo.png``, and stops its actors.
 
     ``rm_handle``: a Serve handle of the RM (rlhf_ray.reward.serve.deploy_rm) used instead of loading
-    ``rm_dir`` in-process. ``eval_every``: held-out evaluation period in iterations (the last iteration
+    ``rm_dir`` in-process. ``bucket_bytes`` and ``eval_every`` override rollout.weight_bucket_mib and
+    ppo.eval_every. ``eval_every``: held-out evaluation period in iterations (the last iteration
     is always evaluated; 0 = only before and after). Raises WeightSyncError when an engine's logprobs
     drift from the learner's by more than ``rollout.max_logprob_drift`` after a sync.
     """
@@ -192,6 +191,8 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
     from rlhf_ray.ppo.weights import logprob_drift
 
     ppo, rc = cfg.ppo, cfg.rollout
+    bucket_bytes = bucket_bytes or rc.weight_bucket_mib << 20
+    eval_every = ppo.eval_every if eval_every is None else eval_every
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_log = MetricsLog(out_dir / "metrics.jsonl")
@@ -215,7 +216,7 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
         log(f"[ppo] {len(pool.workers)} rollout workers, learner, scorer and advantage actors up "
             f"in {time.perf_counter() - start:.1f}s")
 
-        held_out = synthetic.prompts(EVAL_PROMPTS, seed=EVAL_SEED)
+        held_out = synthetic.prompts(ppo.eval_prompts, seed=EVAL_SEED)
 
         def evaluate() -> dict:
             """Mean gold and RM reward of samples on the held-out prompts (rollout worker 0)."""
