@@ -91,17 +91,18 @@ class RMBatch:
     truncated: int  # how many sequences were cut to max_length
 
 
-def encode_texts(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def encode_texts(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ids + mask; sequences longer than ``max_length`` keep their first tokens and
-    always end in EOS (the RM reads the last token). Returns (ids [N, L], mask [N, L], n_truncated)."""
+    always end in EOS (the RM reads the last token).
+    Returns (ids long [N, L], mask long [N, L], truncated bool [N])."""
     eos = tokenizer.eos_token_id
     encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
-    seqs, truncated = [], 0
-    for ids in encoded:
+    seqs, truncated = [], torch.zeros(len(encoded), dtype=torch.bool)
+    for i, ids in enumerate(encoded):
         ids = list(ids) + [eos]
         if len(ids) > max_length:
             ids = ids[: max_length - 1] + [eos]
-            truncated += 1
+            truncated[i] = True
         seqs.append(ids)
     length = max(len(s) for s in seqs)
     pad = tokenizer.pad_token_id
@@ -127,4 +128,4 @@ def collate(records: list[dict], tokenizer, max_length: int) -> RMBatch:
         valid[b, : len(row)] = True
     input_ids, mask, truncated = encode_texts(tokenizer, texts, max_length)
     best = torch.tensor([r["best"] for r in records], dtype=torch.long)
-    return RMBatch(input_ids, mask, index, valid, best, truncated)
+    return RMBatch(input_ids, mask, index, valid, best, int(truncated.sum()))

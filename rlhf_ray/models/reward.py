@@ -51,7 +51,7 @@ def score_texts(model, tokenizer, prompts: list[str], responses: list[str], max_
     out, truncated = [], 0
     texts = [rm_text(p, r) for p, r in zip(prompts, responses)]
     for i in range(0, len(texts), batch_size):
-        ids, mask, t = encode_texts(tokenizer, texts[i:i + batch_size], max_length)
-        truncated += t
+        ids, mask, cut = encode_texts(tokenizer, texts[i:i + batch_size], max_length)
+        truncated += int(cut.sum())
         out.extend(model(input_ids=ids, attention_mask=mask).logits[:, 0].tolist())
     return out, truncated

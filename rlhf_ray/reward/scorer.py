@@ -113,23 +113,11 @@ class RewardScorer:
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
                 chunk = [texts[i] for i in idx]
-                ids, mask, n_cut = encode_texts(self.tokenizer, chunk, self.max_length)  # (n, L)
+                ids, mask, cut = encode_texts(self.tokenizer, chunk, self.max_length)  # (n, L), (n,)
                 logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
                 rewards[idx] = logits[:, 0].float().cpu().numpy()
-                truncated[idx] = self._truncation_flags(chunk, mask, n_cut)
+                truncated[idx] = cut.numpy()
         return FlatScores(rewards, truncated)
-
-    def _truncation_flags(self, texts: list[str], mask: torch.Tensor, n_cut: int) -> np.ndarray:
-        # A cut sequence is exactly max_length long, but so is one that fit exactly: re-tokenize
-        # only those to tell them apart (encode_texts returns a count, not which ones).
-        flags = np.zeros(len(texts), dtype=bool)
-        full = (mask.sum(1) == self.max_length).nonzero().flatten().tolist()
-        if full:
-            lengths = [len(ids) + 1 for ids in self.tokenizer([texts[i] for i in full])["input_ids"]]  # + EOS
-            flags[full] = np.array(lengths) > self.max_length
-        if int(flags.sum()) != n_cut:
-            raise RuntimeError(f"truncation flags ({int(flags.sum())}) disagree with encode_texts ({n_cut})")
-        return flags
 
     def score_pairs(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         """Flat rewards, float32 [N], for aligned (prompt, response) lists (PPO's reward)."""
