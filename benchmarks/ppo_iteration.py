@@ -70,14 +70,15 @@ def sync_benchmark(cfg, hidden: int, layers: int, workers: int, repeats: int = 3
     pool.set_num_workers(workers)
     pool.wait_ready()
     n = ray.get(learner.num_buckets.remote(cfg.rollout.weight_bucket_mib << 20), timeout=600)
-    walls, engine = [], []
+    walls, engine, fetch = [], [], []
     for v in range(1, repeats + 1):
         t = time.perf_counter()
-        refs = learner.weight_buckets.options(num_returns=n).remote(cfg.rollout.weight_bucket_mib << 20)
+        refs = learner.weight_buckets.options(num_returns=n).remote(cfg.rollout.weight_bucket_mib << 20, copy=False)
         infos = ray.get(pool.sync(refs, v), timeout=600)
         walls.append(time.perf_counter() - t)
         engine.append(max(i["seconds"] for i in infos))
-        nbytes = infos[0]["bytes"]
+        fetch.append(max(i["fetch_seconds"] for i in infos))
+        nbytes, mode = infos[0]["bytes"], infos[0]["mode"]
     pool.shutdown()
     ray.kill(learner)
     src = np.ones(nbytes // 4, np.float32)
@@ -90,6 +91,7 @@ def sync_benchmark(cfg, hidden: int, layers: int, workers: int, repeats: int = 3
     gb = nbytes / 1e9
     return {"model_mib": nbytes / 2**20, "buckets": n, "workers": workers,
             "sync_wall_s_per_gb": min(walls) / gb, "engine_load_s_per_gb": min(engine) / gb,
+            "fetch_s_per_gb": min(fetch) / gb, "mode": mode, "all_walls": walls, "all_engine": engine,
             "memcpy_s_per_gb": min(copies) / gb}
 
 

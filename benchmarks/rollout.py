@@ -1,14 +1,25 @@
 """Rollout throughput: RolloutWorker (vLLM) vs Hugging Face ``generate`` on the same model, prompts and
 sampling settings; and weight-sync cost against a plain memory copy of the same bytes.
 
-    .venv/bin/python benchmarks/rollout.py                      # both models, batch 64, 48 new tokens
-    .venv/bin/python benchmarks/rollout.py --models big --repeats 5
+    .venv/bin/python benchmarks/rollout.py                      # both models, the demo's batch
+    .venv/bin/python benchmarks/rollout.py --models big --repeats 5 --new-tokens 48
+
+Two workloads on each model, batch ``--batch`` (default 64, the demo's ppo.prompts_per_iteration):
+
+* ``fixed``: every response exactly ``--new-tokens`` tokens (default 16, the demo's ppo.max_new_tokens;
+  vLLM ``ignore_eos``, HF ``min_new_tokens``): pure decoding speed.
+* ``demo``: responses as long as the demo's SFT policy makes them on these prompts (sampled once with
+  the embedded SFT model, EOS included, at most ``--new-tokens``). vLLM gets each prompt's length
+  as its limit; HF ``generate`` cannot retire a finished row, so it runs every row until the longest
+  is done, as it does when rows stop at EOS; tokens/s counts the responses' tokens only. The models
+  here have random weights (they would not stop at EOS by themselves), so the lengths are imposed.
 
 Each backend runs in its own subprocess with the same thread count (``--threads``, default 1: what a
 rollout actor with ``cpus_per_worker=1`` gets), because in-process vLLM rebinds the host's torch
-threads and memory. Both generate exactly ``--new-tokens`` tokens per prompt (vLLM ``ignore_eos``,
-HF ``min_new_tokens``), with temperature 1 and top_p 1. Models are random-weight Llamas with the
-embedded tokenizer: "big" (~28M parameters) and "tiny" (the demo's default shape).
+threads and memory. Temperature 1, top_p 1 throughout. vLLM runs twice: with plain weights (the
+default ``rollout.cpu_plain_weights``: weight syncs copy in place) and with vLLM's packed oneDNN
+weights (syncs replay vLLM's loader). Models are random-weight Llamas with the embedded tokenizer:
+"big" (~28M parameters) and "tiny" (the demo's default shape).
 """
 
 from __future__ import annotations
@@ -50,7 +61,20 @@ def prompts(batch: int) -> list[str]:
     return synthetic.prompts(batch, seed=0)
 
 
-def run_vllm(model_dir: str, batch: int, new_tokens: int, repeats: int) -> dict:
+def demo_lengths(batch: int, new_tokens: int, cache_dir: str) -> list[int]:
+    """Response lengths (tokens, EOS included) of the demo's SFT policy on ``prompts(batch)``."""
+    from rlhf_ray.config import load_config
+    from rlhf_ray.models.embedded import resolve_model
+    from rlhf_ray.ppo.rollout import RolloutWorker
+
+    cfg = load_config(None, [f"model.cache_dir={cache_dir}"])
+    worker = RolloutWorker(resolve_model(cfg.model, cfg.sft), cfg.rollout, seed=0)
+    r = worker.generate(prompts(batch), new_tokens, 1.0, 1.0, seed=0)
+    worker.shutdown()
+    return [int(n) for n in r.response_mask.sum(1)]
+
+
+def run_vllm(model_dir: str, lengths: list[int], new_tokens: int, repeats: int, plain: bool) -> dict:
     import numpy as np
 
     from rlhf_ray.config import RolloutConfig
@@ -58,17 +82,18 @@ def run_vllm(model_dir: str, batch: int, new_tokens: int, repeats: int) -> dict:
     from rlhf_ray.ppo.weights import state_dict_buckets
 
     t0 = time.perf_counter()
-    worker = RolloutWorker(model_dir, RolloutConfig(kv_cache_mib=512), seed=0)
+    worker = RolloutWorker(model_dir, RolloutConfig(kv_cache_mib=512, cpu_plain_weights=plain), seed=0)
     start_s = time.perf_counter() - t0
-    ps = prompts(batch)
+    ps = prompts(len(lengths))
     worker.generate(ps[:8], 8, 1.0, 1.0, seed=0)  # warm-up
-    wall, cpu = [], []
-    for i in range(repeats):
-        c0 = time.process_time()
-        r = worker.generate(ps, new_tokens, 1.0, 1.0, seed=i, ignore_eos=True)
-        cpu.append(r.num_tokens / (time.process_time() - c0))
-        assert r.num_tokens == batch * new_tokens
-        wall.append(r.num_tokens / r.gen_seconds)
+    res = {}
+    for workload, limit in (("fixed", new_tokens), ("demo", lengths)):
+        wall = []
+        for i in range(repeats):
+            r = worker.generate(ps, limit, 1.0, 1.0, seed=i, ignore_eos=True)
+            assert r.num_tokens == (len(ps) * new_tokens if workload == "fixed" else sum(lengths))
+            wall.append(r.num_tokens / r.gen_seconds)
+        res[workload] = wall
 
     # Weight sync: the model's own weights, as the learner would send them.
     from safetensors.numpy import load_file
@@ -76,57 +101,67 @@ def run_vllm(model_dir: str, batch: int, new_tokens: int, repeats: int) -> dict:
     sd = {}
     for f in sorted(Path(model_dir).glob("*.safetensors")):
         sd.update(load_file(f))
-    t0 = time.perf_counter()
     buckets = state_dict_buckets(sd, 64 << 20)
-    bucket_s = time.perf_counter() - t0
-    sync, cold, warm = [], [], []
+    dst = [{k: np.empty_like(v) for k, v in b.items()} for b in buckets]
+    sync, copy = [], []
     for i in range(repeats):
         info = worker.update_weights(buckets, version=i + 1)
         sync.append(info["seconds"])
-        # memcpy baselines: into fresh arrays (page faults included, like any new copy) and into
-        # already-touched ones (pure bandwidth).
-        dst = [{k: np.empty_like(v) for k, v in b.items()} for b in buckets]
-        for times in (cold, warm):
-            t0 = time.perf_counter()
-            for b, d in zip(buckets, dst):
-                for k, v in b.items():
-                    np.copyto(d[k], v)
-            times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()  # memcpy of the same bytes into touched arrays
+        for b, d in zip(buckets, dst):
+            for k, v in b.items():
+                np.copyto(d[k], v)
+        copy.append(time.perf_counter() - t0)
     worker.shutdown()
-    return dict(wall=wall, cpu=cpu, start_s=start_s, bytes=info["bytes"],
-                sync_s=min(sync), cold_s=min(cold), warm_s=min(warm), bucket_s=bucket_s,
-                buckets=len(buckets))
+    return dict(res, start_s=start_s, bytes=info["bytes"], mode=info["mode"], sync_s=min(sync),
+                copy_s=min(copy))
 
 
-def run_hf(model_dir: str, batch: int, new_tokens: int, repeats: int) -> dict:
-    import numpy as np
+def run_hf(model_dir: str, lengths: list[int], new_tokens: int, repeats: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"  # batched generation continues from the last column
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    enc = tok(prompts(batch), return_tensors="pt", padding=True)
-    kw = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=new_tokens,
-              min_new_tokens=new_tokens, pad_token_id=tok.pad_token_id)
+    enc = tok(prompts(len(lengths)), return_tensors="pt", padding=True)
+    kw = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, pad_token_id=tok.pad_token_id)
+    res = {}
     with torch.no_grad():
-        model.generate(**{k: v[:8] for k, v in enc.items()}, **{**kw, "max_new_tokens": 8, "min_new_tokens": 8})
-        wall, cpu = [], []
-        for i in range(repeats):
-            torch.manual_seed(i)
-            t0, c0 = time.perf_counter(), time.process_time()
-            out = model.generate(**enc, **kw)
-            dt, dc = time.perf_counter() - t0, time.process_time() - c0
-            n = (out.shape[1] - enc["input_ids"].shape[1]) * batch
-            assert n == batch * new_tokens
-            wall.append(n / dt)
-            cpu.append(n / dc)
-    return dict(wall=wall, cpu=cpu)
+        model.generate(**{k: v[:8] for k, v in enc.items()}, max_new_tokens=8, min_new_tokens=8, **kw)
+        # demo: rows stop at EOS but generate() runs them all until the longest is done.
+        for workload, steps, useful in (("fixed", new_tokens, len(lengths) * new_tokens),
+                                        ("demo", max(lengths), sum(lengths))):
+            wall = []
+            for i in range(repeats):
+                torch.manual_seed(i)
+                t0 = time.perf_counter()
+                out = model.generate(**enc, max_new_tokens=steps, min_new_tokens=steps, **kw)
+                dt = time.perf_counter() - t0
+                assert out.shape[1] - enc["input_ids"].shape[1] == steps
+                wall.append(useful / dt)
+            res[workload] = wall
+    return res
 
 
 def child(args) -> None:
-    fn = run_vllm if args.backend == "vllm" else run_hf
-    print("RESULT " + json.dumps(fn(args.model_dir, args.batch, args.new_tokens, args.repeats)))
+    if args.backend == "lengths":
+        out = demo_lengths(args.batch, args.new_tokens, args.cache_dir)
+    elif args.backend == "hf":
+        out = run_hf(args.model_dir, json.loads(args.lengths), args.new_tokens, args.repeats)
+    else:
+        out = run_vllm(args.model_dir, json.loads(args.lengths), args.new_tokens, args.repeats,
+                       plain=args.backend == "vllm")
+    print("RESULT " + json.dumps(out))
+
+
+def run_child(env: dict, **kw) -> dict | list:
+    cmd = [sys.executable, __file__] + [a for k, v in kw.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode or not line:
+        sys.exit(f"{kw} failed:\n{out.stderr[-4000:]}")
+    return json.loads(line[0][7:])
 
 
 def main() -> None:
@@ -135,17 +170,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="big,tiny")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--backend", choices=["vllm", "hf"], help=argparse.SUPPRESS)
+    ap.add_argument("--cache-dir", default=".cache/rlhf_ray")
+    ap.add_argument("--backend", choices=["vllm", "vllm-packed", "hf", "lengths"], help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--lengths", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.backend:
         return child(args)
 
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
            "TRANSFORMERS_VERBOSITY": "error", "VLLM_LOGGING_LEVEL": "WARNING", "PYTHONWARNINGS": "ignore"}
+    common = dict(batch=args.batch, new_tokens=args.new_tokens, repeats=args.repeats)
+    lengths = run_child(env, backend="lengths", cache_dir=args.cache_dir, **common)
     rows = []
     with tempfile.TemporaryDirectory(prefix="rollout-bench-") as tmp:
         for name in args.models.split(","):
@@ -153,42 +192,34 @@ def main() -> None:
             from safetensors.numpy import load_file
 
             n_params = sum(a.size for a in load_file(model_dir / "model.safetensors").values())
-            res = {}
-            for backend in ("hf", "vllm"):
-                cmd = [sys.executable, __file__, "--backend", backend, "--model-dir", str(model_dir),
-                       "--batch", str(args.batch), "--new-tokens", str(args.new_tokens),
-                       "--repeats", str(args.repeats)]
-                out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-                if out.returncode or not line:
-                    sys.exit(f"{backend} on {name} failed:\n{out.stderr[-4000:]}")
-                res[backend] = json.loads(line[0][7:])
+            res = {backend: run_child(env, backend=backend, model_dir=model_dir, lengths=json.dumps(lengths),
+                                      **common)
+                   for backend in ("hf", "vllm", "vllm-packed")}
             rows.append((name, n_params, res))
 
-    print(f"\nbatch {args.batch} x {args.new_tokens} new tokens, temperature 1, top_p 1, {args.threads} "
-          f"thread(s), {args.repeats} runs. tok/s: best wall-clock run (the least disturbed on a shared "
-          f"machine); tok/cpu-s: tokens per CPU-second of the process, median")
-    print(f"{'model':<6} {'params':>8} {'HF tok/s':>9} {'vLLM tok/s':>10} {'ratio':>6} "
-          f"{'HF tok/cpu-s':>12} {'vLLM tok/cpu-s':>14} {'ratio':>6}")
+    print(f"\nbatch {args.batch}, temperature 1, top_p 1, {args.threads} thread(s), best of {args.repeats} runs "
+          f"(the least disturbed on a shared machine), response tokens/s")
+    print(f"demo lengths (SFT policy, <= {args.new_tokens}): mean {np.mean(lengths):.1f}, max {max(lengths)}, "
+          f"{sum(n == args.new_tokens for n in lengths)} of {len(lengths)} at the limit")
+    print(f"{'model':<6} {'params':>8} {'workload':<12} {'HF':>8} {'vLLM':>8} {'ratio':>6} "
+          f"{'vLLM packed':>11} {'ratio':>6}")
     for name, n, res in rows:
-        hf, vl = max(res["hf"]["wall"]), max(res["vllm"]["wall"])
-        hc, vc = float(np.median(res["hf"]["cpu"])), float(np.median(res["vllm"]["cpu"]))
-        print(f"{name:<6} {n / 1e6:>7.1f}M {hf:>9.0f} {vl:>10.0f} {vl / hf:>5.2f}x {hc:>12.0f} {vc:>14.0f} "
-              f"{vc / hc:>5.2f}x")
-    print(f"\nweight sync (in-process engine) vs numpy copy of the same bytes, best of {args.repeats}")
-    print(f"{'model':<6} {'MB':>7} {'sync ms':>8} {'sync s/GB':>9} {'copy s/GB':>9} {'ratio':>6} "
-          f"{'warm copy s/GB':>14} {'ratio':>6} {'bucketing ms':>12}")
+        for workload, label in (("fixed", f"fixed {args.new_tokens}"), ("demo", "demo lengths")):
+            hf, vl, vp = (max(res[b][workload]) for b in ("hf", "vllm", "vllm-packed"))
+            print(f"{name:<6} {n / 1e6:>7.1f}M {label:<12} {hf:>8.0f} {vl:>8.0f} {vl / hf:>5.2f}x "
+                  f"{vp:>11.0f} {vp / hf:>5.2f}x")
+    print(f"\nweight sync into a running engine (update_weights: load + prefix-cache reset) vs a numpy copy "
+          f"of the same bytes into touched arrays, best of {args.repeats}")
+    print(f"{'model':<6} {'MB':>7} {'engine weights':<15} {'mode':<9} {'sync ms':>8} {'copy ms':>8} {'ratio':>6}")
     for name, _, res in rows:
-        v = res["vllm"]
-        gb = v["bytes"] / 1e9
-        print(f"{name:<6} {v['bytes'] / 1e6:>7.1f} {v['sync_s'] * 1e3:>8.1f} {v['sync_s'] / gb:>9.2f} "
-              f"{v['cold_s'] / gb:>9.2f} {v['sync_s'] / v['cold_s']:>5.1f}x {v['warm_s'] / gb:>14.2f} "
-              f"{v['sync_s'] / v['warm_s']:>5.1f}x {v['bucket_s'] * 1e3:>12.1f}")
-    print("(sync: update_weights, i.e. reload into the engine + prefix-cache reset; copy: np.copyto into fresh "
-          "arrays, page faults included; warm copy: into touched arrays; bucketing: state_dict_buckets)")
+        for backend, label in (("vllm", "plain"), ("vllm-packed", "packed oneDNN")):
+            v = res[backend]
+            print(f"{name:<6} {v['bytes'] / 1e6:>7.1f} {label:<15} {v['mode']:<9} {v['sync_s'] * 1e3:>8.1f} "
+                  f"{v['copy_s'] * 1e3:>8.1f} {v['sync_s'] / v['copy_s']:>5.2f}x")
     for name, _, res in rows:
-        print(f"{name}: vLLM engine start {res['vllm']['start_s']:.1f} s; all runs tok/s "
-              f"HF {[round(x) for x in res['hf']['wall']]} vLLM {[round(x) for x in res['vllm']['wall']]}")
+        print(f"{name}: vLLM engine start {res['vllm']['start_s']:.1f} s; all runs tok/s " + "; ".join(
+            f"{b} {w} {[round(x) for x in res[b][w]]}" for b in ("hf", "vllm", "vllm-packed")
+            for w in ("fixed", "demo")))
 
 
 if __name__ == "__main__":

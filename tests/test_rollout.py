@@ -17,7 +17,7 @@ import torch
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from rlhf_ray.data import synthetic  # noqa: E402
-from rlhf_ray.ppo.weights import logprob_drift, state_dict_buckets  # noqa: E402
+from rlhf_ray.ppo.weights import bucket_names, logprob_drift, state_dict_buckets  # noqa: E402
 
 TOL = 1e-4  # float32 vLLM vs float32 transformers: measured ~2e-6
 
@@ -114,6 +114,36 @@ def test_state_dict_buckets_bounds_order_and_copies():
     wrapped = state_dict_buckets({"policy.x": torch.ones(2), "value_head.w": torch.ones(2)}, 1 << 20,
                                  strip_prefix="policy.")
     assert [list(b) for b in wrapped] == [["x"]]
+    assert bucket_names(sd, 100) == [list(b) for b in buckets]  # sizes alone, no copies
+
+    views = state_dict_buckets(sd, bucket_bytes=100, copy=False)
+    assert [list(b) for b in views] == [list(b) for b in buckets]
+    assert np.shares_memory(views[0]["a"], sd["a"].numpy())  # float32 on CPU: the live parameter
+    assert not np.shares_memory(views[0]["b"], sd["b"].numpy())  # float64 had to be converted
+
+
+def test_plain_weights_detects_packed_layers():
+    from rlhf_ray.ppo.vllm_ext import plain_weights
+
+    def packed_linear():  # vLLM's oneDNN path: a closure over a handle, the parameter emptied
+        layer = torch.nn.Linear(4, 3, bias=False)
+        handle = layer.weight.detach().t().contiguous()
+        layer.cpu_linear = lambda x, weight, bias: x @ handle
+        layer.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+        return layer
+
+    def plain_linear():  # vLLM's fallback: reads the parameter it is given, closes over nothing
+        layer = torch.nn.Linear(4, 3, bias=False)
+        layer.cpu_linear = lambda x, weight, bias: torch.nn.functional.linear(x, weight, bias)
+        return layer
+
+    assert plain_weights(torch.nn.Sequential(plain_linear(), torch.nn.LayerNorm(3), plain_linear()))
+    assert plain_weights(torch.nn.Sequential(torch.nn.Linear(4, 3)))  # GPU layers: no cpu_linear
+    assert not plain_weights(torch.nn.Sequential(plain_linear(), packed_linear()))
+    kept = plain_linear()  # e.g. vLLM's lm_head: weight kept but a packed copy used
+    handle = kept.weight.detach().clone()
+    kept.cpu_linear = lambda x, weight, bias: x @ handle.t()
+    assert not plain_weights(torch.nn.Sequential(kept))
 
 
 def test_logprob_drift_reads_only_the_mask():
@@ -205,6 +235,8 @@ def test_update_weights_changes_engine(worker, rollout, policy_dir, sft_model):
     try:
         info = worker.update_weights(buckets, version=v0 + 1)
         assert info["version"] == v0 + 1 == worker.version == worker.get_version()
+        # rollout.cpu_plain_weights (default): copied into the parameters the kernels read.
+        assert info["mode"] == worker.weight_sync_mode == "in_place"
         assert info["bytes"] == sum(p.numel() * 4 for p in new.parameters()) and info["seconds"] > 0
 
         after = worker.logprobs_of(rollout.input_ids, rollout.attention_mask, rollout.response_mask)
@@ -257,7 +289,57 @@ def test_prefix_cache_is_reset_after_update(worker, policy_dir, sft_model):
         restore_sft(worker, sft_model)
 
 
+def test_update_weights_through_vllm_repacking(policy_dir, test_config, sft_model, rollout):
+    """rollout.cpu_plain_weights=false keeps vLLM's packed oneDNN kernels; syncs then replay vLLM's
+    loader (repacking every matrix) and must land the same weights."""
+    import dataclasses
+
+    from rlhf_ray.ppo.rollout import RolloutWorker
+
+    cfg = dataclasses.replace(test_config.rollout, cpu_plain_weights=False)
+    threads = torch.get_num_threads()
+    w = RolloutWorker(str(policy_dir), cfg, worker_id=4, seed=0)
+    try:
+        assert w.weight_sync_mode == "reload"
+        new = hf_model(policy_dir, noise=0.05, seed=4)
+        info = w.update_weights(state_dict_buckets(new.state_dict(), 64 << 10), version=1)
+        assert info["mode"] == "reload" and info["version"] == 1
+        lp = w.logprobs_of(rollout.input_ids, rollout.attention_mask, rollout.response_mask)
+        assert logprob_drift(lp, hf_logprobs(new, rollout.input_ids, rollout.attention_mask),
+                             rollout.response_mask) < TOL
+        assert logprob_drift(lp, hf_logprobs(sft_model, rollout.input_ids, rollout.attention_mask),
+                             rollout.response_mask) > 1e-2
+    finally:
+        w.shutdown()
+        torch.set_num_threads(threads)
+
+
 # ---- Ray ------------------------------------------------------------------------------------------
+
+def test_ray_copies_returned_views_before_the_next_task(ray_cluster):
+    """The driver asks the learner for copy=False buckets (views of the live parameters): safe only
+    because Ray copies an actor method's return values into the object store before the actor runs
+    its next task. Checked here with the same pattern: export views, train in place, then read."""
+    ray = ray_cluster
+
+    @ray.remote(num_cpus=0)
+    class Holder:
+        def __init__(self):
+            self.w = torch.zeros(1 << 18)  # 1 MiB: stored in shared memory, not inline
+
+        def export(self):
+            return state_dict_buckets({"w": self.w}, 1 << 30, copy=False)
+
+        def train(self):
+            self.w.add_(1.0)
+            return float(self.w[0])
+
+    h = Holder.remote()
+    exported = h.export.remote()
+    assert ray.get(h.train.remote()) == 1.0
+    assert (ray.get(exported)[0]["w"] == 0).all()
+    ray.kill(h)
+
 
 def test_two_ray_workers_one_object_ref(ray_cluster, policy_dir, test_config, sft_model):
     ray = ray_cluster

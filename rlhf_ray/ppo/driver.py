@@ -258,7 +258,7 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
             # sequences vs the learner's. Actor tasks run in order, so logprobs_of sees the new weights;
             # everything is submitted first and waited for once.
             t_sync = time.perf_counter()
-            buckets = learner.weight_buckets.options(num_returns=n_buckets).remote(bucket_bytes)
+            buckets = learner.weight_buckets.options(num_returns=n_buckets).remote(bucket_bytes, copy=False)
             synced = pool.sync(buckets, version)
             checked = it % len(pool.workers)
             ids, attn, resp, learner_lp = learner.probe.options(num_returns=4).remote(scored, DRIFT_PROBE_ROWS)

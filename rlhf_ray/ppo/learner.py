@@ -168,14 +168,18 @@ class Learner:
         """The policy's weights (HF names, float32 numpy on CPU); the value head is not included."""
         return {k: v.detach().to("cpu", torch.float32).numpy() for k, v in self.policy.state_dict().items()}
 
-    def weight_buckets(self, bucket_bytes: int) -> list[dict[str, np.ndarray]]:
-        """The policy's weights split into buckets of about ``bucket_bytes`` (for the engines)."""
+    def weight_buckets(self, bucket_bytes: int, copy: bool = True) -> list[dict[str, np.ndarray]]:
+        """The policy's weights split into buckets of about ``bucket_bytes`` (for the engines).
+        ``copy=False`` (the Ray driver: the return values are copied into the object store as the
+        method returns) skips the extra copy on CPU; see ``weights.state_dict_buckets``."""
         from rlhf_ray.ppo.weights import state_dict_buckets
 
-        return state_dict_buckets(self.state_dict(), bucket_bytes)
+        return state_dict_buckets(self.state_dict(), bucket_bytes, copy=copy)
 
     def num_buckets(self, bucket_bytes: int) -> int:
-        return len(self.weight_buckets(bucket_bytes))
+        from rlhf_ray.ppo.weights import bucket_names
+
+        return len(bucket_names(self.state_dict(), bucket_bytes))
 
     def save(self, path: str | Path) -> Path:
         """The policy as an ordinary HF directory (safetensors + tokenizer) and the value head beside it."""

@@ -23,6 +23,7 @@ Conventions the learner relies on:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import glob
 import os
@@ -70,6 +71,29 @@ def _chosen_logprobs(lps, token_ids, first: int = 0) -> list[float]:
     else:
         out = [lps[first + i][tok].logprob for i, tok in enumerate(token_ids)]
     return out
+
+
+@contextlib.contextmanager
+def _plain_cpu_linear(enabled: bool):
+    """While vLLM builds an engine in this process, keep its CPU linear layers on plain weights.
+
+    vLLM 0.32 packs each CPU linear weight into a oneDNN handle when ``_custom_ops._supports_onednn``
+    is true and falls back to ``torch.nn.functional.linear`` on the parameter otherwise; the flag is
+    read when the model's weights are processed after loading. Turning it off for the engine's
+    construction lets weight syncs copy in place (see ``vllm_ext``). If a vLLM version moves this,
+    the extension notices (``weight_sync_mode()`` == "reload") and syncs still work, only slower.
+    """
+    from vllm import _custom_ops as ops
+
+    if not enabled or not hasattr(ops, "_supports_onednn"):
+        yield
+        return
+    saved = ops._supports_onednn
+    ops._supports_onednn = False
+    try:
+        yield
+    finally:
+        ops._supports_onednn = saved
 
 
 def _checkpoint_names(model_path: str) -> set[str] | None:
@@ -137,7 +161,8 @@ class RolloutWorker:
             # multiple of 32) measured as fast or faster.
             kwargs.update(dtype="float32", enforce_eager=True, block_size=32)
         kwargs.update(engine_kwargs or {})
-        self.llm = LLM(**kwargs)
+        with _plain_cpu_linear(device == "cpu" and rollout_cfg.cpu_plain_weights):
+            self.llm = LLM(**kwargs)
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         # Arguments of collective_rpc reach the worker as Python objects only in-process.
         self.in_process = type(self.llm.llm_engine.engine_core).__name__ == "InprocClient"
@@ -145,6 +170,9 @@ class RolloutWorker:
         self.block_size = int(cache.block_size)
         self.kv_blocks = cache.num_gpu_blocks  # None if the engine did not report it
         self._warned_kv = False
+        # "in_place" (weights copied where the kernels read them) or "reload" (vLLM's full loading
+        # path, repacking included); see rlhf_ray/ppo/vllm_ext.py.
+        self.weight_sync_mode = self.llm.collective_rpc("weight_sync_mode")[0]
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -173,11 +201,12 @@ class RolloutWorker:
         """Prompt ids exactly as the learner gets them: the tokenizer's encoding, BOS included."""
         return [list(ids) for ids in self.tokenizer(list(prompts))["input_ids"]]
 
-    def generate(self, prompts: list[str], max_new_tokens: int, temperature: float, top_p: float,
+    def generate(self, prompts: list[str], max_new_tokens: int | list[int], temperature: float, top_p: float,
                  seed: int | None = None, *, ignore_eos: bool = False) -> Rollout:
         """Sample one response per prompt. ``seed`` makes the chunk reproducible (each prompt gets
         its own stream, derived from (seed, worker_id, index)); None uses the engine's RNG.
-        ``ignore_eos`` (benchmarks) generates exactly ``max_new_tokens`` tokens."""
+        ``max_new_tokens``: one limit for all, or one per prompt. ``ignore_eos`` (benchmarks)
+        generates exactly ``max_new_tokens`` tokens."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -185,6 +214,9 @@ class RolloutWorker:
             raise ValueError("generate: no prompts")
         t0 = time.perf_counter()
         prompt_ids = self.encode_prompts(prompts)
+        limits = [int(max_new_tokens)] * len(prompts) if np.ndim(max_new_tokens) == 0 else list(max_new_tokens)
+        if len(limits) != len(prompts) or min(limits) < 1:
+            raise ValueError(f"max_new_tokens: expected a positive int or {len(prompts)} of them, got {max_new_tokens!r}")
         limit = self.max_model_len - 1  # longest sequence logprobs_of can score
         params = []
         seeds = (np.random.SeedSequence([seed, self.worker_id]).generate_state(len(prompts))
@@ -195,7 +227,7 @@ class RolloutWorker:
                 raise ValueError(f"prompt {i} is {len(ids)} tokens; the model takes at most "
                                  f"{limit - 1} prompt tokens to leave room for a response")
             params.append(SamplingParams(
-                max_tokens=min(max_new_tokens, room), temperature=temperature, top_p=top_p,
+                max_tokens=min(limits[i], room), temperature=temperature, top_p=top_p,
                 seed=None if seeds[i] is None else int(seeds[i] & 0x7FFFFFFF), logprobs=0,
                 ignore_eos=ignore_eos, detokenize=False, flat_logprobs=True))
         self._check_kv_capacity([len(ids) + p.max_tokens for ids, p in zip(prompt_ids, params)])
@@ -275,10 +307,12 @@ class RolloutWorker:
         name -> float32 array in Hugging Face checkpoint names), a single dict, or a list of Ray
         object refs to buckets (fetched here; a ref passed as the argument itself is resolved by Ray).
         Every weight of the model must be present: vLLM would silently keep old values for the rest.
-        Returns {"version", "seconds", "bytes"}.
+        Returns {"version", "seconds", "fetch_seconds" (getting nested refs from the object store),
+        "bytes", "mode"} (mode: :attr:`weight_sync_mode`).
         """
         t0 = time.perf_counter()
         buckets = _resolve_refs(buckets)
+        t_fetched = time.perf_counter()
         if self._expected_names is not None:
             names = set().union(*(b.keys() for b in buckets))
             missing = self._expected_names - names
@@ -287,12 +321,13 @@ class RolloutWorker:
                                  f"{sorted(missing)[:5]}; got e.g. {sorted(names)[:5]}")
         nbytes = bucket_nbytes(buckets)
         payload = buckets if self.in_process else [bucket_to_bytes(b) for b in buckets]
-        self.llm.collective_rpc("load_buckets", args=(payload,))
+        loaded = self.llm.collective_rpc("load_buckets", args=(payload,))[0]
         # KV blocks cached under the old weights would otherwise be reused for shared prefixes.
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("reset_prefix_cache failed (requests still running?)")
         self._version = int(version)
-        return {"version": self._version, "seconds": time.perf_counter() - t0, "bytes": nbytes}
+        return {"version": self._version, "seconds": time.perf_counter() - t0,
+                "fetch_seconds": t_fetched - t0, "bytes": nbytes, "mode": loaded["mode"]}
 
     def __repr__(self) -> str:
         return (f"RolloutWorker(id={self.worker_id}, model={Path(self.model_path).name}, "

@@ -21,51 +21,75 @@ import numpy as np
 _SKIP_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
 
-def _to_numpy(value) -> np.ndarray:
-    """A torch tensor (any device/dtype) or array -> a new C-contiguous numpy array; floats become
-    float32. Always a copy, so the bucket is decoupled from the learner's live parameters."""
+def _to_numpy(value, copy: bool = True) -> np.ndarray:
+    """A torch tensor (any device/dtype) or array -> a C-contiguous numpy array; floats become
+    float32. ``copy=False`` returns a view of a CPU float32 contiguous input instead of a copy."""
     if hasattr(value, "detach"):  # torch.Tensor
         import torch
 
         t = value.detach()
         dtype = torch.float32 if t.is_floating_point() else t.dtype
-        return t.to(device="cpu", dtype=dtype, copy=True).contiguous().numpy()
+        return t.to(device="cpu", dtype=dtype, copy=copy).contiguous().numpy()
     arr = np.asarray(value)
     dtype = np.float32 if arr.dtype.kind == "f" else arr.dtype
-    return np.array(arr, dtype=dtype, order="C", copy=True)
+    return np.array(arr, dtype=dtype, order="C", copy=True if copy else None)
 
 
-def state_dict_buckets(state_dict: Mapping, bucket_bytes: int = 256 << 20,
-                       strip_prefix: str = "") -> list[dict[str, np.ndarray]]:
-    """Split ``state_dict`` (name -> torch tensor or array) into buckets of float32 numpy arrays.
-
-    ``strip_prefix``: when the causal LM sits inside a wrapper (``policy.model.layers...``), only
-    entries under this prefix are kept, with the prefix removed (so a value head is left out).
-    Order is kept; a bucket is closed before it would exceed ``bucket_bytes``, so no bucket is larger
-    than ``bucket_bytes`` unless it holds a single tensor that is larger by itself. The arrays are
-    copies, detached from the learner's parameters (the learner may keep training while they ship).
-    """
-    if bucket_bytes <= 0:
-        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
-    buckets: list[dict[str, np.ndarray]] = []
-    current: dict[str, np.ndarray] = {}
-    size = 0
+def _entries(state_dict: Mapping, strip_prefix: str):
     for name, value in state_dict.items():
         if strip_prefix:
             if not name.startswith(strip_prefix):
                 continue
             name = name[len(strip_prefix):]
-        if name.endswith(_SKIP_SUFFIXES):
-            continue
-        arr = _to_numpy(value)
-        if current and size + arr.nbytes > bucket_bytes:
-            buckets.append(current)
-            current, size = {}, 0
-        current[name] = arr
-        size += arr.nbytes
+        if not name.endswith(_SKIP_SUFFIXES):
+            yield name, value
+
+
+def _exported_nbytes(value) -> int:
+    """Bytes of ``value`` once exported (floats as float32), without converting it."""
+    if hasattr(value, "detach"):
+        return value.numel() * (4 if value.is_floating_point() else value.element_size())
+    arr = np.asarray(value)
+    return arr.size * (4 if arr.dtype.kind == "f" else arr.itemsize)
+
+
+def bucket_names(state_dict: Mapping, bucket_bytes: int, strip_prefix: str = "") -> list[list[str]]:
+    """The names (prefix stripped) of each bucket :func:`state_dict_buckets` would make, from the
+    sizes alone (nothing is copied)."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    out: list[list[str]] = []
+    current: list[str] = []
+    size = 0
+    for name, value in _entries(state_dict, strip_prefix):
+        n = _exported_nbytes(value)
+        if current and size + n > bucket_bytes:
+            out.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += n
     if current:
-        buckets.append(current)
-    return buckets
+        out.append(current)
+    return out
+
+
+def state_dict_buckets(state_dict: Mapping, bucket_bytes: int = 256 << 20,
+                       strip_prefix: str = "", copy: bool = True) -> list[dict[str, np.ndarray]]:
+    """Split ``state_dict`` (name -> torch tensor or array) into buckets of float32 numpy arrays.
+
+    ``strip_prefix``: when the causal LM sits inside a wrapper (``policy.model.layers...``), only
+    entries under this prefix are kept, with the prefix removed (so a value head is left out).
+    Order is kept; a bucket is closed before it would exceed ``bucket_bytes``, so no bucket is larger
+    than ``bucket_bytes`` unless it holds a single tensor that is larger by itself (see
+    :func:`bucket_names`). By default the arrays are copies, detached from the learner's parameters
+    (the learner may keep training while they ship). ``copy=False`` leaves CPU float32 tensors as
+    views of the live parameters: only for a caller that hands the buckets over before the weights
+    change again, e.g. a Ray actor method returning them (Ray copies return values into the object
+    store when the method returns), which saves one full copy of the model per sync.
+    """
+    names = bucket_names(state_dict, bucket_bytes, strip_prefix)
+    entries = dict(_entries(state_dict, strip_prefix))
+    return [{n: _to_numpy(entries[n], copy) for n in bucket} for bucket in names]
 
 
 def bucket_nbytes(buckets: Iterable[Mapping[str, np.ndarray]]) -> int:
