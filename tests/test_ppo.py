@@ -175,6 +175,24 @@ def test_kl_penalty_and_gae_shapes(ref_worker, scored, test_config):
         np.testing.assert_allclose(batch.returns[b, idx], ret, rtol=1e-4, atol=1e-5)
 
 
+def test_reference_computed_ahead_gives_the_same_batch(ref_worker, scored, test_config):
+    """The driver runs reference() as soon as a rollout is scored and hands it to compute()."""
+    cfg = ppo_cfg(test_config, kl_coef=0.2)
+    mask = scored.rollout.response_mask
+    old = np.where(mask, -1.0, 0.0).astype(np.float32)
+    values = np.where(mask, 0.5, 0.0).astype(np.float32)
+    inline = compute(ref_worker, cfg, scored, old, values)
+    ahead = ref_worker.reference(scored)
+    assert ahead["seconds"] > 0
+    np.testing.assert_array_equal(ahead["ref_logprobs"], inline.ref_logprobs)
+    given = ref_worker.compute(scored, {"old_logprobs": old, "values": values}, ahead)
+    for name in ("ref_logprobs", "rewards", "advantages", "returns"):
+        np.testing.assert_array_equal(getattr(given, name), getattr(inline, name), err_msg=name)
+    with pytest.raises(ValueError, match="do not match"):
+        ref_worker.compute(scored, {"old_logprobs": old, "values": values},
+                           {"ref_logprobs": ahead["ref_logprobs"][:, :-1], "seconds": 0.0})
+
+
 def test_adaptive_kl_coefficient_moves_towards_target(policy_dir, scored, test_config):
     from rlhf_ray.ppo.advantage import AdvantageWorker
 

@@ -57,7 +57,9 @@ class AdvantageWorker:
     """Holds a frozen copy of the initial policy (the reference) and the KL-coefficient controller.
 
     ``compute(scored, old)`` turns a scored rollout plus the learner's {"old_logprobs", "values"} into a
-    TrainBatch. Stateful only through the adaptive KL controller (one instance per job).
+    TrainBatch. The reference forward needs only the rollout, so a pipeline can run
+    ``reference(scored)`` first (while the learner is busy) and pass its result to ``compute``.
+    Stateful only through the adaptive KL controller (one instance per job).
     """
 
     def __init__(self, ref_model_path: str, ppo_cfg: PPOConfig, device: str = "cpu"):
@@ -76,16 +78,26 @@ class AdvantageWorker:
         ids, am = torch.tensor(input_ids, device=self.device), torch.tensor(attention_mask, device=self.device)
         return sequence_logprobs(self.ref, ids, am).numpy()
 
-    def compute(self, scored: ScoredRollout, old: dict) -> TrainBatch:
+    def reference(self, scored: ScoredRollout) -> dict:
+        """{"ref_logprobs": float32 [B, T] of the merged rollout, "seconds"}."""
+        start = time.perf_counter()
+        lp = self.ref_logprobs(scored.rollout.input_ids, scored.rollout.attention_mask)
+        return {"ref_logprobs": lp, "seconds": time.perf_counter() - start}
+
+    def compute(self, scored: ScoredRollout, old: dict, ref: dict | None = None) -> TrainBatch:
         """scored: merged rollout [B, T] with RM scores [B]; old: {"old_logprobs", "values"} float32 [B, T]
-        from the learner (and optionally "seconds"). Returns the TrainBatch with stats."""
+        from the learner (and optionally "seconds"); ref: :meth:`reference` of the same rollout
+        (computed here when None). Returns the TrainBatch with stats."""
+        ref = self.reference(scored) if ref is None else ref
         start = time.perf_counter()
         ro, cfg = scored.rollout, self.cfg
         # torch.tensor copies: arrays from the object store are read-only views.
         mask = torch.tensor(ro.response_mask)
         old_lp = torch.tensor(old["old_logprobs"], dtype=torch.float32)
         values = torch.tensor(old["values"], dtype=torch.float32)
-        ref_lp = torch.tensor(self.ref_logprobs(ro.input_ids, ro.attention_mask))
+        ref_lp = torch.tensor(ref["ref_logprobs"], dtype=torch.float32)
+        if ref_lp.shape != mask.shape:
+            raise ValueError(f"ref logprobs {tuple(ref_lp.shape)} do not match the rollout {tuple(mask.shape)}")
 
         seq_reward = sequence_rewards(scored.scores, ro.truncated, cfg.truncation_penalty)
         kl_coef = self.kl_ctl.value
@@ -119,9 +131,10 @@ class AdvantageWorker:
             "gen_tokens": int(ro.num_tokens),
             "score_seconds": float(scored.score_seconds),
             "evaluate_seconds": float(old.get("seconds", float("nan"))),
+            "reference_seconds": float(ref["seconds"]),
             "total_tokens": int(ro.attention_mask.sum()),
         }
-        stats["advantage_seconds"] = time.perf_counter() - start
+        stats["advantage_seconds"] = time.perf_counter() - start  # after the reference forward
         f32 = lambda t: t.numpy().astype(np.float32, copy=False)  # noqa: E731
         return TrainBatch(
             input_ids=ro.input_ids, attention_mask=ro.attention_mask, response_mask=ro.response_mask,

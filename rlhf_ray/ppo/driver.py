@@ -1,6 +1,6 @@
 """The PPO loop on Ray, top to bottom (cleanrl style).
 
-Per iteration::
+Per iteration (every arrow a ref; each stage submitted as soon as the driver knows it will run)::
 
     prompts -> RolloutWorker x N (vLLM)  -ref-> RolloutScorer (merge chunks, RM score)
             -ref-> Learner.evaluate (pi_old logprobs, values) -ref-> AdvantageWorker (ref logprobs, KL,
@@ -12,15 +12,16 @@ small results through :func:`_get_small` (stats dicts, versions, a probe of a fe
 refuses anything bigger than SMALL_RESULT_BYTES.
 
 Modes: synchronous (rollout t+1 starts after the weights of step t are in the engines), or
-``rollout.async_one_step_off``: rollout t+1 is launched at the start of iteration t with the current
-weights and overlaps scoring and learning on batch t, so every batch after the first is exactly one
+``rollout.async_one_step_off``: the engines stay one rollout ahead of the learner: rollout t+1 (with
+its scoring and reference logprobs) samples the weights of step t-1 while batch t is learned, so every batch after the first is exactly one
 policy version old (``version_lag``; the learner recomputes pi_old, and ``behaviour_logprob_gap``
 reports how far the sampling policy was from it).
 
 The number of rollout workers can change between iterations of a running job: through the
 ``on_iteration`` callback (``ctx.pool.set_num_workers(n)``) or by writing a number into
 ``<out_dir>/rollout_workers``. New workers start from the initial policy and get the current weights
-before their first rollout.
+before their first rollout. A resize after iteration t applies from rollout t+1 (synchronous) or
+t+3 (one-step-off: rollouts t+1 and t+2 are already queued).
 """
 
 from __future__ import annotations
@@ -123,7 +124,9 @@ class RolloutPool:
 
 @dataclass
 class IterationContext:
-    """What ``on_iteration`` callbacks get besides the metrics: handles, not data."""
+    """What ``on_iteration`` callbacks get besides the metrics: handles, not data. In one-step-off
+    mode the learner has the next batch queued already: a call on ``learner`` runs after its next
+    PPO epochs (synchronous mode: the learner is idle and holds exactly the synced weights)."""
 
     iteration: int
     pool: RolloutPool
@@ -228,9 +231,19 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
                     "eval_truncated_frac": s["truncated_frac"], "eval_policy_version": s["policy_version"],
                     "eval_examples": s["examples"], "eval_seconds": time.perf_counter() - t}
 
-        def launch_rollout(it: int) -> list:
+        def launch_rollout(it: int) -> tuple:
+            """Rollout of iteration ``it``, its RM scoring and reference logprobs (each starts as soon as
+            the chunks exist; none needs the learner); returns (ScoredRollout ref, reference ref)."""
             prompts = synthetic.prompts(ppo.prompts_per_iteration, seed=ppo.seed * 1_000_003 + it)
-            return pool.generate(prompts, ppo, seed=ppo.seed * 1_000_003 + it)
+            scored = scorer.score.remote(*pool.generate(prompts, ppo, seed=ppo.seed * 1_000_003 + it))
+            return scored, advantage.reference.remote(scored)
+
+        def prepare(launched: tuple, train: bool = False) -> tuple:
+            """pi_old and values (Learner.evaluate, which runs after every learner call submitted before
+            it) -> advantages [-> PPO epochs]; returns (scored, TrainBatch ref, train stats ref or None)."""
+            scored, ref = launched
+            batch = advantage.compute.remote(scored, learner.evaluate.remote(scored), ref)
+            return scored, batch, learner.train.remote(batch) if train else None
 
         before = evaluate()
         log(f"[ppo] before: held-out gold {before['eval_gold']:+.3f} rm {before['eval_rm_score']:+.3f} "
@@ -238,31 +251,43 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
         metrics_log.write(0, {k: v for k, v in before.items() if k != "eval_examples"})
         after, history = before, []
 
-        pending = launch_rollout(0)
+        # Every call below only submits work; the driver waits once per iteration (train stats, sync
+        # infos, drift probe). Actor tasks run in submission order, which is what orders the stages:
+        #   learner: train(t), export(t), probe(t)[, evaluate(t+1), train(t+1)]
+        #   engines: update_weights(t), logprobs_of (drift check)[, generate(t+2)]
+        # One-step-off mode keeps one rollout ahead: rollout t+1 was generated with the weights of
+        # t-1 while batch t was learned, rollout t+2 is queued right behind this update (so it samples
+        # version t+1 without waiting for the driver), and batch t+1 is queued whole (up to its PPO
+        # epochs) before the driver waits on iteration t, so the learner never idles while the driver
+        # checks the sync and logs.
+        one_step_off = rc.async_one_step_off
+        pending = prepare(launch_rollout(0))
+        launched = launch_rollout(1) if one_step_off and ppo.iterations > 1 else None
         for it in range(ppo.iterations):
             t_it = time.perf_counter()
-            chunks = pending
-            if rc.async_one_step_off and it + 1 < ppo.iterations:
-                # One step off: rollout it+1 samples with the current weights while batch it is learned.
-                pending = launch_rollout(it + 1)
+            last = it + 1 == ppo.iterations
+            scored, batch, train = pending
+            version = it + 1  # the learner counts its train calls; checked against its stats below
+            if train is None:
+                train = learner.train.remote(batch)
 
-            # ---- score -> pi_old and values -> advantages -> PPO epochs (refs only)
-            scored = scorer.score.remote(*chunks)
-            old = learner.evaluate.remote(scored)
-            batch = advantage.compute.remote(scored, old)
-            stats = _get_small(learner.train.remote(batch))
-            version = stats["policy_version"]
-
-            # ---- weight sync: buckets put once (as the learner's return values), the same refs to every
+            # ---- weight sync: buckets put once (the learner's return values), the same refs to every
             # engine; then the drift check on one engine (round robin): its logprobs of a few sampled
-            # sequences vs the learner's. Actor tasks run in order, so logprobs_of sees the new weights;
-            # everything is submitted first and waited for once.
-            t_sync = time.perf_counter()
+            # sequences vs the learner's, after the engine has loaded the update.
             buckets = learner.weight_buckets.options(num_returns=n_buckets).remote(bucket_bytes, copy=False)
             synced = pool.sync(buckets, version)
             checked = it % len(pool.workers)
             ids, attn, resp, learner_lp = learner.probe.options(num_returns=4).remote(scored, DRIFT_PROBE_ROWS)
             engine_lp = pool.workers[checked].logprobs_of.remote(ids, attn, resp)
+            if one_step_off and not last:
+                # pi_old of batch it+1 = the policy after this train; rollout it+2 after this update.
+                pending = prepare(launched, train=True)
+                launched = launch_rollout(it + 2) if it + 2 < ppo.iterations else None
+
+            stats = _get_small(train)
+            if stats["policy_version"] != version:
+                raise RuntimeError(f"learner reports policy version {stats['policy_version']}, expected {version}")
+            t_sync = time.perf_counter()  # what the driver waits for beyond training
             infos = _get_small(synced)
             drift = logprob_drift(*_get_small([engine_lp, learner_lp, resp]))
             sync_wall = time.perf_counter() - t_sync
@@ -274,7 +299,6 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
                                       f"after syncing version {version}")
 
             # ---- held-out evaluation of the new weights
-            last = it + 1 == ppo.iterations
             evaluation = evaluate() if last or (eval_every and (it + 1) % eval_every == 0) else {}
             after = {**after, **evaluation} if evaluation else after
 
@@ -310,8 +334,8 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
                     log(f"[ppo] rollout workers -> {wanted} ({control_file})")
                 except ValueError as e:
                     log(f"[ppo] not resizing: {e}")
-            if not rc.async_one_step_off and not last:
-                pending = launch_rollout(it + 1)
+            if not one_step_off and not last:
+                pending = prepare(launch_rollout(it + 1))
 
         policy_out = Path(_get_small(learner.save.remote(str(out_dir / "policy"))))
         plot = plot_ppo(history, out_dir / "ppo.png", before)
