@@ -26,6 +26,20 @@ def quiet_libraries() -> None:
         pass
 
 
+# Loggers of Ray internals that only produce noise in a dashboard-less cluster: Ray Train's placement
+# group cleaner asks the State API (served by the dashboard) whether the controller lives, once a
+# second, and warns on every failure; without the dashboard it fails every time.
+_QUIET_WORKER_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def worker_setup() -> None:
+    """Runs in every Ray worker process of the job (runtime_env worker_process_setup_hook)."""
+    import logging
+
+    for name in _QUIET_WORKER_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True):
     """Join ``address`` (e.g. "auto" on a cluster) or start a local Ray; idempotent."""
     import ray
@@ -33,7 +47,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     if ray.is_initialized():
         return ray
     os.environ.update(_ENV)  # inherited by the local raylet and so by every actor
-    kwargs = dict(include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": dict(_ENV)})
+    runtime_env = {"env_vars": dict(_ENV)}
+    if quiet:
+        runtime_env["worker_process_setup_hook"] = "rlhf_ray.runtime.worker_setup"
+    kwargs = dict(include_dashboard=False, log_to_driver=True, runtime_env=runtime_env)
     if address:
         kwargs["address"] = address
     elif num_cpus is not None:
