@@ -90,14 +90,16 @@ def test_merge_pads_to_longest_chunk_and_keeps_oldest_version(tokenizer):
 
 
 def test_scorer_scores_with_the_rm_and_gold_only_for_synthetic_prompts(tokenizer, rm_dir):
-    from rlhf_ray.models.reward import load_reward_model, score_texts
+    from reference import rm_rewards
+
+    from rlhf_ray.models.reward import load_reward_model
     from rlhf_ray.ppo.scoring import RolloutScorer
 
     chunks = [make_rollout(tokenizer, PROMPTS[:2], RESPONSES[:2], TRUNCATED[:2]),
               make_rollout(tokenizer, PROMPTS[2:], RESPONSES[2:], TRUNCATED[2:])]
     out = RolloutScorer(rm_dir).score(*chunks)
     model, tok = load_reward_model(rm_dir)
-    expected, _ = score_texts(model, tok, PROMPTS, RESPONSES, max_length=64)
+    expected = rm_rewards(model, tok, PROMPTS, RESPONSES, max_length=64)
     np.testing.assert_allclose(out.scores, expected, rtol=1e-5, atol=1e-5)
     assert out.gold[:3].tolist() == pytest.approx([synthetic.gold_reward(p, r) for p, r in zip(PROMPTS[:3], RESPONSES)])
     assert np.isnan(out.gold[3])

@@ -33,7 +33,7 @@ def test_in_process_loop_learns_and_changes_every_parameter(test_config, policy_
 
 def test_evaluate_metrics_hand_checked(policy_dir):
     """top-1 and pairwise accuracy recomputed by hand from the model's own rewards."""
-    from rlhf_ray.models.reward import score_texts
+    from reference import rm_rewards
 
     model, tok = init_reward_model(policy_dir, seed=3)
     torch.nn.init.normal_(model.score.weight, std=0.5)  # make rewards spread out
@@ -41,7 +41,7 @@ def test_evaluate_metrics_hand_checked(policy_dir):
     ev = evaluate(model, tok, recs, 64, batch_size=7)
     top1 = pair_hits = pairs = 0
     for r in recs:
-        rw, _ = score_texts(model, tok, [r["prompt"]] * len(r["responses"]), r["responses"], 64)
+        rw = rm_rewards(model, tok, [r["prompt"]] * len(r["responses"]), r["responses"], 64)
         top1 += max(range(len(rw)), key=rw.__getitem__) == r["best"]
         others = [i for i in range(len(rw)) if i != r["best"]]
         pair_hits += sum(rw[r["best"]] > rw[i] for i in others)

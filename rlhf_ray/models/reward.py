@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_ray.data.preferences import RMBatch, encode_texts, rm_text
+from rlhf_ray.data.preferences import RMBatch
 
 
 def init_reward_model(backbone: str | Path, seed: int = 0):
@@ -42,16 +42,3 @@ def batch_rewards(model, batch: RMBatch) -> torch.Tensor:
     """Rewards of a collated group, float [B, Kmax] (padding slots hold copies; mask with ``valid``)."""
     flat = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0]  # (N,)
     return flat[batch.index]
-
-
-@torch.no_grad()
-def score_texts(model, tokenizer, prompts: list[str], responses: list[str], max_length: int,
-                batch_size: int = 256) -> tuple[list[float], int]:
-    """R(x_i, y_i) for aligned lists; returns (rewards, number of inputs truncated to max_length)."""
-    out, truncated = [], 0
-    texts = [rm_text(p, r) for p, r in zip(prompts, responses)]
-    for i in range(0, len(texts), batch_size):
-        ids, mask, cut = encode_texts(tokenizer, texts[i:i + batch_size], max_length)
-        truncated += int(cut.sum())
-        out.extend(model(input_ids=ids, attention_mask=mask).logits[:, 0].tolist())
-    return out, truncated

@@ -70,17 +70,13 @@ class Learner:
         sel = [a if rows is None else a[rows] for a in arrays]
         return [torch.tensor(a[:, :length], device=self.device) for a in sel]
 
-    @torch.no_grad()
     def logprobs(self, input_ids: np.ndarray, attention_mask: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """float32 [B, T] logprobs of each token under the current policy (0 at column 0 and padding)."""
-        B, T = input_ids.shape
-        out = np.zeros((B, T), dtype=np.float32)
-        for i in range(0, B, batch_size):
-            rows = np.arange(i, min(i + batch_size, B))
-            ids, am = self._tensors(input_ids, attention_mask, rows=rows)
-            lp, _, _ = self._forward(ids, am)
-            out[rows, :lp.shape[1]] = torch.where(am.bool(), lp, 0.0).cpu().numpy()
-        return out
+        from rlhf_ray.ppo.advantage import sequence_logprobs
+
+        ids, am = (torch.tensor(a, device=self.device) for a in (input_ids, attention_mask))
+        lp = sequence_logprobs(self.policy, ids, am, batch_size)
+        return torch.where(am.bool().cpu(), lp, 0.0).numpy()
 
     @torch.no_grad()
     def evaluate(self, scored: ScoredRollout, batch_size: int = 64) -> dict:
