@@ -5,12 +5,12 @@
 
 1. The same PPO run twice (rollout.async_one_step_off false, then true; held-out evaluation off),
    reporting per-stage seconds averaged over the iterations after the first (warm-up):
-   rollout (slowest worker's generate), score, evaluate (pi_old, values), advantage, train, sync,
-   sync_wall (learner export + every engine's reload + the drift check, as the driver waits for it)
-   and the iteration's wall time. The stages form two streams: rollout = generate + RM score +
-   reference logprobs (submitted with the rollout; each starts when the chunks exist) and learn =
-   evaluate + advantage (KL rewards, GAE) + train (the learner's chain). Goal when overlapped (one-step-off): iteration <= 1.15 x
-   max(rollout, learn).
+   rollout (slowest worker's generate), score, reference, evaluate (pi_old, values), advantage,
+   train, sync, sync_wall (what the driver waits for after the train stats: every engine's reload and
+   the drift check) and the iteration's wall time. The stages form two streams: rollout = generate +
+   RM score + reference logprobs (submitted with the rollout; each starts when the chunks exist) and
+   learn = evaluate + advantage (KL rewards, GAE) + train (the learner's chain). Goal when overlapped
+   (one-step-off): iteration <= 1.15 x max(rollout, learn).
 2. Weight sync of a bigger model (default hidden 512 x 8 layers, untrained): learner export to
    buckets + object store + every engine's reload, in seconds per GB, against a numpy memcpy of the
    same bytes.

@@ -13,9 +13,9 @@ refuses anything bigger than SMALL_RESULT_BYTES.
 
 Modes: synchronous (rollout t+1 starts after the weights of step t are in the engines), or
 ``rollout.async_one_step_off``: the engines stay one rollout ahead of the learner: rollout t+1 (with
-its scoring and reference logprobs) samples the weights of step t-1 while batch t is learned, so every batch after the first is exactly one
-policy version old (``version_lag``; the learner recomputes pi_old, and ``behaviour_logprob_gap``
-reports how far the sampling policy was from it).
+its scoring and reference logprobs) samples the weights of step t-1 while batch t is learned, so
+every batch after the first is exactly one policy version old (``version_lag``; the learner
+recomputes pi_old, and ``behaviour_logprob_gap`` reports how far the sampling policy was from it).
 
 The number of rollout workers can change between iterations of a running job: through the
 ``on_iteration`` callback (``ctx.pool.set_num_workers(n)``) or by writing a number into

@@ -47,8 +47,8 @@ def plot_ppo(history: list[dict], path: str | Path, before: dict | None = None) 
     a.legend(fontsize=8)
 
     a = ax[1][1]
-    for key in ("gen_seconds", "score_seconds", "reference_seconds", "evaluate_seconds", "advantage_seconds", "train_seconds",
-                "sync_seconds", "eval_seconds", "iteration_seconds"):
+    for key in ("gen_seconds", "score_seconds", "reference_seconds", "evaluate_seconds", "advantage_seconds",
+                "train_seconds", "sync_seconds", "eval_seconds", "iteration_seconds"):
         a.plot(it, col(key), label=key.replace("_seconds", ""))
     a.set(xlabel="iteration", ylabel="seconds", title="time per stage")
     a.legend(fontsize=8)

@@ -216,7 +216,8 @@ class RolloutWorker:
         prompt_ids = self.encode_prompts(prompts)
         limits = [int(max_new_tokens)] * len(prompts) if np.ndim(max_new_tokens) == 0 else list(max_new_tokens)
         if len(limits) != len(prompts) or min(limits) < 1:
-            raise ValueError(f"max_new_tokens: expected a positive int or {len(prompts)} of them, got {max_new_tokens!r}")
+            raise ValueError(f"max_new_tokens: expected a positive int or {len(prompts)} of them, "
+                             f"got {max_new_tokens!r}")
         limit = self.max_model_len - 1  # longest sequence logprobs_of can score
         params = []
         seeds = (np.random.SeedSequence([seed, self.worker_id]).generate_state(len(prompts))
