@@ -111,10 +111,9 @@ class AdvantageWorker:
         self.kl_ctl.update(kl_seq.mean().item(), n_steps=len(kl_seq))
         behaviour = torch.tensor(ro.rollout_logprobs, dtype=torch.float32)
         resp_len = ro.response_mask.sum(-1)
-        gold = scored.gold[~np.isnan(scored.gold)]
         stats = {
             "rm_score": float(scored.scores.mean()),
-            "gold": float(gold.mean()) if gold.size else float("nan"),
+            "gold": scored.gold_mean,
             "reward": float(seq_reward.mean()),
             "kl_ref": float(kl_seq.mean()),
             "kl_ref_per_token": float(masked_mean(kl, mask)),

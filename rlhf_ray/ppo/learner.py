@@ -173,9 +173,10 @@ class Learner:
         return state_dict_buckets(self.state_dict(), bucket_bytes, copy=copy)
 
     def num_buckets(self, bucket_bytes: int) -> int:
+        """How many buckets :meth:`weight_buckets` returns, from the tensors' sizes (no export)."""
         from rlhf_ray.ppo.weights import bucket_names
 
-        return len(bucket_names(self.state_dict(), bucket_bytes))
+        return len(bucket_names(self.policy.state_dict(), bucket_bytes))
 
     def save(self, path: str | Path) -> Path:
         """The policy as an ordinary HF directory (safetensors + tokenizer) and the value head beside it."""

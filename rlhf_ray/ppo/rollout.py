@@ -37,10 +37,9 @@ import numpy as np
 
 from rlhf_ray.config import RolloutConfig
 from rlhf_ray.ppo.types import Rollout
-from rlhf_ray.ppo.weights import bucket_nbytes, bucket_to_bytes
+from rlhf_ray.ppo.weights import SKIP_SUFFIXES, bucket_nbytes, bucket_to_bytes
 
 EXTENSION = "rlhf_ray.ppo.vllm_ext.WeightSyncExtension"
-_SKIP_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def _resolve_refs(buckets) -> list[Mapping]:
@@ -106,7 +105,7 @@ def _checkpoint_names(model_path: str) -> set[str] | None:
     names: set[str] = set()
     for f in files:
         with safe_open(f, "np") as st:
-            names.update(k for k in st.keys() if not k.endswith(_SKIP_SUFFIXES))
+            names.update(k for k in st.keys() if not k.endswith(SKIP_SUFFIXES))
     return names
 
 

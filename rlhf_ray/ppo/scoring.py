@@ -83,8 +83,8 @@ class RolloutScorer:
         """Score and return only small numbers (the held-out evaluation): mean gold and RM reward,
         response length, truncation, and a couple of example responses."""
         scored = self.score(*rollouts)
-        ro, gold = scored.rollout, scored.gold[~np.isnan(scored.gold)]
-        return {"gold": float(gold.mean()) if gold.size else math.nan, "rm_score": float(scored.scores.mean()),
+        ro = scored.rollout
+        return {"gold": scored.gold_mean, "rm_score": float(scored.scores.mean()),
                 "response_len": float(ro.response_mask.sum(-1).mean()), "truncated_frac": float(ro.truncated.mean()),
                 "n": len(ro.prompts), "policy_version": ro.policy_version,
                 "examples": [f"{p} {r.strip()}" for p, r in zip(ro.prompts[:examples], ro.responses[:examples])]}

@@ -41,6 +41,12 @@ class ScoredRollout:
     gold: np.ndarray  # float32 [B] hidden gold reward (evaluation only; NaN when unknown)
     score_seconds: float
 
+    @property
+    def gold_mean(self) -> float:
+        """Mean gold reward over the responses that have one (NaN when none has)."""
+        known = self.gold[~np.isnan(self.gold)]
+        return float(known.mean()) if known.size else float("nan")
+
 
 @dataclass
 class TrainBatch:

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import numpy as np
 
 # Buffers that HF state dicts may carry but that are not checkpoint weights vLLM expects.
-_SKIP_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+SKIP_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
 
 def _to_numpy(value, copy: bool = True) -> np.ndarray:
@@ -41,7 +41,7 @@ def _entries(state_dict: Mapping, strip_prefix: str):
             if not name.startswith(strip_prefix):
                 continue
             name = name[len(strip_prefix):]
-        if not name.endswith(_SKIP_SUFFIXES):
+        if not name.endswith(SKIP_SUFFIXES):
             yield name, value
 
 
