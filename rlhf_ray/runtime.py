@@ -40,8 +40,10 @@ def worker_setup() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True):
-    """Join ``address`` (e.g. "auto" on a cluster) or start a local Ray; idempotent."""
+def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True,
+             num_gpus: int | None = None):
+    """Join ``address`` (e.g. "auto" on a cluster) or start a local Ray (GPUs detected unless
+    ``num_gpus`` says); idempotent."""
     import ray
 
     if ray.is_initialized():
@@ -53,8 +55,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     kwargs = dict(include_dashboard=False, log_to_driver=True, runtime_env=runtime_env)
     if address:
         kwargs["address"] = address
-    elif num_cpus is not None:
-        kwargs["num_cpus"] = num_cpus
+    else:
+        kwargs.update({k: v for k, v in (("num_cpus", num_cpus), ("num_gpus", num_gpus)) if v is not None})
     if quiet:
         kwargs["logging_level"] = "warning"
     ray.init(**kwargs)

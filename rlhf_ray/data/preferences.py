@@ -90,6 +90,12 @@ class RMBatch:
     best: torch.Tensor
     truncated: int  # how many sequences were cut to max_length
 
+    def to(self, device) -> RMBatch:
+        """The same batch with its tensors on ``device`` (the model's, e.g. a GPU under Ray Train)."""
+        move = lambda t: t.to(device)  # noqa: E731
+        return RMBatch(move(self.input_ids), move(self.attention_mask), move(self.index), move(self.valid),
+                       move(self.best), self.truncated)
+
 
 def encode_texts(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ids + mask; sequences longer than ``max_length`` keep their first tokens and

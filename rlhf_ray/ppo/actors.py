@@ -1,11 +1,16 @@
 """The one place where the PPO stage's plain classes become Ray actors (resources from the config).
 
-    learner     1 CPU, or 1 GPU when the cluster has one (then the learner trains on CUDA)
+    learner     1 CPU (+ LEARNER_GPU when the cluster has GPUs: then it trains on CUDA)
     rollout     rollout.cpus_per_worker CPUs, rollout.gpus_per_worker GPUs; on CPU the vLLM engine
                 runs inside the actor process (VLLM_ENABLE_V1_MULTIPROCESSING=0: ~12 s start-up
                 instead of ~25 s, ~1 GiB less memory)
-    advantage   SMALL_CPUS (frozen reference policy, one forward per batch)
-    scorer      SMALL_CPUS (in-process RM, or a thin client of the Serve deployment)
+    advantage   SMALL_CPUS (frozen reference policy, one forward per batch) (+ SMALL_GPU)
+    scorer      SMALL_CPUS (in-process RM, or a thin client of the Serve deployment) (+ SMALL_GPU
+                when in-process)
+
+On a cluster with GPUs the three non-rollout actors ask for fractions that add up to one GPU, the
+one the learner alone used to take: the reference policy and the RM run on CUDA beside the learner
+(on one free GPU Ray packs the fractions together) instead of on the CPU.
 
 Ray sets OMP_NUM_THREADS from num_cpus (1 for fractions), so these numbers are also thread counts.
 """
@@ -25,6 +30,8 @@ from rlhf_ray.ppo.scoring import RolloutScorer
 
 LEARNER_CPUS = 1.0
 SMALL_CPUS = 0.25
+LEARNER_GPU = 0.5
+SMALL_GPU = 0.25  # LEARNER_GPU + 2 * SMALL_GPU = 1
 
 
 def cluster_has_gpu() -> bool:
@@ -38,16 +45,21 @@ def cpus_needed(num_workers: int, rollout_cfg: RolloutConfig) -> float:
 
 def start_learner(policy_path: str | Path, ppo_cfg: PPOConfig):
     gpu = cluster_has_gpu()
-    cls = ray.remote(num_cpus=LEARNER_CPUS, num_gpus=1 if gpu else 0)(Learner)
+    cls = ray.remote(num_cpus=LEARNER_CPUS, num_gpus=LEARNER_GPU if gpu else 0)(Learner)
     return cls.remote(str(policy_path), ppo_cfg, device="cuda" if gpu else "cpu")
 
 
 def start_advantage(ref_model_path: str | Path, ppo_cfg: PPOConfig):
-    return ray.remote(num_cpus=SMALL_CPUS)(AdvantageWorker).remote(str(ref_model_path), ppo_cfg)
+    gpu = cluster_has_gpu()
+    cls = ray.remote(num_cpus=SMALL_CPUS, num_gpus=SMALL_GPU if gpu else 0)(AdvantageWorker)
+    return cls.remote(str(ref_model_path), ppo_cfg, device="cuda" if gpu else "cpu")
 
 
 def start_scorer(rm_dir: str | Path | None, max_length: int, handle=None):
-    cls = ray.remote(num_cpus=SMALL_CPUS)(RolloutScorer)
+    # In process, the RM runs on the GPU Ray assigns (RewardScorer picks CUDA when it sees one);
+    # through a Serve handle, the deployment has its own resources (serve.num_gpus).
+    gpu = handle is None and cluster_has_gpu()
+    cls = ray.remote(num_cpus=SMALL_CPUS, num_gpus=SMALL_GPU if gpu else 0)(RolloutScorer)
     return cls.remote(None if handle is not None else str(rm_dir), max_length, handle)
 
 

@@ -37,13 +37,13 @@ class EvalMetrics:
 
 @torch.no_grad()
 def evaluate(model, tokenizer, records: list[dict], max_length: int, batch_size: int = 64) -> EvalMetrics:
-    was_training = model.training
+    was_training, device = model.training, next(model.parameters()).device
     model.eval()
     losses, hits, pair_hits, pairs, probs_all, labels_all = [], 0, 0, 0, [], []
     for i in range(0, len(records), batch_size):
         chunk = records[i:i + batch_size]
         batch = collate(chunk, tokenizer, max_length)
-        rewards = batch_rewards(model, batch)  # (B, Kmax)
+        rewards = batch_rewards(model, batch.to(device)).float().cpu()  # (B, Kmax); metrics on CPU
         losses.append(listwise_rm_loss(rewards, batch.valid, batch.best).item() * len(chunk))
         masked = rewards.masked_fill(~batch.valid, -math.inf)
         hits += (masked.argmax(-1) == batch.best).sum().item()
@@ -127,9 +127,10 @@ class RMTrainLoop:
     def train_epoch(self, epoch: int) -> dict:
         self.model.train()
         shard, bs = self.shard(epoch), self.cfg.batch_size
+        device = next(self.model.parameters()).device  # Ray Train's prepare_model put it there
         total, samples, start = 0.0, 0, time.perf_counter()
         for step in range(self.steps_per_epoch):
-            batch = collate(shard[step * bs:(step + 1) * bs], self.tokenizer, self.cfg.max_length)
+            batch = collate(shard[step * bs:(step + 1) * bs], self.tokenizer, self.cfg.max_length).to(device)
             loss = listwise_rm_loss(batch_rewards(self.model, batch), batch.valid, batch.best)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
