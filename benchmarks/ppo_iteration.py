@@ -11,9 +11,10 @@
    RM score + reference logprobs (submitted with the rollout; each starts when the chunks exist) and
    learn = evaluate + advantage (KL rewards, GAE) + train (the learner's chain). Goal when overlapped
    (one-step-off): iteration <= 1.15 x max(rollout, learn).
-2. Weight sync of a bigger model (default hidden 512 x 8 layers, untrained): learner export to
-   buckets + object store + every engine's reload, in seconds per GB, against a numpy memcpy of the
-   same bytes.
+2. Weight sync of a bigger model (default hidden 512 x 8 layers, untrained), both paths: learner
+   export to buckets + object store + every engine's in-place load; and the learner's write into
+   the engines' shared memory + every engine's switch of slot (``rollout.weight_sync``), in seconds
+   per GB, against a numpy memcpy of the same bytes.
 
 Overrides (``ppo.prompts_per_iteration=64``) apply to both runs. Without ``--rm-dir`` a small RM is
 trained in-process first (~10 s). Timings on a shared 2-core machine are noisy: run it twice.
@@ -58,8 +59,11 @@ def breakdown(history: list[dict]) -> dict:
     return out
 
 
-def sync_benchmark(cfg, hidden: int, layers: int, workers: int, repeats: int = 3) -> dict:
-    """Learner -> object store -> every engine, for an untrained embedded model of the given size."""
+def sync_benchmark(cfg, hidden: int, layers: int, workers: int, repeats: int = 5) -> dict:
+    """New weights from the learner into every engine, for an untrained embedded model of the given
+    size, both ways: learner buckets -> object store -> every engine's in-place load, then the
+    learner's write into shared memory -> every engine's switch of slot. Seconds per GB (best of
+    ``repeats``, wall time as the driver sees it) against a numpy copy of the same bytes."""
     import ray
 
     from rlhf_ray.models.embedded import embedded_base
@@ -81,6 +85,16 @@ def sync_benchmark(cfg, hidden: int, layers: int, workers: int, repeats: int = 3
         engine.append(max(i["seconds"] for i in infos))
         fetch.append(max(i["fetch_seconds"] for i in infos))
         nbytes, mode = infos[0]["bytes"], infos[0]["mode"]
+    pool.use_shared_weights(learner, required=True)
+    shm_walls, writes, synced = [], [], []
+    for v in range(repeats + 1, 2 * repeats + 1):
+        t = time.perf_counter()
+        synced = pool.sync_shared(learner.write_shared_weights.remote(pool.shared, v % 2, *synced), v, v % 2)
+        infos = ray.get(synced, timeout=600)
+        shm_walls.append(time.perf_counter() - t)
+        writes.append(infos[0]["write_seconds"])
+        shm_bytes = infos[0]["bytes"]
+    ray.get(learner.close_shared_weights.remote(pool.shared), timeout=60)
     pool.shutdown()
     ray.kill(learner)
     src = np.ones(nbytes // 4, np.float32)
@@ -94,6 +108,7 @@ def sync_benchmark(cfg, hidden: int, layers: int, workers: int, repeats: int = 3
     return {"model_mib": nbytes / 2**20, "buckets": n, "workers": workers,
             "sync_wall_s_per_gb": min(walls) / gb, "engine_load_s_per_gb": min(engine) / gb,
             "fetch_s_per_gb": min(fetch) / gb, "mode": mode,
+            "shm_wall_s_per_gb": min(shm_walls) / (shm_bytes / 1e9), "shm_write_s_per_gb": min(writes) / (shm_bytes / 1e9),
             "memcpy_s_per_gb": min(copies) / gb}
 
 
@@ -152,6 +167,10 @@ def main(argv=None) -> int:
               f"engine reload {s['engine_load_s_per_gb']:.2f} s/GB; memcpy {s['memcpy_s_per_gb']:.3f} s/GB "
               f"({s['sync_wall_s_per_gb'] / s['memcpy_s_per_gb']:.1f}x; of which the engine's wait for "
               f"the learner's export + object store {s['fetch_s_per_gb']:.2f} s/GB), sync mode {s['mode']}")
+        print(f"weight sync through shared memory, same policy -> {s['workers']} engine(s): "
+              f"{s['shm_wall_s_per_gb']:.3f} s/GB end to end (learner's write {s['shm_write_s_per_gb']:.3f} s/GB + "
+              f"every engine's switch of slot); memcpy {s['memcpy_s_per_gb']:.3f} s/GB "
+              f"({s['shm_wall_s_per_gb'] / s['memcpy_s_per_gb']:.2f}x; goal <= 2x)")
     return 0
 
 

@@ -153,6 +153,12 @@ class RolloutConfig:
     # false on AVX-512/AMX machines where vLLM's packed kernels are faster. No effect on GPUs (their
     # weights are always plain) or on an engine in another process (VLLM_ENABLE_V1_MULTIPROCESSING=1).
     cpu_plain_weights: bool = True
+    # How new weights reach the engines. "shared_memory": engines on the learner's node read their
+    # weights from two /dev/shm files the learner writes (one copy per sync, whatever the number of
+    # engines, and one copy of the weights in memory for all of them); needs CPU engines with plain
+    # weights. "object_store": bucketed through Ray's object store (any node, any device). "auto":
+    # shared memory where it applies, else the object store.
+    weight_sync: Literal["auto", "shared_memory", "object_store"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -347,6 +347,10 @@ def test_ppo_on_ray(ray_cluster, test_config, policy_dir, rm_dir, tmp_path, monk
         assert h["data_version"] == i and h["version_lag"] == 0 and h["drift"] <= cfg.rollout.max_logprob_drift
         assert h["batch_size"] == 16 and np.isfinite([h["gold"], h["rm_score"], h["kl_ref"], h["eval_gold"]]).all()
     assert result.history[0]["sync_seconds"] > 0 and np.isfinite(result.gold_before) and np.isfinite(result.gold_after)
+    # rollout.weight_sync=auto on one node: the engines read shared memory, removed at the end.
+    assert {h["sync_mode"] for h in result.history} == {"shared_memory"}
+    specs = [v for x in fetched if isinstance(x, dict) and "placements" in x for v in [x]]
+    assert len(specs) == 1 and not any(os.path.exists(p) for p in specs[0]["paths"])
 
     # The driver fetched only small things: no rollout, scored batch, train batch or weight bucket.
     bulk = (Rollout, ScoredRollout, TrainBatch)
@@ -360,15 +364,20 @@ def test_ppo_on_ray(ray_cluster, test_config, policy_dir, rm_dir, tmp_path, monk
     assert (result.policy_dir / "model.safetensors").exists()
 
 
-def test_ppo_one_step_off_on_ray(ray_cluster, test_config, policy_dir, rm_dir, tmp_path):
-    """Async mode: rollout t+1 overlaps learning on t, so every batch after the first is one version old."""
+@pytest.mark.parametrize("weight_sync,mode", [("shared_memory", "shared_memory"), ("object_store", "in_place")])
+def test_ppo_one_step_off_on_ray(ray_cluster, test_config, policy_dir, rm_dir, tmp_path, weight_sync, mode):
+    """Async mode: rollout t+1 overlaps learning on t, so every batch after the first is one version
+    old; the engine samples from one shared-memory slot while the learner writes the other, or takes
+    its weights through the object store (the path for engines on other nodes or GPUs)."""
     from rlhf_ray.ppo.driver import run_ppo
 
     cfg = dataclasses.replace(
         test_config,
         ppo=ppo_cfg(test_config, iterations=3, prompts_per_iteration=16, max_new_tokens=8, minibatch_size=16),
-        rollout=dataclasses.replace(test_config.rollout, num_workers=1, async_one_step_off=True))
+        rollout=dataclasses.replace(test_config.rollout, num_workers=1, async_one_step_off=True,
+                                    weight_sync=weight_sync))
     result = run_ppo(cfg, policy_dir, rm_dir, tmp_path, log=print, eval_every=0)
+    assert {h["sync_mode"] for h in result.history} == {mode}
     assert [h["data_version"] for h in result.history] == [0, 0, 1]
     assert [h["version_lag"] for h in result.history] == [0, 1, 1]
     assert [h["policy_version"] for h in result.history] == [1, 2, 3]

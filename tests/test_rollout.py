@@ -289,6 +289,91 @@ def test_prefix_cache_is_reset_after_update(worker, policy_dir, sft_model):
         restore_sft(worker, sft_model)
 
 
+def test_find_placements_reads_fused_and_padded_layouts():
+    from rlhf_ray.ppo.shared_weights import check_order, find_placements, order_pattern, slot_layout
+
+    numels = {"q": 6, "k": 2, "v": 2, "emb": 6, "tied_head": 6}
+    # What a loader does with sentinel weights: q, k, v fused into one parameter in that order; the
+    # embedding padded to 4 rows of 2 (2 rows stay 0); the tied head skipped.
+    qkv = torch.cat([torch.full((6,), 1.0), torch.full((2,), 2.0), torch.full((2,), 3.0)]).view(5, 2)
+    emb = torch.cat([torch.full((6,), 4.0), torch.zeros(2)]).view(4, 2)
+    params = {"qkv": qkv, "emb": emb}
+    assert find_placements(params, numels) == {"q": ("qkv", 0), "k": ("qkv", 6), "v": ("qkv", 8), "emb": ("emb", 0)}
+
+    with pytest.raises(ValueError, match="landed in more than one place"):
+        find_placements({"a": torch.tensor([1.0, 1, 0, 1])}, {"x": 2})
+    with pytest.raises(ValueError, match="has 3 elements but 2"):
+        find_placements({"a": torch.tensor([1.0, 1, 0])}, {"x": 3})
+    with pytest.raises(ValueError, match="received no weight"):
+        find_placements({"a": torch.tensor([1.0, 1]), "b": torch.zeros(3)}, {"x": 2})
+    with pytest.raises(ValueError, match="not a weight's number"):
+        find_placements({"a": torch.tensor([2.0, 2.0])}, {"x": 2})  # a loader that added 1
+
+    # Element order: a loader that transposes passes the sentinel check but not this one.
+    placed = {"w": ("p", 2)}
+    good = torch.cat([torch.zeros(2), order_pattern(6)])
+    check_order({"p": good}, placed, {"w": 6})
+    bad = torch.cat([torch.zeros(2), order_pattern(6).view(2, 3).t().reshape(-1)])
+    with pytest.raises(ValueError, match="reorders"):
+        check_order({"p": bad}, placed, {"w": 6})
+
+    offsets, numel = slot_layout({"a": (3,), "b": (2, 20), "c": (1,)})
+    assert offsets == {"a": 0, "b": 16, "c": 64} and numel == 80  # 64-byte (16-float) aligned
+
+
+def test_shared_weights_one_write_no_engine_copy(worker, rollout, policy_dir, sft_model, tmp_path):
+    """The engine reads its weights from the slot files: after the learner's write into the other
+    slot and a switch, its logprobs are the new model's; writing into the slot it reads changes them
+    with no call to the engine at all (nothing was copied into it)."""
+    from rlhf_ray.ppo.shared_weights import SharedSlots, unlink_slots
+    from rlhf_ray.ppo.weights import SKIP_SUFFIXES
+
+    new = hf_model(policy_dir, noise=0.05, seed=5)
+    ids, am, m = rollout.input_ids, rollout.attention_mask, rollout.response_mask
+    old_ref, new_ref = hf_logprobs(sft_model, ids, am), hf_logprobs(new, ids, am)
+    sd = sft_model.state_dict()
+    shapes = {k: list(v.shape) for k, v in sd.items() if not k.endswith(SKIP_SUFFIXES)}
+    spec = None
+    try:
+        spec = worker.attach_shared_weights(None, shapes, slot=0, version=7, directory=str(tmp_path))
+        assert worker.version == 7 and len(list(tmp_path.iterdir())) == 2
+        q = sd["model.layers.0.self_attn.q_proj.weight"].numel()
+        k = sd["model.layers.0.self_attn.k_proj.weight"].numel()
+        fused = "model.layers.0.self_attn.qkv_proj.weight"
+        pl = spec["placements"]
+        assert pl["model.layers.0.self_attn.q_proj.weight"] == [fused, 0]
+        assert pl["model.layers.0.self_attn.k_proj.weight"] == [fused, q]
+        assert pl["model.layers.0.self_attn.v_proj.weight"] == [fused, q + k]
+        # Discovery went through the engine's own parameters; it still generates with the SFT weights.
+        assert logprob_drift(worker.logprobs_of(ids, am, m), old_ref, m) < TOL
+
+        learner_side = SharedSlots(spec)  # what Learner.write_shared_weights does
+        nbytes = learner_side.write(1, new.state_dict().items())
+        assert nbytes == 4 * sum(sd[n].numel() for n in pl)
+        info = worker.use_shared_weights({"slot": 1, "bytes": nbytes, "seconds": 0.01}, version=8)
+        assert info["mode"] == "shared_memory" and info["version"] == 8 == worker.version
+        assert logprob_drift(worker.logprobs_of(ids, am, m), new_ref, m) < TOL
+        r = worker.generate(rollout.prompts, 24, 1.0, 1.0, seed=0)
+        assert r.policy_version == 8
+        assert logprob_drift(r.rollout_logprobs, hf_logprobs(new, r.input_ids, r.attention_mask), r.response_mask) < TOL
+
+        learner_side.write(1, sd.items())  # behind the engine's back, into the slot it reads
+        assert logprob_drift(worker.logprobs_of(ids, am, m), old_ref, m) < TOL
+        with pytest.raises(RuntimeError, match="shared weights"):
+            worker.update_weights(state_dict_buckets(sd, 1 << 20), version=9)
+        with pytest.raises(ValueError, match="not written"):
+            learner_side.write(0, list(sd.items())[:3])
+    finally:
+        worker.detach_shared_weights()
+        if spec is not None:
+            unlink_slots(spec)
+    assert not list(tmp_path.iterdir())
+    restore_sft(worker, sft_model)  # private weights again: loads in place
+    assert logprob_drift(worker.logprobs_of(ids, am, m), old_ref, m) < TOL
+
+
+# Builds and shuts down a second in-process engine, which tears down vLLM's process-wide parallel
+# state: tests that use the module's `worker` go above this one.
 def test_update_weights_through_vllm_repacking(policy_dir, test_config, sft_model, rollout):
     """rollout.cpu_plain_weights=false keeps vLLM's packed oneDNN kernels; syncs then replay vLLM's
     loader (repacking every matrix) and must land the same weights."""
@@ -383,3 +468,4 @@ def test_two_ray_workers_one_object_ref(ray_cluster, policy_dir, test_config, sf
         ray.get([w.shutdown.remote() for w in workers], timeout=60)
         for w in workers:
             ray.kill(w)
+

@@ -4,8 +4,13 @@ Per iteration (every arrow a ref; each stage submitted as soon as the driver kno
 
     prompts -> RolloutWorker x N (vLLM)  -ref-> RolloutScorer (merge chunks, RM score)
             -ref-> Learner.evaluate (pi_old logprobs, values) -ref-> AdvantageWorker (ref logprobs, KL,
-            rewards, GAE) -ref-> Learner.train (PPO epochs) -> weight buckets put once in the object
-            store -> every RolloutWorker.update_weights(refs, version) -> drift check -> held-out eval
+            rewards, GAE) -ref-> Learner.train (PPO epochs) -> new weights into every engine -> drift
+            check -> held-out eval
+
+New weights reach the engines one of two ways (``rollout.weight_sync``): engines on the learner's
+node read their weights from shared memory that the learner writes (``rlhf_ray.ppo.shared_weights``:
+one copy per sync, however many engines); otherwise the learner's weight buckets are put once in the
+object store and every RolloutWorker.update_weights(refs, version) loads them.
 
 Bulk data (rollouts, batches, weights) moves actor to actor as object refs; the driver only fetches
 small results through :func:`_get_small` (stats dicts, versions, a probe of a few sequences), which
@@ -71,6 +76,8 @@ class RolloutPool:
         self.workers: list = []
         self._next_id = 0
         self._weights = None  # (bucket refs, version) of the last sync, for workers added later
+        self.shared: dict | None = None  # the shared-memory weights' spec, once the engines read them
+        self._slot = (0, 0)  # (slot, version) the engines read, for workers added later
 
     def set_num_workers(self, n: int) -> None:
         """Start or stop workers so that ``n`` run. Call between iterations (no rollout in flight).
@@ -88,8 +95,11 @@ class RolloutPool:
         while len(self.workers) < n:
             w = actors.start_rollout_worker(self.model_path, self.cfg, worker_id=self._next_id, seed=self.seed)
             self._next_id += 1
-            if self._weights is not None:
-                w.update_weights.remote(*self._weights)  # actor tasks run in order: before any rollout
+            # Actor tasks run in order: the weights arrive before any rollout.
+            if self.shared is not None:
+                w.attach_shared_weights.remote(self.shared, None, *self._slot)
+            elif self._weights is not None:
+                w.update_weights.remote(*self._weights)
             self.workers.append(w)
         while len(self.workers) > n:
             w = self.workers.pop()
@@ -104,6 +114,42 @@ class RolloutPool:
         parts = [list(p) for p in np.array_split(np.array(prompts, dtype=object), len(self.workers)) if len(p)]
         return [w.generate.remote(part, ppo.max_new_tokens, ppo.temperature, ppo.top_p, seed)
                 for w, part in zip(self.workers, parts)]
+
+    def use_shared_weights(self, learner, required: bool) -> str | None:
+        """Move the engines onto shared-memory weights written by ``learner`` (before the first
+        update). Returns None when done, else why not; raises instead when ``required``."""
+        import ray
+
+        infos = _get_small([w.sync_info.remote() for w in self.workers])
+        node = _get_small(learner.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()))
+        why = None
+        if any(i["node_id"] != node for i in infos):
+            why = "a rollout worker runs on another node than the learner"
+        elif any(i["device"] != "cpu" for i in infos):
+            why = "the engines run on GPUs"
+        elif any(i["mode"] != "in_place" for i in infos):
+            why = "the engines keep packed weights (rollout.cpu_plain_weights=false)"
+        else:
+            shapes = learner.weight_shapes.remote()  # a ref: learner to engine
+            version = self._weights[1] if self._weights is not None else 0  # what the engines hold
+            spec = None
+            try:
+                spec = _get_small(self.workers[0].attach_shared_weights.remote(None, shapes, 0, version))
+                _get_small([w.attach_shared_weights.remote(spec, None, 0, version) for w in self.workers[1:]])
+                self.shared, self._slot = spec, (0, version)
+            except ray.exceptions.RayTaskError as e:
+                why = f"{type(e.cause).__name__}: {e.cause}"
+                if spec is not None:  # some engines attached: back to private weights, files removed
+                    _get_small([w.detach_shared_weights.remote() for w in self.workers])
+                    _get_small(learner.close_shared_weights.remote(spec))
+        if why is not None and required:
+            raise WeightSyncError(f"rollout.weight_sync=shared_memory: {why}")
+        return why
+
+    def sync_shared(self, written_ref, version: int, slot: int) -> list:
+        """Every engine switches to ``slot`` once the learner's write (``written_ref``) is done."""
+        self._slot = (slot, version)
+        return [w.use_shared_weights.remote(written_ref, version) for w in self.workers]
 
     def sync(self, bucket_refs, version: int) -> list:
         """Load the same weights (refs: put once) into every worker; returns refs of their info dicts."""
@@ -218,6 +264,11 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
         pool.wait_ready()
         log(f"[ppo] {len(pool.workers)} rollout workers, learner, scorer and advantage actors up "
             f"in {time.perf_counter() - start:.1f}s")
+        if rc.weight_sync != "object_store":
+            why = pool.use_shared_weights(learner, required=rc.weight_sync == "shared_memory")
+            log("[ppo] weight sync: " + (f"object store ({why})" if why else
+                                        f"shared memory, 2 x {pool.shared['numel'] * 4 >> 20} MiB in "
+                                        f"{pool.shared['paths'][0][:-1]}{{0,1}}"))
 
         held_out = synthetic.prompts(ppo.eval_prompts, seed=EVAL_SEED)
 
@@ -261,6 +312,7 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
         # epochs) before the driver waits on iteration t, so the learner never idles while the driver
         # checks the sync and logs.
         one_step_off = rc.async_one_step_off
+        synced: list = []  # refs of the last weight sync
         pending = prepare(launch_rollout(0))
         launched = launch_rollout(1) if one_step_off and ppo.iterations > 1 else None
         for it in range(ppo.iterations):
@@ -271,11 +323,18 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
             if train is None:
                 train = learner.train.remote(batch)
 
-            # ---- weight sync: buckets put once (the learner's return values), the same refs to every
-            # engine; then the drift check on one engine (round robin): its logprobs of a few sampled
-            # sequences vs the learner's, after the engine has loaded the update.
-            buckets = learner.weight_buckets.options(num_returns=n_buckets).remote(bucket_bytes, copy=False)
-            synced = pool.sync(buckets, version)
+            # ---- weight sync: the learner writes the engines' shared memory, or its buckets are put
+            # once (its return values) and the same refs go to every engine; then the drift check on
+            # one engine (round robin): its logprobs of a few sampled sequences vs the learner's, after
+            # the engine has taken the update.
+            if pool.shared is not None:
+                # Slot version % 2; the write waits until every engine has left that slot (last sync).
+                slot = version % 2
+                synced = pool.sync_shared(learner.write_shared_weights.remote(pool.shared, slot, *synced),
+                                          version, slot)
+            else:
+                buckets = learner.weight_buckets.options(num_returns=n_buckets).remote(bucket_bytes, copy=False)
+                synced = pool.sync(buckets, version)
             checked = it % len(pool.workers)
             ids, attn, resp, learner_lp = learner.probe.options(num_returns=4).remote(scored, DRIFT_PROBE_ROWS)
             engine_lp = pool.workers[checked].logprobs_of.remote(ids, attn, resp)
@@ -303,14 +362,17 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
             after = {**after, **evaluation} if evaluation else after
 
             # ---- metrics
-            sync_bytes = sum(i["bytes"] for i in infos)
+            # Shared memory: one write serves every engine (each reports it); else one load per engine.
+            shared = infos[0]["mode"] == "shared_memory"
+            sync_bytes = infos[0]["bytes"] if shared else sum(i["bytes"] for i in infos)
+            sync_busy = max(i["seconds"] for i in infos) if shared else sum(i["seconds"] for i in infos)
             m = {
                 "iteration": it + 1, **stats, **{k: v for k, v in evaluation.items() if k != "eval_examples"},
                 "num_workers": len(pool.workers),
                 "learn_seconds": stats["evaluate_seconds"] + stats["advantage_seconds"] + stats["train_seconds"],
                 "sync_seconds": max(i["seconds"] for i in infos), "sync_wall_seconds": sync_wall,
-                "sync_bytes": sync_bytes,
-                "sync_gb_per_s": sync_bytes / 1e9 / max(sum(i["seconds"] for i in infos), 1e-9),
+                "sync_bytes": sync_bytes, "sync_mode": infos[0]["mode"],
+                "sync_gb_per_s": sync_bytes / 1e9 / max(sync_busy, 1e-9),
                 "drift": drift, "drift_worker": checked,
                 "rollout_tokens_per_s": stats["gen_tokens"] / max(stats["gen_seconds"], 1e-9),
                 "score_tokens_per_s": stats["total_tokens"] / max(stats["score_seconds"], 1e-9),
@@ -346,6 +408,11 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
         return PPOResult(before=before, after=after, history=history, policy_dir=policy_out,
                          metrics_path=metrics_log.path, plot_path=plot, seconds=seconds)
     finally:
+        if pool.shared is not None:
+            try:
+                _get_small(learner.close_shared_weights.remote(pool.shared))
+            except Exception:  # a dead learner: the files are named in the log line above
+                pass
         pool.shutdown()
         for actor in (learner, advantage, scorer):
             ray.kill(actor)

@@ -178,6 +178,34 @@ class Learner:
 
         return len(bucket_names(self.policy.state_dict(), bucket_bytes))
 
+    def weight_shapes(self) -> dict[str, list[int]]:
+        """Name -> shape of every weight sent to the engines (HF names)."""
+        from rlhf_ray.ppo.weights import SKIP_SUFFIXES
+
+        return {k: list(v.shape) for k, v in self.policy.state_dict().items() if not k.endswith(SKIP_SUFFIXES)}
+
+    def write_shared_weights(self, spec: dict, slot: int, *after) -> dict:
+        """Write the policy into slot ``slot`` of the engines' shared weights
+        (``rlhf_ray.ppo.shared_weights``): one copy per byte. ``after``: results of the syncs that
+        must be done before the slot is overwritten (Ray resolves them first; unused here).
+        Returns {"slot", "bytes", "seconds", "version"}."""
+        from rlhf_ray.ppo.shared_weights import SharedSlots
+
+        start = time.perf_counter()
+        slots = getattr(self, "_shared_slots", None)
+        if slots is None or slots.spec["paths"] != spec["paths"]:
+            slots = self._shared_slots = SharedSlots(spec)
+        with torch.no_grad():
+            nbytes = slots.write(slot, self.policy.state_dict().items())
+        return {"slot": slot, "bytes": nbytes, "seconds": time.perf_counter() - start, "version": self.version}
+
+    def close_shared_weights(self, spec: dict) -> None:
+        """Remove the shared-weight files of ``spec`` (mappings stay valid until their processes exit)."""
+        from rlhf_ray.ppo.shared_weights import unlink_slots
+
+        self.__dict__.pop("_shared_slots", None)
+        unlink_slots(spec)
+
     def save(self, path: str | Path) -> Path:
         """The policy as an ordinary HF directory (safetensors + tokenizer) and the value head beside it."""
         from safetensors.torch import save_file

@@ -172,6 +172,7 @@ class RolloutWorker:
         # "in_place" (weights copied where the kernels read them) or "reload" (vLLM's full loading
         # path, repacking included); see rlhf_ray/ppo/vllm_ext.py.
         self.weight_sync_mode = self.llm.collective_rpc("weight_sync_mode")[0]
+        self.shared_weights: dict | None = None  # the spec, once attached to shared memory
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -310,6 +311,9 @@ class RolloutWorker:
         Returns {"version", "seconds", "fetch_seconds" (getting nested refs from the object store),
         "bytes", "mode"} (mode: :attr:`weight_sync_mode`).
         """
+        if self.shared_weights is not None:
+            raise RuntimeError("update_weights: this engine reads shared weights; the learner writes them "
+                               "(use_shared_weights)")
         t0 = time.perf_counter()
         buckets = _resolve_refs(buckets)
         t_fetched = time.perf_counter()
@@ -322,12 +326,54 @@ class RolloutWorker:
         nbytes = bucket_nbytes(buckets)
         payload = buckets if self.in_process else [bucket_to_bytes(b) for b in buckets]
         loaded = self.llm.collective_rpc("load_buckets", args=(payload,))[0]
-        # KV blocks cached under the old weights would otherwise be reused for shared prefixes.
-        if not self.llm.reset_prefix_cache():
-            raise RuntimeError("reset_prefix_cache failed (requests still running?)")
+        self._reset_prefix_cache()
         self._version = int(version)
         return {"version": self._version, "seconds": time.perf_counter() - t0,
                 "fetch_seconds": t_fetched - t0, "bytes": nbytes, "mode": loaded["mode"]}
+
+    def sync_info(self) -> dict:
+        """Where this engine runs and how it can take weights (for the driver's choice of sync path)."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        return {"node_id": node, "device": self.device, "mode": self.weight_sync_mode,
+                "in_process": self.in_process}
+
+    def attach_shared_weights(self, spec: dict | None, hf_shapes: dict | None, slot: int, version: int,
+                              directory: str = "/dev/shm") -> dict:
+        """Make the engine read its weights from shared memory (``rlhf_ray.ppo.shared_weights``):
+        slot ``slot`` of ``spec``, which holds ``version``. The first engine passes ``spec=None`` and
+        the learner's ``hf_shapes`` (name -> shape): it creates the slots from its own weights in
+        ``directory`` and returns the spec for the others and the learner."""
+        spec = self.llm.collective_rpc("shared_attach", args=(spec, hf_shapes, int(slot), directory))[0]
+        self._reset_prefix_cache()
+        self.shared_weights, self._version = spec, int(version)
+        return spec
+
+    def use_shared_weights(self, written: dict, version: int) -> dict:
+        """Switch to the slot the learner has just written (``written``: what its
+        ``write_shared_weights`` returned, which Ray resolves before this runs). Returns the same
+        info as :meth:`update_weights`; "seconds" counts the learner's write and the switch."""
+        if self.shared_weights is None:
+            raise RuntimeError("use_shared_weights: attach_shared_weights first")
+        t0 = time.perf_counter()
+        self.llm.collective_rpc("shared_use_slot", args=(int(written["slot"]),))
+        self._reset_prefix_cache()
+        self._version = int(version)
+        switch = time.perf_counter() - t0
+        return {"version": self._version, "seconds": written["seconds"] + switch, "fetch_seconds": 0.0,
+                "bytes": int(written["bytes"]), "mode": "shared_memory", "write_seconds": written["seconds"]}
+
+    def detach_shared_weights(self) -> None:
+        """Back to private weights (a copy of the current shared ones); update_weights works again."""
+        if self.shared_weights is not None:
+            self.llm.collective_rpc("shared_detach")
+            self.shared_weights = None
+
+    def _reset_prefix_cache(self) -> None:
+        # KV blocks cached under the old weights would otherwise be reused for shared prefixes.
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("reset_prefix_cache failed (requests still running?)")
 
     def __repr__(self) -> str:
         return (f"RolloutWorker(id={self.worker_id}, model={Path(self.model_path).name}, "

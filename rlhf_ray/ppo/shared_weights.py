@@ -1,0 +1,163 @@
+"""Same-node weight sync through shared memory: the engines' parameters live in two files ("slots")
+under /dev/shm that every rollout engine on the node maps; the learner writes a new version into
+the slot no engine reads, then each engine points its parameters at that slot.
+
+Per sync that is one copy of each byte (the learner's write), whatever the number of engines, with
+no object store in between and no copy inside the engines; the engines also share one copy of the
+weights instead of holding one each. Version v goes to slot v % 2, and the learner overwrites a slot
+only after every engine has moved off it (the driver makes the write wait for the previous sync).
+
+A slot holds the engine's parameters in vLLM's names and shapes (fused q/k/v and gate/up, padded
+vocabulary), float32, one after another at 64-byte aligned offsets. Where each Hugging Face weight
+lands inside them is found once, by the first engine, through its own loader: it loads tensors filled
+with a distinct number per weight into zeroed parameters and reads back where each number went
+(:func:`find_placements`), then loads an element-order pattern and checks it arrived unpermuted
+(:func:`check_order`). A loader that transforms values (quantisation, scaling, transposes) fails
+these checks and the job keeps the object-store path. Engines on other nodes, on GPUs, or with
+packed CPU weights use the object-store path too.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from collections.abc import Iterable, Mapping
+
+import torch
+
+ALIGN_ELEMS = 16  # 64 bytes of float32
+ORDER_PERIOD = 4093  # order pattern: (i % ORDER_PERIOD) + 1, exact in float32
+
+
+def slot_layout(shapes: Mapping[str, Iterable[int]]) -> tuple[dict[str, int], int]:
+    """Element offset of each parameter inside a slot (in the given order, 64-byte aligned) and the
+    slot's size in float32 elements."""
+    offsets, end = {}, 0
+    for name, shape in shapes.items():
+        offsets[name] = end
+        end += -(-math.prod(shape) // ALIGN_ELEMS) * ALIGN_ELEMS
+    return offsets, max(end, ALIGN_ELEMS)
+
+
+def find_placements(params: Mapping[str, torch.Tensor], numels: Mapping[str, int]) -> dict[str, tuple[str, int]]:
+    """Where each weight went, after loading weight i of ``numels`` (in its order) as a tensor full
+    of i + 1 into parameters that were all 0.
+
+    params: engine parameter name -> tensor; numels: weight (HF) name -> element count.
+    Returns weight name -> (parameter name, element offset inside that parameter), for the weights
+    that landed somewhere (a loader may skip some, e.g. a tied lm_head). Raises ValueError when a
+    weight landed in pieces or with a different size, a value is not a weight's number, or a
+    parameter received no weight at all (it would keep stale values after a sync).
+    """
+    names = list(numels)
+    found: dict[str, tuple[str, int]] = {}
+    for pname, p in params.items():
+        v = p.detach().reshape(-1)
+        if v.numel() == 0:
+            continue
+        cuts = (torch.nonzero(v[1:] != v[:-1]).flatten() + 1).tolist()
+        starts, ends = [0, *cuts], [*cuts, v.numel()]
+        received = False
+        for s, e in zip(starts, ends):
+            val = float(v[s])
+            if val == 0.0:
+                continue
+            k = int(val) - 1
+            if val != k + 1 or not 0 <= k < len(names):
+                raise ValueError(f"{pname}[{s}:{e}] holds {val}, not a weight's number: the loader transforms values")
+            name = names[k]
+            if name in found:
+                raise ValueError(f"{name} landed in more than one place ({found[name][0]}, {pname})")
+            if e - s != numels[name]:
+                raise ValueError(f"{name} has {numels[name]} elements but {e - s} landed in {pname}")
+            found[name] = (pname, s)
+            received = True
+        if not received:
+            raise ValueError(f"engine parameter {pname} received no weight")
+    return found
+
+
+def order_pattern(numel: int) -> torch.Tensor:
+    """float32 [numel]: (i % ORDER_PERIOD) + 1, to check that a loader keeps the element order."""
+    return (torch.arange(numel) % ORDER_PERIOD + 1).to(torch.float32)
+
+
+def check_order(params: Mapping[str, torch.Tensor], placements: Mapping[str, tuple[str, int]],
+                numels: Mapping[str, int]) -> None:
+    """After loading :func:`order_pattern` for every placed weight: each landed unpermuted."""
+    for name, (pname, start) in placements.items():
+        got = params[pname].detach().reshape(-1)[start:start + numels[name]]
+        if not torch.equal(got, order_pattern(numels[name])):
+            raise ValueError(f"{name}: the loader reorders its elements inside {pname}")
+
+
+def new_spec(shapes: Mapping[str, Iterable[int]], directory: str = "/dev/shm") -> dict:
+    """A slot specification for parameters of ``shapes`` (placements still empty): plain lists,
+    strings and ints, so it travels through Ray and vLLM's RPC alike."""
+    offsets, numel = slot_layout(shapes)
+    stem = os.path.join(directory, f"rlhf_ray-weights-{uuid.uuid4().hex[:12]}")
+    return {"paths": [f"{stem}-slot0", f"{stem}-slot1"], "numel": numel,
+            "params": {n: [offsets[n], [int(d) for d in shape]] for n, shape in shapes.items()},
+            "placements": {}}
+
+
+def free_bytes(directory: str) -> int:
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+class SharedSlots:
+    """The two slot files of a spec, mapped into this process (an engine or the learner)."""
+
+    def __init__(self, spec: Mapping, create: bool = False):
+        self.spec = spec
+        nbytes = 4 * spec["numel"]
+        if create:
+            directory = os.path.dirname(spec["paths"][0])
+            if free_bytes(directory) < 2 * nbytes + (64 << 20):
+                raise OSError(f"{directory}: {free_bytes(directory) >> 20} MiB free, two slots need "
+                              f"{2 * nbytes >> 20} MiB")
+            for path in spec["paths"]:
+                with open(path, "xb") as f:
+                    f.truncate(nbytes)
+        self.flat = [torch.from_file(p, shared=True, size=spec["numel"], dtype=torch.float32) for p in spec["paths"]]
+        self._views: dict[int, dict[str, torch.Tensor]] = {}
+
+    def views(self, slot: int) -> dict[str, torch.Tensor]:
+        """Engine parameter name -> view of slot ``slot`` in the parameter's shape."""
+        if slot not in self._views:
+            flat = self.flat[slot]
+            self._views[slot] = {n: flat[off:off + math.prod(shape)].view(shape)
+                                 for n, (off, shape) in self.spec["params"].items()}
+        return self._views[slot]
+
+    def write(self, slot: int, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Copy Hugging Face-named weights into their placements in slot ``slot``; returns bytes
+        written. Every placed weight must come: a missing one would leave that slot's old values."""
+        flat, params, placements = self.flat[slot], self.spec["params"], self.spec["placements"]
+        written, nbytes = set(), 0
+        for name, tensor in weights:
+            if name not in placements:
+                continue
+            pname, start = placements[name]
+            off = params[pname][0] + start
+            flat[off:off + tensor.numel()].copy_(tensor.detach().reshape(-1))
+            written.add(name)
+            nbytes += tensor.numel() * 4
+        missing = set(placements) - written
+        if missing:
+            raise ValueError(f"shared weights: {len(missing)} weight(s) not written, e.g. {sorted(missing)[:5]}")
+        return nbytes
+
+    def unlink(self) -> None:
+        unlink_slots(self.spec)
+
+
+def unlink_slots(spec: Mapping) -> None:
+    """Remove a spec's slot files (mappings stay valid until every process drops them)."""
+    for path in spec["paths"]:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
