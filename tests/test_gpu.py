@@ -1,5 +1,6 @@
-"""The CUDA paths: RM training (in process and under Ray Train with use_gpu), the PPO learner, the
-reference policy and the RM scorer on a GPU, each checked against the same computation on the CPU.
+"""The CUDA paths: RM training (in process and under Ray Train with use_gpu), the PPO learner (and
+its write into CPU engines' shared memory), the reference policy and the RM scorer on a GPU, each
+checked against the same computation on the CPU.
 
 Skipped where torch sees no GPU (CI has none). On a GPU machine without vLLM, from the repo root:
 
@@ -104,6 +105,26 @@ def test_learner_and_reference_on_gpu_match_cpu(test_config, policy_dir, scored)
     ids, am = torch.tensor(ro.input_ids), torch.tensor(ro.attention_mask)
     on_cpu = torch.where(am, sequence_logprobs(cpu_model, ids, am), 0.0).numpy()
     assert np.abs(on_cpu - learner.logprobs(ro.input_ids, ro.attention_mask))[mask].max() < TOL
+
+
+def test_gpu_learner_writes_shared_weights(test_config, policy_dir, tmp_path):
+    """A CUDA learner writes CPU engines' shared memory (device to host, straight into the slot)."""
+    from rlhf_ray.ppo.learner import Learner
+    from rlhf_ray.ppo.shared_weights import SharedSlots, new_spec
+
+    learner = Learner(policy_dir, test_config.ppo, device="cuda")
+    sd = learner.state_dict()
+    shapes = learner.weight_shapes()
+    spec = new_spec(shapes, str(tmp_path))  # an engine whose layout is the checkpoint's own
+    spec["placements"] = {n: [n, 0] for n in shapes}
+    SharedSlots(spec, create=True)
+    info = learner.write_shared_weights(spec, 1)
+    assert info["slot"] == 1 and info["bytes"] == 4 * sum(int(np.prod(s)) for s in shapes.values())
+    views = SharedSlots(spec).views(1)
+    for n in shapes:
+        assert np.array_equal(views[n].numpy(), sd[n]), n
+    learner.close_shared_weights(spec)
+    assert not list(tmp_path.iterdir())
 
 
 def test_reward_scorer_on_gpu_matches_cpu(rm_dir):
