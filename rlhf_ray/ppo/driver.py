@@ -78,6 +78,7 @@ class RolloutPool:
         self._weights = None  # (bucket refs, version) of the last sync, for workers added later
         self.shared: dict | None = None  # the shared-memory weights' spec, once the engines read them
         self._slot = (0, 0)  # (slot, version) the engines read, for workers added later
+        self._shared_node = None  # the learner's node, where every engine must run to share memory
 
     def set_num_workers(self, n: int) -> None:
         """Start or stop workers so that ``n`` run. Call between iterations (no rollout in flight).
@@ -97,6 +98,11 @@ class RolloutPool:
             self._next_id += 1
             # Actor tasks run in order: the weights arrive before any rollout.
             if self.shared is not None:
+                node = _get_small(w.sync_info.remote())["node_id"]  # waits for the engine to start
+                if node != self._shared_node:
+                    ray.kill(w)
+                    raise ValueError(f"set_num_workers({n}): the new rollout worker started on node {node}, "
+                                     f"not on the learner's, where the engines share weights in memory")
                 w.attach_shared_weights.remote(self.shared, None, *self._slot)
             elif self._weights is not None:
                 w.update_weights.remote(*self._weights)
@@ -136,7 +142,7 @@ class RolloutPool:
             try:
                 spec = _get_small(self.workers[0].attach_shared_weights.remote(None, shapes, 0, version))
                 _get_small([w.attach_shared_weights.remote(spec, None, 0, version) for w in self.workers[1:]])
-                self.shared, self._slot = spec, (0, version)
+                self.shared, self._slot, self._shared_node = spec, (0, version), node
             except ray.exceptions.RayTaskError as e:
                 why = f"{type(e.cause).__name__}: {e.cause}"
                 if spec is not None:  # some engines attached: back to private weights, files removed
@@ -411,8 +417,10 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
         if pool.shared is not None:
             try:
                 _get_small(learner.close_shared_weights.remote(pool.shared))
-            except Exception:  # a dead learner: the files are named in the log line above
-                pass
+            except Exception:  # a dead learner: remove them from here (same node in most setups)
+                from rlhf_ray.ppo.shared_weights import unlink_slots
+
+                unlink_slots(pool.shared)
         pool.shutdown()
         for actor in (learner, advantage, scorer):
             ray.kill(actor)

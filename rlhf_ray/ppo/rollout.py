@@ -336,8 +336,7 @@ class RolloutWorker:
         import ray
 
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-        return {"node_id": node, "device": self.device, "mode": self.weight_sync_mode,
-                "in_process": self.in_process}
+        return {"node_id": node, "device": self.device, "mode": self.weight_sync_mode}
 
     def attach_shared_weights(self, spec: dict | None, hf_shapes: dict | None, slot: int, version: int,
                               directory: str = "/dev/shm") -> dict:
