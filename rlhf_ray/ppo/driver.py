@@ -134,7 +134,8 @@ class RolloutPool:
         elif any(i["device"] != "cpu" for i in infos):
             why = "the engines run on GPUs"
         elif any(i["mode"] != "in_place" for i in infos):
-            why = "the engines keep packed weights (rollout.cpu_plain_weights=false)"
+            why = ("the engines keep packed weights (rollout.cpu_plain_weights=false, or engines in their own "
+                   "process: VLLM_ENABLE_V1_MULTIPROCESSING=1)")
         else:
             shapes = learner.weight_shapes.remote()  # a ref: learner to engine
             version = self._weights[1] if self._weights is not None else 0  # what the engines hold
