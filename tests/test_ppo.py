@@ -364,20 +364,26 @@ def test_ppo_on_ray(ray_cluster, test_config, policy_dir, rm_dir, tmp_path, monk
     assert (result.policy_dir / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("weight_sync,mode", [("shared_memory", "shared_memory"), ("object_store", "in_place")])
-def test_ppo_one_step_off_on_ray(ray_cluster, test_config, policy_dir, rm_dir, tmp_path, weight_sync, mode):
+@pytest.mark.parametrize("weight_sync,plain,mode", [("shared_memory", True, "shared_memory"),
+                                                    ("auto", False, "reload")])
+def test_ppo_one_step_off_on_ray(ray_cluster, test_config, policy_dir, rm_dir, tmp_path, weight_sync, plain, mode):
     """Async mode: rollout t+1 overlaps learning on t, so every batch after the first is one version
-    old; the engine samples from one shared-memory slot while the learner writes the other, or takes
-    its weights through the object store (the path for engines on other nodes or GPUs)."""
+    old. The engine samples from one shared-memory slot while the learner writes the other; or, with
+    packed CPU weights (rollout.cpu_plain_weights=false), "auto" falls back to the object store and
+    vLLM's reloading path, and says why."""
     from rlhf_ray.ppo.driver import run_ppo
 
     cfg = dataclasses.replace(
         test_config,
         ppo=ppo_cfg(test_config, iterations=3, prompts_per_iteration=16, max_new_tokens=8, minibatch_size=16),
         rollout=dataclasses.replace(test_config.rollout, num_workers=1, async_one_step_off=True,
-                                    weight_sync=weight_sync))
-    result = run_ppo(cfg, policy_dir, rm_dir, tmp_path, log=print, eval_every=0)
+                                    weight_sync=weight_sync, cpu_plain_weights=plain))
+    lines = []
+    result = run_ppo(cfg, policy_dir, rm_dir, tmp_path, log=lines.append, eval_every=0)
     assert {h["sync_mode"] for h in result.history} == {mode}
+    said = [x for x in lines if "weight sync:" in x]
+    assert len(said) == 1 and said[0].split("weight sync: ")[1].startswith(
+        "shared memory" if mode == "shared_memory" else "object store (the engines keep packed weights"), said
     assert [h["data_version"] for h in result.history] == [0, 0, 1]
     assert [h["version_lag"] for h in result.history] == [0, 1, 1]
     assert [h["policy_version"] for h in result.history] == [1, 2, 3]
