@@ -321,6 +321,26 @@ def test_find_placements_reads_fused_and_padded_layouts():
     assert offsets == {"a": 0, "b": 16, "c": 64} and numel == 80  # 64-byte (16-float) aligned
 
 
+def test_slot_files_of_killed_jobs_are_removed(tmp_path):
+    import subprocess
+
+    from rlhf_ray.ppo.shared_weights import SharedSlots, new_spec, remove_stale_slots
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer exists (reaped)
+    stale = [tmp_path / f"rlhf_ray-weights-{dead.pid}-abc123-slot{k}" for k in (0, 1)]
+    other = tmp_path / "rlhf_ray-weights-notes.txt"  # not a slot file: kept
+    for f in (*stale, other):
+        f.write_bytes(b"x")
+    spec = new_spec({"w": (4, 4)}, str(tmp_path))  # named after this (live) process
+    assert str(os.getpid()) in spec["paths"][0]
+    slots = SharedSlots(spec, create=True)  # creating slots sweeps the directory first
+    assert sorted(slots.stale_removed) == sorted(map(str, stale))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name] + [os.path.basename(p) for p in spec["paths"]])
+    assert remove_stale_slots(str(tmp_path)) == []  # live creator: its files stay
+    slots.unlink()
+
+
 def test_shared_weights_one_write_no_engine_copy(worker, rollout, policy_dir, sft_model, tmp_path):
     """The engine reads its weights from the slot files: after the learner's write into the other
     slot and a switch, its logprobs are the new model's; writing into the slot it reads changes them

@@ -276,6 +276,8 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
             log("[ppo] weight sync: " + (f"object store ({why})" if why else
                                         f"shared memory, 2 x {pool.shared['numel'] * 4 >> 20} MiB in "
                                         f"{pool.shared['paths'][0][:-1]}{{0,1}}"))
+            if pool.shared is not None and pool.shared.get("stale_removed"):
+                log(f"[ppo] removed {len(pool.shared['stale_removed'])} slot file(s) left by killed jobs")
 
         held_out = synthetic.prompts(ppo.eval_prompts, seed=EVAL_SEED)
 

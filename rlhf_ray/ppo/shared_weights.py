@@ -15,12 +15,18 @@ with a distinct number per weight into zeroed parameters and reads back where ea
 (:func:`check_order`). A loader that transforms values (quantisation, scaling, transposes) fails
 these checks and the job keeps the object-store path. Engines on other nodes, on GPUs, or with
 packed CPU weights use the object-store path too.
+
+The files are named after the process that creates them (the first engine, which lives as long as
+the job) and removed when the job ends. A job killed before its cleanup leaves them behind; the next
+job that creates slots on the node removes those whose creator is gone (:func:`remove_stale_slots`).
 """
 
 from __future__ import annotations
 
+import glob
 import math
 import os
+import re
 import uuid
 from collections.abc import Iterable, Mapping
 
@@ -92,14 +98,44 @@ def check_order(params: Mapping[str, torch.Tensor], placements: Mapping[str, tup
             raise ValueError(f"{name}: the loader reorders its elements inside {pname}")
 
 
+PREFIX = "rlhf_ray-weights-"
+_NAME = re.compile(re.escape(PREFIX) + r"(\d+)-[0-9a-f]+-slot[01]$")
+
+
 def new_spec(shapes: Mapping[str, Iterable[int]], directory: str = "/dev/shm") -> dict:
     """A slot specification for parameters of ``shapes`` (placements still empty): plain lists,
-    strings and ints, so it travels through Ray and vLLM's RPC alike."""
+    strings and ints, so it travels through Ray and vLLM's RPC alike. The file names carry this
+    process's id (see :func:`remove_stale_slots`)."""
     offsets, numel = slot_layout(shapes)
-    stem = os.path.join(directory, f"rlhf_ray-weights-{uuid.uuid4().hex[:12]}")
+    stem = os.path.join(directory, f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}")
     return {"paths": [f"{stem}-slot0", f"{stem}-slot1"], "numel": numel,
             "params": {n: [offsets[n], [int(d) for d in shape]] for n, shape in shapes.items()},
             "placements": {}}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_slots(directory: str) -> list[str]:
+    """Remove slot files in ``directory`` whose creating process no longer exists (left by a job
+    that was killed before its cleanup); returns their paths."""
+    removed = []
+    for path in glob.glob(os.path.join(directory, PREFIX + "*")):
+        m = _NAME.search(os.path.basename(path))
+        if m and not _alive(int(m.group(1))):
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def free_bytes(directory: str) -> int:
@@ -113,8 +149,10 @@ class SharedSlots:
     def __init__(self, spec: Mapping, create: bool = False):
         self.spec = spec
         nbytes = 4 * spec["numel"]
+        self.stale_removed: list[str] = []
         if create:
             directory = os.path.dirname(spec["paths"][0])
+            self.stale_removed = remove_stale_slots(directory)
             if free_bytes(directory) < 2 * nbytes + (64 << 20):
                 raise OSError(f"{directory}: {free_bytes(directory) >> 20} MiB free, two slots need "
                               f"{2 * nbytes >> 20} MiB")

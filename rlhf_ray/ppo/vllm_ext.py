@@ -125,6 +125,7 @@ class WeightSyncExtension:
                     for n, view in slots.views(s).items():
                         view.copy_(params[n].detach())
                 spec["placements"] = self._find_placements(params, hf_shapes)
+                spec["stale_removed"] = slots.stale_removed
             except Exception:
                 with torch.no_grad():  # discovery overwrote the parameters: put the weights back
                     for n, view in slots.views(0).items():
