@@ -116,7 +116,7 @@ def test_gpu_learner_writes_shared_weights(test_config, policy_dir, tmp_path):
     sd = learner.state_dict()
     shapes = learner.weight_shapes()
     spec = new_spec(shapes, str(tmp_path))  # an engine whose layout is the checkpoint's own
-    spec["placements"] = {n: [n, 0] for n in shapes}
+    spec["placements"] = {n: [n, 0, int(np.prod(s))] for n, s in shapes.items()}
     SharedSlots(spec, create=True)
     info = learner.write_shared_weights(spec, 1)
     assert info["slot"] == 1 and info["bytes"] == 4 * sum(int(np.prod(s)) for s in shapes.values())

@@ -361,9 +361,9 @@ def test_shared_weights_one_write_no_engine_copy(worker, rollout, policy_dir, sf
         k = sd["model.layers.0.self_attn.k_proj.weight"].numel()
         fused = "model.layers.0.self_attn.qkv_proj.weight"
         pl = spec["placements"]
-        assert pl["model.layers.0.self_attn.q_proj.weight"] == [fused, 0]
-        assert pl["model.layers.0.self_attn.k_proj.weight"] == [fused, q]
-        assert pl["model.layers.0.self_attn.v_proj.weight"] == [fused, q + k]
+        assert pl["model.layers.0.self_attn.q_proj.weight"] == [fused, 0, q]
+        assert pl["model.layers.0.self_attn.k_proj.weight"] == [fused, q, k]
+        assert pl["model.layers.0.self_attn.v_proj.weight"] == [fused, q + k, k]
         # Discovery went through the engine's own parameters; it still generates with the SFT weights.
         assert logprob_drift(worker.logprobs_of(ids, am, m), old_ref, m) < TOL
 
@@ -383,6 +383,8 @@ def test_shared_weights_one_write_no_engine_copy(worker, rollout, policy_dir, sf
             worker.update_weights(state_dict_buckets(sd, 1 << 20), version=9)
         with pytest.raises(ValueError, match="not written"):
             learner_side.write(0, list(sd.items())[:3])
+        with pytest.raises(ValueError, match="has 8 elements"):  # a learner with another shape
+            learner_side.write(0, [("model.norm.weight", torch.ones(8))])
     finally:
         worker.detach_shared_weights()
         if spec is not None:

@@ -178,9 +178,12 @@ class SharedSlots:
         for name, tensor in weights:
             if name not in placements:
                 continue
-            pname, start = placements[name]
+            pname, start, numel = placements[name]
+            if tensor.numel() != numel:
+                raise ValueError(f"shared weights: {name} has {tensor.numel()} elements, its place in {pname} "
+                                 f"{numel}")
             off = params[pname][0] + start
-            flat[off:off + tensor.numel()].copy_(tensor.detach().reshape(-1))
+            flat[off:off + numel].copy_(tensor.detach().reshape(-1))
             written.add(name)
             nbytes += tensor.numel() * 4
         missing = set(placements) - written

@@ -155,7 +155,7 @@ class WeightSyncExtension:
                 p.zero_()
             model.load_weights((n, order_pattern(numels[n]).view(tuple(hf_shapes[n]))) for n in placements)
             check_order(params, placements, numels)
-        return {n: [pname, int(start)] for n, (pname, start) in placements.items()}
+        return {n: [pname, int(start), numels[n]] for n, (pname, start) in placements.items()}
 
     def shared_use_slot(self, slot: int) -> None:
         """Every parameter now reads slot ``slot`` (no copy)."""
