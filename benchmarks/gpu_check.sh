@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The GPU checks (tests/test_gpu.py: RM training in process and under Ray Train, learner, reference
-# policy and RM scorer on CUDA, each against the CPU) on a GPU machine that has torch and
-# transformers but no Ray: run from the repo root after building the Ray bundle here with
-# ../shared/tools/device-ray-bundle.sh (it writes .devbundle/ray.tar.xz), e.g. on the lent device:
-#   bash benchmarks/gpu_check.sh          (carry .devbundle)
+# The GPU checks, tests/test_gpu.py (RM training in process and under Ray Train, learner, reference
+# policy, RM scorer and a CUDA learner's shared-memory write, each against the CPU), run from the repo
+# root on a GPU machine with torch and transformers:  bash benchmarks/gpu_check.sh
+# Where Ray is not installed it is unpacked from .devbundle/ray.tar.xz (a Ray 2.60 wheel bundle for
+# the image's Python; the developers' tools build it as ../shared/tools/device-ray-bundle.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! python3 -c "import ray" 2>/dev/null; then

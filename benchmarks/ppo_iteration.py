@@ -6,8 +6,8 @@
 1. The same PPO run twice (rollout.async_one_step_off false, then true; held-out evaluation off),
    reporting per-stage seconds averaged over the iterations after the first (warm-up):
    rollout (slowest worker's generate), score, reference, evaluate (pi_old, values), advantage,
-   train, sync, sync_wall (what the driver waits for after the train stats: every engine's reload and
-   the drift check) and the iteration's wall time. The stages form two streams: rollout = generate +
+   train, sync, sync_wall (what the driver waits for after the train stats: every engine's weight
+   update and the drift check) and the iteration's wall time. The stages form two streams: rollout = generate +
    RM score + reference logprobs (submitted with the rollout; each starts when the chunks exist) and
    learn = evaluate + advantage (KL rewards, GAE) + train (the learner's chain). Goal when overlapped
    (one-step-off): iteration <= 1.15 x max(rollout, learn).
@@ -85,7 +85,7 @@ def sync_benchmark(cfg, hidden: int, layers: int, workers: int, repeats: int = 5
         engine.append(max(i["seconds"] for i in infos))
         fetch.append(max(i["fetch_seconds"] for i in infos))
         nbytes, mode = infos[0]["bytes"], infos[0]["mode"]
-    pool.use_shared_weights(learner, required=True)
+    pool.attach_shared_weights(learner, required=True)
     shm_walls, writes, synced = [], [], []
     for v in range(repeats + 1, 2 * repeats + 1):
         t = time.perf_counter()
@@ -108,7 +108,8 @@ def sync_benchmark(cfg, hidden: int, layers: int, workers: int, repeats: int = 5
     return {"model_mib": nbytes / 2**20, "buckets": n, "workers": workers,
             "sync_wall_s_per_gb": min(walls) / gb, "engine_load_s_per_gb": min(engine) / gb,
             "fetch_s_per_gb": min(fetch) / gb, "mode": mode,
-            "shm_wall_s_per_gb": min(shm_walls) / (shm_bytes / 1e9), "shm_write_s_per_gb": min(writes) / (shm_bytes / 1e9),
+            "shm_wall_s_per_gb": min(shm_walls) / (shm_bytes / 1e9),
+            "shm_write_s_per_gb": min(writes) / (shm_bytes / 1e9),
             "memcpy_s_per_gb": min(copies) / gb}
 
 

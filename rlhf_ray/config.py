@@ -179,11 +179,13 @@ _POSITIVE = {
     "rm.max_length", "serve.num_replicas", "serve.max_replicas", "serve.max_batch_size",
     "serve.max_responses", "serve.max_chars", "serve.max_prompts", "ppo.iterations",
     "ppo.prompts_per_iteration", "ppo.max_new_tokens", "ppo.epochs", "ppo.minibatch_size",
-    "rollout.num_workers", "rollout.weight_bucket_mib", "ppo.eval_prompts", "model.hidden_size", "model.num_layers", "model.num_heads",
+    "rollout.num_workers", "rollout.weight_bucket_mib", "ppo.eval_prompts", "model.hidden_size",
+    "model.num_layers", "model.num_heads",
     "model.vocab_size", "model.max_positions", "model.intermediate_size", "rollout.kv_cache_mib",
 }
 _NONNEG = {
-    "rm.num_workers", "ppo.eval_every", "serve.min_replicas", "ppo.beta", "ppo.c1", "ppo.entropy_coef", "ppo.kl_coef",
+    "rm.num_workers", "ppo.eval_every", "serve.min_replicas", "ppo.beta", "ppo.c1", "ppo.entropy_coef",
+    "ppo.kl_coef",
     "ppo.truncation_penalty", "serve.num_gpus", "rollout.gpus_per_worker", "rm.weight_decay",
 }
 _POSITIVE_FLOAT = {

@@ -121,7 +121,7 @@ class RolloutPool:
         return [w.generate.remote(part, ppo.max_new_tokens, ppo.temperature, ppo.top_p, seed)
                 for w, part in zip(self.workers, parts)]
 
-    def use_shared_weights(self, learner, required: bool) -> str | None:
+    def attach_shared_weights(self, learner, required: bool) -> str | None:
         """Move the engines onto shared-memory weights written by ``learner`` (before the first
         update). Returns None when done, else why not; raises instead when ``required``."""
         import ray
@@ -272,7 +272,7 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
         log(f"[ppo] {len(pool.workers)} rollout workers, learner, scorer and advantage actors up "
             f"in {time.perf_counter() - start:.1f}s")
         if rc.weight_sync != "object_store":
-            why = pool.use_shared_weights(learner, required=rc.weight_sync == "shared_memory")
+            why = pool.attach_shared_weights(learner, required=rc.weight_sync == "shared_memory")
             log("[ppo] weight sync: " + (f"object store ({why})" if why else
                                         f"shared memory, 2 x {pool.shared['numel'] * 4 >> 20} MiB in "
                                         f"{pool.shared['paths'][0][:-1]}{{0,1}}"))
