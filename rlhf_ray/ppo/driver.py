@@ -298,12 +298,11 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
             scored = scorer.score.remote(*pool.generate(prompts, ppo, seed=ppo.seed * 1_000_003 + it))
             return scored, advantage.reference.remote(scored)
 
-        def prepare(launched: tuple, train: bool = False) -> tuple:
+        def prepare(launched: tuple) -> tuple:
             """pi_old and values (Learner.evaluate, which runs after every learner call submitted before
-            it) -> advantages [-> PPO epochs]; returns (scored, TrainBatch ref, train stats ref or None)."""
+            it) -> advantages; returns (scored, TrainBatch ref, None: the PPO epochs, once submitted)."""
             scored, ref = launched
-            batch = advantage.compute.remote(scored, learner.evaluate.remote(scored), ref)
-            return scored, batch, learner.train.remote(batch) if train else None
+            return scored, advantage.compute.remote(scored, learner.evaluate.remote(scored), ref), None
 
         before = evaluate()
         log(f"[ppo] before: held-out gold {before['eval_gold']:+.3f} rm {before['eval_rm_score']:+.3f} "
@@ -313,8 +312,9 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
 
         # Every call below only submits work; the driver waits once per iteration (train stats, sync
         # infos, drift probe). Actor tasks run in submission order, which is what orders the stages:
-        #   learner: train(t), export(t), probe(t)[, evaluate(t+1), train(t+1)]
-        #   engines: update_weights(t), logprobs_of (drift check)[, generate(t+2)]
+        #   learner: train(t), export(t)[, evaluate(t+1)], probe(t)[, train(t+1)]
+        #   engines: update_weights(t)[, generate(t+2)], logprobs_of (drift check)
+        # (bracketed: one-step-off mode; synchronous mode queues evaluate(t+1) after the checks).
         # One-step-off mode keeps one rollout ahead: rollout t+1 was generated with the weights of
         # t-1 while batch t was learned, rollout t+2 is queued right behind this update (so it samples
         # version t+1 without waiting for the driver), and batch t+1 is queued whole (up to its PPO
@@ -345,20 +345,26 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
                 buckets = learner.weight_buckets.options(num_returns=n_buckets).remote(bucket_bytes, copy=False)
                 synced = pool.sync(buckets, version)
             checked = it % len(pool.workers)
+            if one_step_off and not last:
+                # pi_old of batch it+1 = the policy after this train; rollout it+2 after this update.
+                # Both before the drift probe, which then takes the learner while the advantage actor
+                # computes batch it+1 (the learner would idle), and the engine while it generates
+                # first. Both still hold exactly ``version`` then: the next update is submitted only
+                # after this iteration's checks.
+                pending = prepare(launched)
+                launched = launch_rollout(it + 2) if it + 2 < ppo.iterations else None
             ids, attn, resp, learner_lp = learner.probe.options(num_returns=4).remote(scored, DRIFT_PROBE_ROWS)
             engine_lp = pool.workers[checked].logprobs_of.remote(ids, attn, resp)
             if one_step_off and not last:
-                # pi_old of batch it+1 = the policy after this train; rollout it+2 after this update.
-                pending = prepare(launched, train=True)
-                launched = launch_rollout(it + 2) if it + 2 < ppo.iterations else None
+                pending = (*pending[:2], learner.train.remote(pending[1]))  # after the probe
 
             stats = _get_small(train)
             if stats["policy_version"] != version:
                 raise RuntimeError(f"learner reports policy version {stats['policy_version']}, expected {version}")
-            t_sync = time.perf_counter()  # what the driver waits for beyond training
+            t_sync = time.perf_counter()  # how long every engine's update takes beyond training
             infos = _get_small(synced)
-            drift = logprob_drift(*_get_small([engine_lp, learner_lp, resp]))
             sync_wall = time.perf_counter() - t_sync
+            drift = logprob_drift(*_get_small([engine_lp, learner_lp, resp]))  # one-step-off: after generate
             if any(info["version"] != version for info in infos):
                 raise WeightSyncError(f"engines report versions {[i['version'] for i in infos]}, expected {version}")
             if not drift <= rc.max_logprob_drift:
