@@ -16,7 +16,8 @@ STAGES = {
     "make-data": "write the synthetic preference task (JSONL, K varies per record) and its gold ceiling",
     "train-rm": "train the listwise reward model under Ray Train (TorchTrainer, DDP); resume with rm.resume_from=DIR",
     "serve-rm": "deploy the RM (a Ray Train checkpoint or model directory) as a Ray Serve HTTP/JSON service",
-    "ppo": "PPO with vLLM rollout actors, RM scoring, advantage and learner actors",
+    "ppo": ("PPO with vLLM rollout actors, RM scoring, advantage and learner actors; resume with "
+            "ppo.resume_from=DIR (a checkpoint, or <output_dir>/ppo for its latest)"),
     "demo": "end to end on the embedded default: model, SFT, RM under Ray Train, RM on Ray Serve, PPO",
 }
 

@@ -133,6 +133,14 @@ class PPOConfig:
     # (0 = only before and after PPO), on this many prompts. It blocks the iteration it runs in.
     eval_every: int = 1
     eval_prompts: int = 64
+    # Save a resumable checkpoint (policy, value head, optimizer, RNG, KL coefficient, metrics so far)
+    # every N iterations into <output_dir>/ppo/checkpoints/iter_NNNNNN (the run's newest two are kept,
+    # a resumed run continuing the count; checkpoints/latest points to the newest); 0 = never.
+    checkpoint_every: int = 25
+    # Continue a run from a checkpoint directory, or from a PPO output directory's latest checkpoint
+    # ("" = start fresh). The run goes on to ppo.iterations with the same prompts and seeds it would
+    # have had; in synchronous mode it repeats the uninterrupted run's iterations.
+    resume_from: str = ""
     seed: int = 0
 
 
@@ -184,7 +192,7 @@ _POSITIVE = {
     "model.vocab_size", "model.max_positions", "model.intermediate_size", "rollout.kv_cache_mib",
 }
 _NONNEG = {
-    "rm.num_workers", "ppo.eval_every", "serve.min_replicas", "ppo.beta", "ppo.c1", "ppo.entropy_coef",
+    "rm.num_workers", "ppo.eval_every", "ppo.checkpoint_every", "serve.min_replicas", "ppo.beta", "ppo.c1", "ppo.entropy_coef",
     "ppo.kl_coef",
     "ppo.truncation_penalty", "serve.num_gpus", "rollout.gpus_per_worker", "rm.weight_decay",
 }

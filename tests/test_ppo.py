@@ -9,6 +9,7 @@ import dataclasses
 import inspect
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -258,6 +259,32 @@ def test_train_step_changes_every_parameter_and_lowers_the_loss(learner_and_batc
     assert learner.loss(batch) < loss0 - 1e-3
 
 
+def test_learner_checkpoint_goes_on_training_exactly(learner_and_batch, tmp_path):
+    """A learner rebuilt from save_checkpoint trains on bit for bit like the one that saved it:
+    value head, Adam moments, minibatch shuffling and version restored (a learner that skips
+    load_checkpoint does not)."""
+    from rlhf_ray.ppo.learner import LEARNER_STATE_FILE, Learner
+
+    learner, batch = learner_and_batch
+    learner.cfg = dataclasses.replace(learner.cfg, minibatch_size=2, epochs=2)  # the shuffle matters
+    learner.train(batch)
+    path = learner.save_checkpoint(tmp_path / "ckpt")
+    resumed, fresh = Learner(path, learner.cfg, device="cpu"), Learner(path, learner.cfg, device="cpu")
+    assert resumed.load_checkpoint(path) == learner.version == 1
+    stats = [m.train(batch) for m in (learner, resumed, fresh)]
+    assert [s["policy_version"] for s in stats] == [2, 2, 1]
+
+    def params(m):
+        return [*m.policy.parameters(), *m.value_head.parameters()]
+
+    for p, q in zip(params(learner), params(resumed)):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+    assert max(float((p - q).detach().abs().max()) for p, q in zip(params(learner), params(fresh))) > 1e-6
+    (Path(path) / LEARNER_STATE_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=LEARNER_STATE_FILE):
+        fresh.load_checkpoint(path)
+
+
 def test_weight_buckets_round_trip_the_policy_state_dict(learner_and_batch, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -276,7 +303,10 @@ def test_weight_buckets_round_trip_the_policy_state_dict(learner_and_batch, tmp_
     saved = AutoModelForCausalLM.from_pretrained(learner.save(tmp_path / "policy"), dtype=torch.float32)
     for k, v in saved.state_dict().items():
         np.testing.assert_array_equal(v.numpy(), merged[k], err_msg=k)
-    assert (tmp_path / "policy" / "value_head.safetensors").exists()
+    from rlhf_ray.ppo.learner import VALUE_HEAD_FILE
+
+    assert (tmp_path / "policy" / VALUE_HEAD_FILE).exists()
+    assert [p.name for p in (tmp_path / "policy").glob("*.safetensors")] == ["model.safetensors"]  # for vLLM
 
 
 def test_control_file_sets_the_number_of_workers(tmp_path):
@@ -389,3 +419,53 @@ def test_ppo_one_step_off_on_ray(ray_cluster, test_config, policy_dir, rm_dir, t
     assert [h["policy_version"] for h in result.history] == [1, 2, 3]
     assert all(h["drift"] <= cfg.rollout.max_logprob_drift for h in result.history)
     assert "eval_gold" not in result.history[0] and np.isfinite(result.gold_after)
+
+
+def test_ppo_resumes_from_a_checkpoint_as_if_never_stopped(ray_cluster, test_config, policy_dir, rm_dir, tmp_path):
+    """Run A: 4 iterations, a checkpoint every 2. Run B resumes from A's iteration-2 checkpoint:
+    its iterations 3-4 repeat A's (same prompts, seeds, weights, optimizer) and it ends on A's
+    weights. Bad resume input is refused before any actor starts, naming the file."""
+    from safetensors.numpy import load_file
+
+    from rlhf_ray.ppo.driver import find_checkpoint, run_ppo
+
+    ppo = ppo_cfg(test_config, iterations=4, prompts_per_iteration=16, max_new_tokens=8, minibatch_size=8,
+                  lr=1e-3, checkpoint_every=2)
+    cfg = dataclasses.replace(test_config, ppo=ppo,
+                              rollout=dataclasses.replace(test_config.rollout, num_workers=1))
+    a = run_ppo(cfg, policy_dir, rm_dir, tmp_path / "a", log=print, eval_every=0)
+    ckpts = tmp_path / "a" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["iter_000002", "iter_000004", "latest"]
+    assert find_checkpoint(tmp_path / "a") == (ckpts / "iter_000004").resolve()
+
+    lines = []
+    resumed = dataclasses.replace(cfg, ppo=dataclasses.replace(ppo, resume_from=str(ckpts / "iter_000002")))
+    b = run_ppo(resumed, policy_dir, rm_dir, tmp_path / "b", log=lines.append, eval_every=0)
+    assert any("resuming from" in x and "iteration 2" in x for x in lines)
+    assert [h["iteration"] for h in b.history] == [1, 2, 3, 4]
+    assert [h["policy_version"] for h in b.history[2:]] == [3, 4]
+    assert [h["data_version"] for h in b.history[2:]] == [2, 3]
+    assert b.gold_before == a.gold_before
+    for ha, hb in zip(a.history[2:], b.history[2:]):
+        for k in ("gold", "rm_score", "kl_ref", "policy_loss", "value_loss", "entropy"):
+            assert hb[k] == pytest.approx(ha[k], rel=1e-4, abs=1e-6), k
+    wa, wb = (load_file(str(r.policy_dir / "model.safetensors")) for r in (a, b))
+    assert max(float(np.abs(wa[k] - wb[k]).max()) for k in wa) < 1e-5
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4]
+    assert (tmp_path / "b" / "checkpoints" / "latest").resolve().name == "iter_000004"
+
+    # Bad input: nothing to go on with, a non-checkpoint, a damaged state file.
+    with pytest.raises(ValueError, match="at iteration 4; set ppo.iterations above 4"):
+        run_ppo(dataclasses.replace(cfg, ppo=dataclasses.replace(ppo, resume_from=str(tmp_path / "a"))),
+                policy_dir, rm_dir, tmp_path / "c")
+    with pytest.raises(ValueError, match="is not a PPO checkpoint"):
+        find_checkpoint(tmp_path / "b" / "policy")
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpts / "iter_000002", bad)
+    (bad / "trainer_state.json").write_text("{")
+    with pytest.raises(ValueError, match=str(bad / "trainer_state.json") + ": not valid JSON"):
+        run_ppo(dataclasses.replace(cfg, ppo=dataclasses.replace(ppo, resume_from=str(bad))),
+                policy_dir, rm_dir, tmp_path / "c")

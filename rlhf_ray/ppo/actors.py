@@ -63,7 +63,8 @@ def start_scorer(rm_dir: str | Path | None, max_length: int, handle=None):
     return cls.remote(None if handle is not None else str(rm_dir), max_length, handle)
 
 
-def start_rollout_worker(model_path: str | Path, rollout_cfg: RolloutConfig, worker_id: int, seed: int):
+def start_rollout_worker(model_path: str | Path, rollout_cfg: RolloutConfig, worker_id: int, seed: int,
+                         version: int = 0):
     on_gpu = rollout_cfg.gpus_per_worker > 0
     # vLLM logs every weight reload at INFO/WARNING; keep the driver's output to the progress lines.
     env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}
@@ -72,4 +73,4 @@ def start_rollout_worker(model_path: str | Path, rollout_cfg: RolloutConfig, wor
     cls = ray.remote(num_cpus=rollout_cfg.cpus_per_worker, num_gpus=rollout_cfg.gpus_per_worker,
                      runtime_env={"env_vars": env})(RolloutWorker)
     return cls.remote(str(model_path), rollout_cfg, worker_id=worker_id, seed=seed,
-                      device="cuda" if on_gpu else "cpu")
+                      device="cuda" if on_gpu else "cpu", version=version)

@@ -73,6 +73,10 @@ class AdvantageWorker:
         else:
             self.kl_ctl = FixedKLController(ppo_cfg.kl_coef)
 
+    def set_kl_coef(self, value: float) -> None:
+        """Set the reward's KL coefficient (a resumed run continues its controller from here)."""
+        self.kl_ctl.value = float(value)
+
     def ref_logprobs(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """float32 [B, T] reference-policy logprobs of each token (column 0 is 0)."""
         ids, am = torch.tensor(input_ids, device=self.device), torch.tensor(attention_mask, device=self.device)

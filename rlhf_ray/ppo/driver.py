@@ -31,8 +31,11 @@ t+3 (one-step-off: rollouts t+1 and t+2 are already queued).
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import pickle
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +52,9 @@ GET_TIMEOUT_S = 900.0  # a stage that takes longer is stuck (e.g. an actor pendi
 EVAL_SEED = 7919  # held-out prompt set and sampling seed (fixed: the same prompts every evaluation)
 DRIFT_PROBE_ROWS = 4
 CONTROL_FILE = "rollout_workers"
+CHECKPOINTS = "checkpoints"  # under the PPO output directory: iter_NNNNNN/ and latest -> the newest
+CHECKPOINT_STATE = "trainer_state.json"
+CHECKPOINTS_KEPT = 2
 
 
 class WeightSyncError(RuntimeError):
@@ -71,13 +77,15 @@ def _get_small(refs, limit: int = SMALL_RESULT_BYTES):
 class RolloutPool:
     """The rollout workers of a job; resizable between iterations."""
 
-    def __init__(self, model_path: str | Path, rollout_cfg: RolloutConfig, seed: int, log=print):
+    def __init__(self, model_path: str | Path, rollout_cfg: RolloutConfig, seed: int, log=print, version: int = 0):
+        """``version``: the policy version of the weights in ``model_path`` (0 unless resuming)."""
         self.model_path, self.cfg, self.seed, self.log = str(model_path), rollout_cfg, seed, log
+        self.version = version
         self.workers: list = []
         self._next_id = 0
         self._weights = None  # (bucket refs, version) of the last sync, for workers added later
         self.shared: dict | None = None  # the shared-memory weights' spec, once the engines read them
-        self._slot = (0, 0)  # (slot, version) the engines read, for workers added later
+        self._slot = (0, version)  # (slot, version) the engines read, for workers added later
         self._shared_node = None  # the learner's node, where every engine must run to share memory
 
     def set_num_workers(self, n: int) -> None:
@@ -94,7 +102,8 @@ class RolloutPool:
             raise ValueError(f"set_num_workers({n}): the PPO actors would need {need} CPUs, the Ray cluster "
                              f"has {have}")
         while len(self.workers) < n:
-            w = actors.start_rollout_worker(self.model_path, self.cfg, worker_id=self._next_id, seed=self.seed)
+            w = actors.start_rollout_worker(self.model_path, self.cfg, worker_id=self._next_id, seed=self.seed,
+                                            version=self.version)
             self._next_id += 1
             # Actor tasks run in order: the weights arrive before any rollout.
             if self.shared is not None:
@@ -138,7 +147,7 @@ class RolloutPool:
                    "process: VLLM_ENABLE_V1_MULTIPROCESSING=1)")
         else:
             shapes = learner.weight_shapes.remote()  # a ref: learner to engine
-            version = self._weights[1] if self._weights is not None else 0  # what the engines hold
+            version = self._weights[1] if self._weights is not None else self.version  # what the engines hold
             spec = None
             try:
                 spec = _get_small(self.workers[0].attach_shared_weights.remote(None, shapes, 0, version))
@@ -217,6 +226,61 @@ def _requested_workers(path: Path, log) -> int | None:
         return None
 
 
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint directory that ``ppo.resume_from`` names: a checkpoint itself
+    (``.../checkpoints/iter_NNNNNN``), a checkpoints directory or a PPO output directory (their latest)."""
+    p = Path(path).expanduser()
+    for cand in (p, p / "latest", p / CHECKPOINTS / "latest"):
+        if (cand / CHECKPOINT_STATE).is_file():
+            return cand.resolve()
+    raise ValueError(f"ppo.resume_from: {p} is not a PPO checkpoint (no {CHECKPOINT_STATE} in it, in "
+                     f"{p / 'latest'} or in {p / CHECKPOINTS / 'latest'})")
+
+
+def read_checkpoint(ckpt: Path, reference_policy: str | Path) -> dict:
+    """A checkpoint's trainer state plus ``history`` (its metrics lines), checked: every error names
+    the file. The checkpoint's policy must have the reference policy's shape (the KL terms compare
+    their token distributions)."""
+    state_file, metrics_file = ckpt / CHECKPOINT_STATE, ckpt / "metrics.jsonl"
+    try:
+        state = json.loads(state_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{state_file}: not valid JSON ({e})") from None
+    for key in ("iteration", "policy_version", "kl_coef", "before"):
+        if key not in state:
+            raise ValueError(f"{state_file}: no {key!r}")
+    if not (ckpt / "policy" / "config.json").is_file():
+        raise ValueError(f"{ckpt}: no policy/config.json (an incomplete checkpoint)")
+    lines = []
+    for n, line in enumerate(metrics_file.read_text().splitlines() if metrics_file.is_file() else [], 1):
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{metrics_file}, line {n}: not valid JSON ({e})") from None
+    if [x.get("step") for x in lines] != list(range(state["iteration"] + 1)):
+        raise ValueError(f"{metrics_file}: expected steps 0..{state['iteration']}, one line each")
+    mine, ref = (json.loads((Path(d) / "config.json").read_text()) for d in (ckpt / "policy", reference_policy))
+    for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers"):
+        if mine.get(key) != ref.get(key):
+            raise ValueError(f"ppo.resume_from: the checkpoint's policy ({ckpt / 'policy'}) has {key}="
+                             f"{mine.get(key)!r}, the reference policy ({reference_policy}) {ref.get(key)!r}")
+    return {**state, "lines": lines}
+
+
+def _commit_checkpoint(tmp: Path, final: Path, state: dict, metrics_path: Path) -> None:
+    """Complete the checkpoint the learner wrote into ``tmp`` (trainer state, metrics so far), move it
+    to ``final`` and point ``latest`` at it; a crash before the move leaves only a ``.tmp-`` directory."""
+    (tmp / CHECKPOINT_STATE).write_text(json.dumps(state, indent=1))
+    shutil.copyfile(metrics_path, tmp / "metrics.jsonl")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    link = final.parent / ".latest.tmp"
+    link.unlink(missing_ok=True)
+    link.symlink_to(final.name)
+    os.replace(link, final.parent / "latest")
+
+
 def _progress(m: dict, iterations: int) -> str:
     return (f"[ppo] it {m['iteration']}/{iterations} v{m['policy_version']} "
             f"gold {m['gold']:+.3f} (held-out {m.get('eval_gold', math.nan):+.3f}) rm {m['rm_score']:+.3f} "
@@ -236,7 +300,9 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
 
     ``rm_handle``: a Serve handle of the RM (rlhf_ray.reward.serve.deploy_rm) used instead of loading
     ``rm_dir`` in-process. ``bucket_bytes`` and ``eval_every`` override rollout.weight_bucket_mib and
-    ppo.eval_every. ``eval_every``: held-out evaluation period in iterations (the last iteration
+    ppo.eval_every. Every ``ppo.checkpoint_every`` iterations a checkpoint goes to
+    ``out_dir/checkpoints``; ``ppo.resume_from`` continues from one (``policy_dir`` stays the
+    reference policy). ``eval_every``: held-out evaluation period in iterations (the last iteration
     is always evaluated; 0 = only before and after). Raises WeightSyncError when an engine's logprobs
     drift from the learner's by more than ``rollout.max_logprob_drift`` after a sync.
     """
@@ -251,8 +317,22 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
     eval_every = ppo.eval_every if eval_every is None else eval_every
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_log = MetricsLog(out_dir / "metrics.jsonl")
     control_file = out_dir / CONTROL_FILE
+    ckpt_root = out_dir / CHECKPOINTS
+    resume_dir = find_checkpoint(ppo.resume_from) if ppo.resume_from else None
+    resumed = read_checkpoint(resume_dir, policy_dir) if resume_dir else None
+    start_it = resumed["iteration"] if resumed else 0
+    if start_it >= ppo.iterations:
+        raise ValueError(f"ppo.resume_from: {resume_dir} is at iteration {start_it}; set ppo.iterations above "
+                         f"{start_it} to train on from it")
+    # metrics.jsonl holds this run: fresh, or the checkpoint's lines (a failed run's later lines go).
+    (out_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in resumed["lines"])
+                                           if resumed else "")
+    metrics_log = MetricsLog(out_dir / "metrics.jsonl")
+    if not resumed and (ckpt_root / "latest").is_symlink():  # "latest" must not name an earlier run's
+        (ckpt_root / "latest").unlink()
+        log(f"[ppo] starting fresh: {ckpt_root} keeps an earlier run's checkpoints (resume one with "
+            f"ppo.resume_from=DIR); its 'latest' link is removed")
     need, have = actors.cpus_needed(rc.num_workers, rc), ray.cluster_resources().get("CPU", 0)
     if need > have:
         raise ValueError(f"PPO needs {need} CPUs (rollout.num_workers={rc.num_workers} x "
@@ -261,11 +341,21 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
     start = time.perf_counter()
 
     # ---- actors
-    learner = actors.start_learner(policy_dir, ppo)
+    # A resumed run: learner and engines start from the checkpoint's policy, the reference stays.
+    start_policy = resume_dir / "policy" if resumed else policy_dir
+    learner = actors.start_learner(start_policy, ppo)
     advantage = actors.start_advantage(policy_dir, ppo)
     scorer = actors.start_scorer(rm_dir, cfg.rm.max_length, rm_handle)
-    pool = RolloutPool(policy_dir, rc, seed=ppo.seed, log=log)
+    pool = RolloutPool(start_policy, rc, seed=ppo.seed, log=log, version=resumed["policy_version"] if resumed else 0)
     try:
+        if resumed:
+            version = _get_small(learner.load_checkpoint.remote(str(resume_dir / "policy")))
+            if version != resumed["policy_version"]:
+                raise ValueError(f"{resume_dir}: the learner's state is at version {version}, "
+                                 f"{CHECKPOINT_STATE} says {resumed['policy_version']}")
+            if ppo.adaptive_kl:  # a fixed coefficient comes from the config, as set now
+                advantage.set_kl_coef.remote(resumed["kl_coef"])
+            log(f"[ppo] resuming from {resume_dir}: iteration {start_it}, policy version {version}")
         pool.set_num_workers(rc.num_workers)
         n_buckets = _get_small(learner.num_buckets.remote(bucket_bytes))
         pool.wait_ready()
@@ -304,11 +394,14 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
             scored, ref = launched
             return scored, advantage.compute.remote(scored, learner.evaluate.remote(scored), ref), None
 
-        before = evaluate()
+        if resumed:
+            before, history = resumed["before"], [x for x in resumed["lines"] if x["step"] > 0]
+        else:
+            before, history = evaluate(), []
+            metrics_log.write(0, {k: v for k, v in before.items() if k != "eval_examples"})
         log(f"[ppo] before: held-out gold {before['eval_gold']:+.3f} rm {before['eval_rm_score']:+.3f} "
             f"e.g. {before['eval_examples'][0]!r}")
-        metrics_log.write(0, {k: v for k, v in before.items() if k != "eval_examples"})
-        after, history = before, []
+        after = before
 
         # Every call below only submits work; the driver waits once per iteration (train stats, sync
         # infos, drift probe). Actor tasks run in submission order, which is what orders the stages:
@@ -322,9 +415,13 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
         # checks the sync and logs.
         one_step_off = rc.async_one_step_off
         synced: list = []  # refs of the last weight sync
-        pending = prepare(launch_rollout(0))
-        launched = launch_rollout(1) if one_step_off and ppo.iterations > 1 else None
-        for it in range(ppo.iterations):
+        # This run's kept checkpoints, oldest first: when it resumed from one in ckpt_root, those that
+        # the run it continues had kept up to there.
+        saved = [ckpt_root / name for name in resumed.get("run_checkpoints", [resume_dir.name])] \
+            if resumed and resume_dir.parent == ckpt_root else []
+        pending = prepare(launch_rollout(start_it))
+        launched = launch_rollout(start_it + 1) if one_step_off and start_it + 1 < ppo.iterations else None
+        for it in range(start_it, ppo.iterations):
             t_it = time.perf_counter()
             last = it + 1 == ppo.iterations
             scored, batch, train = pending
@@ -345,6 +442,11 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
                 buckets = learner.weight_buckets.options(num_returns=n_buckets).remote(bucket_bytes, copy=False)
                 synced = pool.sync(buckets, version)
             checked = it % len(pool.workers)
+            saving = None  # the learner's part of a checkpoint: before it trains on (one-step-off)
+            if ppo.checkpoint_every and (it + 1) % ppo.checkpoint_every == 0:
+                tmp_ckpt = ckpt_root / f".tmp-iter_{it + 1:06d}"
+                shutil.rmtree(tmp_ckpt, ignore_errors=True)
+                saving = learner.save_checkpoint.remote(str(tmp_ckpt / "policy"))
             if one_step_off and not last:
                 # pi_old of batch it+1 = the policy after this train; rollout it+2 after this update.
                 # Both before the drift probe, which then takes the learner while the advantage actor
@@ -400,6 +502,19 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
             log(_progress(m, ppo.iterations))
             if "eval_examples" in evaluation:
                 log(f"[ppo]   e.g. {evaluation['eval_examples'][0]!r}")
+            if saving is not None:
+                _get_small(saving)
+                final = ckpt_root / f"iter_{it + 1:06d}"
+                saved.append(final)
+                stale, saved[:] = saved[:-CHECKPOINTS_KEPT], saved[-CHECKPOINTS_KEPT:]
+                # kl_coef_next: the controller after this batch (batch it+1 may have moved it already).
+                _commit_checkpoint(tmp_ckpt, final, {
+                    "iteration": it + 1, "policy_version": version, "kl_coef": stats["kl_coef_next"],
+                    "before": before, "reference_policy": str(policy_dir), "seed": ppo.seed,
+                    "run_checkpoints": [p.name for p in saved]}, metrics_log.path)
+                for p in stale:
+                    shutil.rmtree(p, ignore_errors=True)
+                log(f"[ppo] checkpoint {final} (resume with ppo.resume_from={out_dir})")
 
             # ---- between iterations: resize the rollout pool, then (sync mode) the next rollout
             if on_iteration is not None:

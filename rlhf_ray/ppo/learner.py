@@ -23,7 +23,10 @@ from rlhf_ray.config import PPOConfig
 from rlhf_ray.ops import entropy_from_logits, logprobs_from_logits, ppo_objective
 from rlhf_ray.ppo.types import ScoredRollout, TrainBatch
 
-VALUE_HEAD_FILE = "value_head.safetensors"
+# In a subdirectory: vLLM loads every *.safetensors at the top of a model directory, so a value head
+# beside model.safetensors would stop the saved policy from loading in vLLM.
+VALUE_HEAD_FILE = "value_head/value_head.safetensors"
+LEARNER_STATE_FILE = "learner_state.pt"  # optimizer, minibatch RNG and version, beside a saved policy
 
 
 def default_device() -> str:
@@ -206,14 +209,40 @@ class Learner:
         self.__dict__.pop("_shared_slots", None)
         unlink_slots(spec)
 
+    def save_checkpoint(self, path: str | Path) -> str:
+        """:meth:`save` plus what :meth:`train` needs to go on exactly where it stopped: the optimizer
+        state, the minibatch shuffling RNG and the version. Returns the directory."""
+        path = self.save(path)
+        torch.save({"optimizer": self.optimizer.state_dict(), "rng": self.rng.bit_generator.state,
+                    "version": self.version}, path / LEARNER_STATE_FILE)
+        return str(path)
+
+    def load_checkpoint(self, path: str | Path) -> int:
+        """Restore the value head, optimizer, RNG and version that :meth:`save_checkpoint` wrote to
+        ``path``, on a learner built from the policy in that same directory. Returns the version."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        for name in (VALUE_HEAD_FILE, LEARNER_STATE_FILE):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"PPO checkpoint {path}: {name} is missing")
+        self.value_head.load_state_dict(load_file(str(path / VALUE_HEAD_FILE), device=str(self.device)))
+        state = torch.load(path / LEARNER_STATE_FILE, map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.bit_generator.state = state["rng"]
+        self.version = int(state["version"])
+        return self.version
+
     def save(self, path: str | Path) -> Path:
-        """The policy as an ordinary HF directory (safetensors + tokenizer) and the value head beside it."""
+        """The policy as an ordinary HF directory (safetensors + tokenizer; loads in transformers and
+        vLLM) and the value head in ``VALUE_HEAD_FILE`` under it."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.policy.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
+        (path / VALUE_HEAD_FILE).parent.mkdir(exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
                   str(path / VALUE_HEAD_FILE))
         (path / "ppo_version.txt").write_text(f"{self.version}\n")

@@ -126,7 +126,7 @@ class RolloutWorker:
     """
 
     def __init__(self, model_path: str, rollout_cfg: RolloutConfig, worker_id: int = 0, seed: int = 0,
-                 device: str = "cpu", engine_kwargs: dict | None = None):
+                 device: str = "cpu", engine_kwargs: dict | None = None, version: int = 0):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
         if device == "cpu":
@@ -139,7 +139,7 @@ class RolloutWorker:
         self.worker_id = worker_id
         self.seed = seed
         self.device = device
-        self._version = 0
+        self._version = int(version)  # of the weights in model_path (a resumed run's checkpoint: > 0)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
