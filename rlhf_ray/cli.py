@@ -93,13 +93,14 @@ def cmd_serve_rm(args, cfg: Config) -> None:
 
 def cmd_ppo(args, cfg: Config) -> None:
     from rlhf_ray.pipeline import policy_stage, ppo_table
-    from rlhf_ray.ppo.driver import run_ppo
+    from rlhf_ray.ppo.driver import resume_point, run_ppo
 
     out = Path(cfg.output_dir).resolve()
     rm_dir = Path(args.rm_checkpoint or out / "rm" / "latest")
     if not (rm_dir / "config.json").exists():
         raise ConfigError(f"--rm-checkpoint: {rm_dir} is not an RM directory (run `rlhf-ray train-rm` first)")
     policy = args.policy or policy_stage(cfg)
+    resume_point(cfg.ppo, policy)  # a bad ppo.resume_from fails before Ray starts
     _init_ray(args, cfg)
     handle = None
     if args.rm_via_serve:

@@ -43,7 +43,7 @@ from typing import Callable
 
 import numpy as np
 
-from rlhf_ray.config import Config, PPOConfig, RolloutConfig
+from rlhf_ray.config import Config, ConfigError, PPOConfig, RolloutConfig
 from rlhf_ray.data import synthetic
 from rlhf_ray.reward.train import MetricsLog
 
@@ -233,7 +233,7 @@ def find_checkpoint(path: str | Path) -> Path:
     for cand in (p, p / "latest", p / CHECKPOINTS / "latest"):
         if (cand / CHECKPOINT_STATE).is_file():
             return cand.resolve()
-    raise ValueError(f"ppo.resume_from: {p} is not a PPO checkpoint (no {CHECKPOINT_STATE} in it, in "
+    raise ConfigError(f"ppo.resume_from: {p} is not a PPO checkpoint (no {CHECKPOINT_STATE} in it, in "
                      f"{p / 'latest'} or in {p / CHECKPOINTS / 'latest'})")
 
 
@@ -245,26 +245,39 @@ def read_checkpoint(ckpt: Path, reference_policy: str | Path) -> dict:
     try:
         state = json.loads(state_file.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{state_file}: not valid JSON ({e})") from None
+        raise ConfigError(f"{state_file}: not valid JSON ({e})") from None
     for key in ("iteration", "policy_version", "kl_coef", "before"):
         if key not in state:
-            raise ValueError(f"{state_file}: no {key!r}")
+            raise ConfigError(f"{state_file}: no {key!r}")
     if not (ckpt / "policy" / "config.json").is_file():
-        raise ValueError(f"{ckpt}: no policy/config.json (an incomplete checkpoint)")
+        raise ConfigError(f"{ckpt}: no policy/config.json (an incomplete checkpoint)")
     lines = []
     for n, line in enumerate(metrics_file.read_text().splitlines() if metrics_file.is_file() else [], 1):
         try:
             lines.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{metrics_file}, line {n}: not valid JSON ({e})") from None
+            raise ConfigError(f"{metrics_file}, line {n}: not valid JSON ({e})") from None
     if [x.get("step") for x in lines] != list(range(state["iteration"] + 1)):
-        raise ValueError(f"{metrics_file}: expected steps 0..{state['iteration']}, one line each")
+        raise ConfigError(f"{metrics_file}: expected steps 0..{state['iteration']}, one line each")
     mine, ref = (json.loads((Path(d) / "config.json").read_text()) for d in (ckpt / "policy", reference_policy))
     for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers"):
         if mine.get(key) != ref.get(key):
-            raise ValueError(f"ppo.resume_from: the checkpoint's policy ({ckpt / 'policy'}) has {key}="
+            raise ConfigError(f"ppo.resume_from: the checkpoint's policy ({ckpt / 'policy'}) has {key}="
                              f"{mine.get(key)!r}, the reference policy ({reference_policy}) {ref.get(key)!r}")
     return {**state, "lines": lines}
+
+
+def resume_point(ppo: PPOConfig, reference_policy: str | Path) -> tuple[Path | None, dict | None]:
+    """(checkpoint directory, its state) that ``ppo.resume_from`` names, checked; (None, None) when
+    starting fresh. Raises ConfigError naming the path or file."""
+    if not ppo.resume_from:
+        return None, None
+    ckpt = find_checkpoint(ppo.resume_from)
+    state = read_checkpoint(ckpt, reference_policy)
+    if state["iteration"] >= ppo.iterations:
+        raise ConfigError(f"ppo.resume_from: {ckpt} is at iteration {state['iteration']}; set ppo.iterations "
+                          f"above {state['iteration']} to train on from it")
+    return ckpt, state
 
 
 def _commit_checkpoint(tmp: Path, final: Path, state: dict, metrics_path: Path) -> None:
@@ -319,12 +332,8 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
     out_dir.mkdir(parents=True, exist_ok=True)
     control_file = out_dir / CONTROL_FILE
     ckpt_root = out_dir / CHECKPOINTS
-    resume_dir = find_checkpoint(ppo.resume_from) if ppo.resume_from else None
-    resumed = read_checkpoint(resume_dir, policy_dir) if resume_dir else None
+    resume_dir, resumed = resume_point(ppo, policy_dir)
     start_it = resumed["iteration"] if resumed else 0
-    if start_it >= ppo.iterations:
-        raise ValueError(f"ppo.resume_from: {resume_dir} is at iteration {start_it}; set ppo.iterations above "
-                         f"{start_it} to train on from it")
     # metrics.jsonl holds this run: fresh, or the checkpoint's lines (a failed run's later lines go).
     (out_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in resumed["lines"])
                                            if resumed else "")
