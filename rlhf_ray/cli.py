@@ -6,6 +6,7 @@ Every subcommand takes ``--config FILE.yaml`` and dotted overrides (``rm.num_wor
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -40,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--policy", default=None,
                            help="initial policy (default: model.name_or_path, the embedded model SFT'd)")
             s.add_argument("--rm-via-serve", action="store_true",
-                           help="score through the Ray Serve deployment instead of an in-process RM")
+                           help="same as ppo.rm_scoring=serve: score through the Ray Serve app 'rm' (the one "
+                                "running on the cluster, else one deployed from --rm-checkpoint)")
     return p
 
 
@@ -97,24 +99,15 @@ def cmd_ppo(args, cfg: Config) -> None:
 
     out = Path(cfg.output_dir).resolve()
     rm_dir = Path(args.rm_checkpoint or out / "rm" / "latest")
-    if not (rm_dir / "config.json").exists():
+    if args.rm_via_serve:
+        cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, rm_scoring="serve"))
+    have_rm = (rm_dir / "config.json").exists()
+    if not have_rm and cfg.ppo.rm_scoring != "serve":  # through Serve, a running app needs no local RM
         raise ConfigError(f"--rm-checkpoint: {rm_dir} is not an RM directory (run `rlhf-ray train-rm` first)")
     policy = args.policy or policy_stage(cfg)
     resume_point(cfg.ppo, policy)  # a bad ppo.resume_from fails before Ray starts
     _init_ray(args, cfg)
-    handle = None
-    if args.rm_via_serve:
-        from rlhf_ray.reward.serve import deploy_rm
-
-        url, handle = deploy_rm(cfg.serve, rm_dir, cfg.rm.max_length)
-        print(f"RM served at {url}")
-    try:
-        res = run_ppo(cfg, policy, rm_dir, out / "ppo", rm_handle=handle)
-    finally:
-        if handle is not None:
-            from rlhf_ray.reward.serve import shutdown_rm
-
-            shutdown_rm()
+    res = run_ppo(cfg, policy, rm_dir if have_rm else None, out / "ppo")
     print("\n" + ppo_table(res))
 
 

@@ -133,6 +133,10 @@ class PPOConfig:
     # (0 = only before and after PPO), on this many prompts. It blocks the iteration it runs in.
     eval_every: int = 1
     eval_prompts: int = 64
+    # Where PPO's RM scores come from: "in_process" (the scorer actor loads the RM) or "serve" (the
+    # Ray Serve app "rm": the one already running on the cluster, e.g. from `rlhf-ray serve-rm`, else
+    # one deployed for this run from the RM checkpoint and removed after it).
+    rm_scoring: Literal["in_process", "serve"] = "in_process"
     # Save a resumable checkpoint (policy, value head, optimizer, RNG, KL coefficient, metrics so far)
     # every N iterations into <output_dir>/ppo/checkpoints/iter_NNNNNN (the run's newest two are kept,
     # a resumed run continuing the count; checkpoints/latest points to the newest); 0 = never.

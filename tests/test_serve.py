@@ -221,6 +221,36 @@ def test_a_failing_request_does_not_fail_the_others_in_its_batch():
     assert [len(r) for r in score_jobs(Scorer(), [jobs[0], jobs[2]])] == [1, 2]
 
 
+def test_ppo_scores_through_the_rm_app_already_running(service, rm_dir, policy_dir, test_config, groups,
+                                                       tmp_path):
+    """ppo.rm_scoring=serve with the app "rm" already up (as `rlhf-ray serve-rm` leaves it): PPO's
+    scorer gets the in-process RM's rewards through it, a PPO run needs no RM directory, and the app
+    is still serving afterwards (PPO removes only an app it deployed itself)."""
+    from rlhf_ray.ppo.driver import run_ppo
+    from rlhf_ray.ppo.scoring import RolloutScorer
+    from rlhf_ray.reward.serve import rm_service
+
+    url, handle, deployed = rm_service(service.cfg, None)
+    assert url is None and not deployed
+    prompts = [p for p, rs in groups for _ in rs] * 2
+    responses = [r for _, rs in groups for r in rs] * 2
+    max_pairs = service.cfg.max_prompts * service.cfg.max_responses
+    assert len(prompts) > max_pairs  # more pairs than one request may carry: sent as several
+    np.testing.assert_allclose(RolloutScorer(handle=handle, max_pairs=max_pairs).rm_scores(prompts, responses),
+                               RolloutScorer(rm_dir).rm_scores(prompts, responses), atol=1e-5)
+
+    cfg = dataclasses.replace(
+        test_config, serve=service.cfg,
+        ppo=dataclasses.replace(test_config.ppo, iterations=2, prompts_per_iteration=8, max_new_tokens=8,
+                                minibatch_size=8, rm_scoring="serve", checkpoint_every=0),
+        rollout=dataclasses.replace(test_config.rollout, num_workers=1))
+    lines = []
+    res = run_ppo(cfg, policy_dir, None, tmp_path, log=lines.append, eval_every=0)
+    assert [x for x in lines if "Serve app 'rm'" in x] == ["[ppo] RM scores through the Serve app 'rm': already running"]
+    assert len(res.history) == 2 and all(np.isfinite(h["rm_score"]) for h in res.history)
+    assert requests.get(f"{service.url}/healthz", timeout=10).ok
+
+
 def test_bearer_token(service, rm_dir, monkeypatch):
     from rlhf_ray.reward.serve import deploy_rm, shutdown_rm
 

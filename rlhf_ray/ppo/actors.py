@@ -55,12 +55,12 @@ def start_advantage(ref_model_path: str | Path, ppo_cfg: PPOConfig):
     return cls.remote(str(ref_model_path), ppo_cfg, device="cuda" if gpu else "cpu")
 
 
-def start_scorer(rm_dir: str | Path | None, max_length: int, handle=None):
+def start_scorer(rm_dir: str | Path | None, max_length: int, handle=None, max_pairs: int = 4096):
     # In process, the RM runs on the GPU Ray assigns (RewardScorer picks CUDA when it sees one);
     # through a Serve handle, the deployment has its own resources (serve.num_gpus).
     gpu = handle is None and cluster_has_gpu()
     cls = ray.remote(num_cpus=SMALL_CPUS, num_gpus=SMALL_GPU if gpu else 0)(RolloutScorer)
-    return cls.remote(None if handle is not None else str(rm_dir), max_length, handle)
+    return cls.remote(None if handle is not None else str(rm_dir), max_length, handle, max_pairs)
 
 
 def start_rollout_worker(model_path: str | Path, rollout_cfg: RolloutConfig, worker_id: int, seed: int,

@@ -312,7 +312,8 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
     ``out_dir/metrics.jsonl`` (+ TensorBoard) and ``out_dir/ppo.png``, and stops its actors.
 
     ``rm_handle``: a Serve handle of the RM (rlhf_ray.reward.serve.deploy_rm) used instead of loading
-    ``rm_dir`` in-process. ``bucket_bytes`` and ``eval_every`` override rollout.weight_bucket_mib and
+    ``rm_dir`` in-process; without one, ``ppo.rm_scoring=serve`` uses the Serve app "rm" running on
+    the cluster, else deploys ``rm_dir`` as it for this run. ``bucket_bytes`` and ``eval_every`` override rollout.weight_bucket_mib and
     ppo.eval_every. Every ``ppo.checkpoint_every`` iterations a checkpoint goes to
     ``out_dir/checkpoints``; ``ppo.resume_from`` continues from one (``policy_dir`` stays the
     reference policy). ``eval_every``: held-out evaluation period in iterations (the last iteration
@@ -354,7 +355,17 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
     start_policy = resume_dir / "policy" if resumed else policy_dir
     learner = actors.start_learner(start_policy, ppo)
     advantage = actors.start_advantage(policy_dir, ppo)
-    scorer = actors.start_scorer(rm_dir, cfg.rm.max_length, rm_handle)
+    deployed = False  # ppo.rm_scoring=serve without a handle: the running app "rm", or one of ours
+    if rm_handle is None and ppo.rm_scoring == "serve":
+        from rlhf_ray.reward.serve import rm_service
+
+        try:
+            url, rm_handle, deployed = rm_service(cfg.serve, rm_dir, cfg.rm.max_length)
+        except ValueError as e:
+            raise ConfigError(f"ppo.rm_scoring=serve: {e}") from None
+        log(f"[ppo] RM scores through the Serve app 'rm': {f'deployed at {url}' if deployed else 'already running'}")
+    scorer = actors.start_scorer(rm_dir, cfg.rm.max_length, rm_handle,
+                                 max_pairs=cfg.serve.max_prompts * cfg.serve.max_responses)
     pool = RolloutPool(start_policy, rc, seed=ppo.seed, log=log, version=resumed["policy_version"] if resumed else 0)
     try:
         if resumed:
@@ -511,8 +522,10 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
             log(_progress(m, ppo.iterations))
             if "eval_examples" in evaluation:
                 log(f"[ppo]   e.g. {evaluation['eval_examples'][0]!r}")
-            if saving is not None:
-                _get_small(saving)
+            if saving is not None and not Path(_get_small(saving)).is_dir():
+                log(f"[ppo] checkpoint not completed: the learner wrote it to {tmp_ckpt} on its own node, which "
+                    f"this driver does not see (put output_dir on shared storage, or ppo.checkpoint_every=0)")
+            elif saving is not None:
                 final = ckpt_root / f"iter_{it + 1:06d}"
                 saved.append(final)
                 stale, saved[:] = saved[:-CHECKPOINTS_KEPT], saved[-CHECKPOINTS_KEPT:]
@@ -557,3 +570,7 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
         pool.shutdown()
         for actor in (learner, advantage, scorer):
             ray.kill(actor)
+        if deployed:
+            from rlhf_ray.reward.serve import shutdown_rm
+
+            shutdown_rm("rm")

@@ -55,10 +55,13 @@ def gold_rewards(prompts: list[str], responses: list[str]) -> np.ndarray:
 class RolloutScorer:
     """Scores rollouts with the RM: in-process from ``rm_dir`` or through a Serve ``handle``."""
 
-    def __init__(self, rm_dir: str | Path | None = None, max_length: int = 64, handle=None):
+    def __init__(self, rm_dir: str | Path | None = None, max_length: int = 64, handle=None,
+                 max_pairs: int = 4096):
+        """``max_pairs``: the most (prompt, response) pairs one request to the service may carry (its
+        serve.max_prompts x serve.max_responses); bigger batches go as several concurrent requests."""
         if (rm_dir is None) == (handle is None):
             raise ValueError("RolloutScorer: give exactly one of rm_dir (in-process) or handle (Serve)")
-        self.handle, self.scorer = handle, None
+        self.handle, self.scorer, self.max_pairs = handle, None, max(1, int(max_pairs))
         if handle is None:
             from rlhf_ray.reward.scorer import RewardScorer
 
@@ -67,8 +70,10 @@ class RolloutScorer:
     def rm_scores(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         """R(x_i, y_i), float32 [B]."""
         if self.handle is not None:
-            out = self.handle.score_pairs.remote(list(prompts), list(responses)).result()
-            return np.asarray(out["rewards"], dtype=np.float32)
+            n = self.max_pairs
+            calls = [self.handle.score_pairs.remote(list(prompts[i:i + n]), list(responses[i:i + n]))
+                     for i in range(0, len(prompts), n)]
+            return np.asarray([r for c in calls for r in c.result()["rewards"]], dtype=np.float32)
         return self.scorer.score_pairs(list(prompts), list(responses)).astype(np.float32)
 
     def score(self, *rollouts: Rollout) -> ScoredRollout:

@@ -481,6 +481,27 @@ def deploy_rm(serve_cfg: ServeConfig, checkpoint_dir: str | Path, max_length: in
     return url, handle
 
 
+def rm_service(serve_cfg: ServeConfig, checkpoint_dir: str | Path | None, max_length: int = 64,
+               name: str = "rm") -> tuple[str | None, object, bool]:
+    """The RM as a service for a client job (PPO): the app ``name`` if it already runs on this Ray
+    cluster (``rlhf-ray serve-rm``, another job), else one deployed from ``checkpoint_dir``.
+    Returns ``(url or None for a running app, handle, deployed_here)``; remove what was deployed
+    here with :func:`shutdown_rm`."""
+    from ray.serve.schema import ApplicationStatus
+
+    from rlhf_ray.runtime import init_ray
+
+    init_ray()
+    app = serve.status().applications.get(name)
+    if app is not None and app.status == ApplicationStatus.RUNNING:
+        return None, serve.get_app_handle(name), False
+    if checkpoint_dir is None:
+        raise ValueError(f"no Serve app {name!r} is running on this Ray cluster, and no RM checkpoint was "
+                         f"given to deploy one")
+    url, handle = deploy_rm(serve_cfg, checkpoint_dir, max_length, name)
+    return url, handle, True
+
+
 def shutdown_rm(name: str | None = None) -> None:
     """Delete the app ``name``, or (None) shut Serve down entirely; do this before ``ray.shutdown()``."""
     if name is None:
