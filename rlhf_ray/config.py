@@ -196,8 +196,8 @@ _POSITIVE = {
     "model.vocab_size", "model.max_positions", "model.intermediate_size", "rollout.kv_cache_mib",
 }
 _NONNEG = {
-    "rm.num_workers", "ppo.eval_every", "ppo.checkpoint_every", "serve.min_replicas", "ppo.beta", "ppo.c1", "ppo.entropy_coef",
-    "ppo.kl_coef",
+    "rm.num_workers", "ppo.eval_every", "ppo.checkpoint_every", "serve.min_replicas", "ppo.beta", "ppo.c1",
+    "ppo.entropy_coef", "ppo.kl_coef",
     "ppo.truncation_penalty", "serve.num_gpus", "rollout.gpus_per_worker", "rm.weight_decay",
 }
 _POSITIVE_FLOAT = {

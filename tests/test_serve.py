@@ -246,7 +246,8 @@ def test_ppo_scores_through_the_rm_app_already_running(service, rm_dir, policy_d
         rollout=dataclasses.replace(test_config.rollout, num_workers=1))
     lines = []
     res = run_ppo(cfg, policy_dir, None, tmp_path, log=lines.append, eval_every=0)
-    assert [x for x in lines if "Serve app 'rm'" in x] == ["[ppo] RM scores through the Serve app 'rm': already running"]
+    said = [x for x in lines if "Serve app 'rm'" in x]
+    assert said == ["[ppo] RM scores through the Serve app 'rm': already running"]
     assert len(res.history) == 2 and all(np.isfinite(h["rm_score"]) for h in res.history)
     assert requests.get(f"{service.url}/healthz", timeout=10).ok
 

@@ -313,8 +313,8 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
 
     ``rm_handle``: a Serve handle of the RM (rlhf_ray.reward.serve.deploy_rm) used instead of loading
     ``rm_dir`` in-process; without one, ``ppo.rm_scoring=serve`` uses the Serve app "rm" running on
-    the cluster, else deploys ``rm_dir`` as it for this run. ``bucket_bytes`` and ``eval_every`` override rollout.weight_bucket_mib and
-    ppo.eval_every. Every ``ppo.checkpoint_every`` iterations a checkpoint goes to
+    the cluster, else deploys ``rm_dir`` as it for this run. ``bucket_bytes`` and ``eval_every``
+    override rollout.weight_bucket_mib and ppo.eval_every. Every ``ppo.checkpoint_every`` iterations a checkpoint goes to
     ``out_dir/checkpoints``; ``ppo.resume_from`` continues from one (``policy_dir`` stays the
     reference policy). ``eval_every``: held-out evaluation period in iterations (the last iteration
     is always evaluated; 0 = only before and after). Raises WeightSyncError when an engine's logprobs
@@ -351,10 +351,6 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
     start = time.perf_counter()
 
     # ---- actors
-    # A resumed run: learner and engines start from the checkpoint's policy, the reference stays.
-    start_policy = resume_dir / "policy" if resumed else policy_dir
-    learner = actors.start_learner(start_policy, ppo)
-    advantage = actors.start_advantage(policy_dir, ppo)
     deployed = False  # ppo.rm_scoring=serve without a handle: the running app "rm", or one of ours
     if rm_handle is None and ppo.rm_scoring == "serve":
         from rlhf_ray.reward.serve import rm_service
@@ -363,7 +359,12 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
             url, rm_handle, deployed = rm_service(cfg.serve, rm_dir, cfg.rm.max_length)
         except ValueError as e:
             raise ConfigError(f"ppo.rm_scoring=serve: {e}") from None
-        log(f"[ppo] RM scores through the Serve app 'rm': {f'deployed at {url}' if deployed else 'already running'}")
+        log(f"[ppo] RM scores through the Serve app 'rm': "
+            f"{f'deployed at {url}' if deployed else 'already running'}")
+    # A resumed run: learner and engines start from the checkpoint's policy, the reference stays.
+    start_policy = resume_dir / "policy" if resumed else policy_dir
+    learner = actors.start_learner(start_policy, ppo)
+    advantage = actors.start_advantage(policy_dir, ppo)
     scorer = actors.start_scorer(rm_dir, cfg.rm.max_length, rm_handle,
                                  max_pairs=cfg.serve.max_prompts * cfg.serve.max_responses)
     pool = RolloutPool(start_policy, rc, seed=ppo.seed, log=log, version=resumed["policy_version"] if resumed else 0)
