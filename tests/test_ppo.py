@@ -469,3 +469,28 @@ def test_ppo_resumes_from_a_checkpoint_as_if_never_stopped(ray_cluster, test_con
     with pytest.raises(ValueError, match=str(bad / "trainer_state.json") + ": not valid JSON"):
         run_ppo(dataclasses.replace(cfg, ppo=dataclasses.replace(ppo, resume_from=str(bad))),
                 policy_dir, rm_dir, tmp_path / "c")
+
+
+def test_drift_past_the_threshold_stops_the_run_loudly(ray_cluster, test_config, policy_dir, rm_dir, tmp_path):
+    """rollout.max_logprob_drift below what fp32 engine and learner agree to (~1e-6 here): the drift
+    check after the first sync fails the run with WeightSyncError naming worker and version (in
+    one-step-off mode, where the probe's answer comes after the next rollout), and the shared-memory
+    weight files are removed."""
+    import glob
+    import re
+
+    from rlhf_ray.ppo.driver import WeightSyncError, run_ppo
+
+    cfg = dataclasses.replace(
+        test_config,
+        ppo=ppo_cfg(test_config, iterations=3, prompts_per_iteration=8, max_new_tokens=8, minibatch_size=8,
+                    checkpoint_every=0),
+        rollout=dataclasses.replace(test_config.rollout, num_workers=1, async_one_step_off=True,
+                                    max_logprob_drift=1e-12))
+    lines = []
+    with pytest.raises(WeightSyncError, match=r"iteration 1: rollout worker 0 logprobs differ from the learner's "
+                                              r"by .* > rollout.max_logprob_drift=1e-12 after syncing version 1"):
+        run_ppo(cfg, policy_dir, rm_dir, tmp_path, log=lines.append, eval_every=0)
+    slots = [m.group(1) for x in lines for m in [re.search(r"in (/dev/shm/\S+)slot\{0,1\}", x)] if m]
+    assert len(slots) == 1 and not glob.glob(slots[0] + "*")
+    assert not any(x.startswith("[ppo] it ") for x in lines)  # no iteration was reported as done
