@@ -439,6 +439,8 @@ def test_ppo_resumes_from_a_checkpoint_as_if_never_stopped(ray_cluster, test_con
     assert find_checkpoint(tmp_path / "a") == (ckpts / "iter_000004").resolve()
 
     lines = []
+    partial = tmp_path / "b" / "checkpoints" / ".tmp-iter_000003" / "policy"  # as a crash mid-save leaves it
+    partial.mkdir(parents=True)
     resumed = dataclasses.replace(cfg, ppo=dataclasses.replace(ppo, resume_from=str(ckpts / "iter_000002")))
     b = run_ppo(resumed, policy_dir, rm_dir, tmp_path / "b", log=lines.append, eval_every=0)
     assert any("resuming from" in x and "iteration 2" in x for x in lines)
@@ -454,6 +456,7 @@ def test_ppo_resumes_from_a_checkpoint_as_if_never_stopped(ray_cluster, test_con
     steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3, 4]
     assert (tmp_path / "b" / "checkpoints" / "latest").resolve().name == "iter_000004"
+    assert not partial.parent.exists()
 
     # Bad input: nothing to go on with, a non-checkpoint, a damaged state file.
     with pytest.raises(ValueError, match="at iteration 4; set ppo.iterations above 4"):

@@ -314,9 +314,9 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
     ``rm_handle``: a Serve handle of the RM (rlhf_ray.reward.serve.deploy_rm) used instead of loading
     ``rm_dir`` in-process; without one, ``ppo.rm_scoring=serve`` uses the Serve app "rm" running on
     the cluster, else deploys ``rm_dir`` as it for this run. ``bucket_bytes`` and ``eval_every``
-    override rollout.weight_bucket_mib and ppo.eval_every. Every ``ppo.checkpoint_every`` iterations a checkpoint goes to
-    ``out_dir/checkpoints``; ``ppo.resume_from`` continues from one (``policy_dir`` stays the
-    reference policy). ``eval_every``: held-out evaluation period in iterations (the last iteration
+    override rollout.weight_bucket_mib and ppo.eval_every. Every ``ppo.checkpoint_every``
+    iterations a checkpoint goes to ``out_dir/checkpoints``; ``ppo.resume_from`` continues from one
+    (``policy_dir`` stays the reference policy). ``eval_every``: held-out evaluation period in iterations (the last iteration
     is always evaluated; 0 = only before and after). Raises WeightSyncError when an engine's logprobs
     drift from the learner's by more than ``rollout.max_logprob_drift`` after a sync.
     """
@@ -339,6 +339,8 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
     (out_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in resumed["lines"])
                                            if resumed else "")
     metrics_log = MetricsLog(out_dir / "metrics.jsonl")
+    for partial in ckpt_root.glob(".tmp-iter_*"):  # a crashed run's incomplete checkpoints: never resumable
+        shutil.rmtree(partial, ignore_errors=True)
     if not resumed and (ckpt_root / "latest").is_symlink():  # "latest" must not name an earlier run's
         (ckpt_root / "latest").unlink()
         log(f"[ppo] starting fresh: {ckpt_root} keeps an earlier run's checkpoints (resume one with "
