@@ -316,9 +316,10 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
     the cluster, else deploys ``rm_dir`` as it for this run. ``bucket_bytes`` and ``eval_every``
     override rollout.weight_bucket_mib and ppo.eval_every. Every ``ppo.checkpoint_every``
     iterations a checkpoint goes to ``out_dir/checkpoints``; ``ppo.resume_from`` continues from one
-    (``policy_dir`` stays the reference policy). ``eval_every``: held-out evaluation period in iterations (the last iteration
-    is always evaluated; 0 = only before and after). Raises WeightSyncError when an engine's logprobs
-    drift from the learner's by more than ``rollout.max_logprob_drift`` after a sync.
+    (``policy_dir`` stays the reference policy). ``eval_every``: held-out evaluation period in
+    iterations (the last iteration is always evaluated; 0 = only before and after). Raises
+    WeightSyncError when an engine's logprobs drift from the learner's by more than
+    ``rollout.max_logprob_drift`` after a sync.
     """
     import ray
 
