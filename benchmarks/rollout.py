@@ -3,6 +3,7 @@ sampling settings; and weight-sync cost against a plain memory copy of the same 
 
     .venv/bin/python benchmarks/rollout.py                      # both models, the demo's batch
     .venv/bin/python benchmarks/rollout.py --models big --repeats 5 --new-tokens 48
+    .venv/bin/python benchmarks/rollout.py --models big --profile   # + where a decode step's time goes
 
 Two workloads on each model, batch ``--batch`` (default 64, the demo's ppo.prompts_per_iteration):
 
@@ -16,7 +17,8 @@ Two workloads on each model, batch ``--batch`` (default 64, the demo's ppo.promp
 
 Each backend runs in its own subprocess with the same thread count (``--threads``, default 1: what a
 rollout actor with ``cpus_per_worker=1`` gets), because in-process vLLM rebinds the host's torch
-threads and memory. Temperature 1, top_p 1 throughout. vLLM runs twice: with plain weights (the
+threads and memory; ``--rounds`` (default 2) interleaves the backends' processes, because this
+shared VM's speed drifts by up to ~30 % over minutes, and takes the best run of all rounds. Temperature 1, top_p 1 throughout. vLLM runs twice: with plain weights (the
 default ``rollout.cpu_plain_weights``: weight syncs copy in place) and with vLLM's packed oneDNN
 weights (syncs replay vLLM's loader). Models are random-weight Llamas with the embedded tokenizer:
 "big" (~28M parameters) and "tiny" (the demo's default shape).
@@ -74,7 +76,30 @@ def demo_lengths(batch: int, new_tokens: int, cache_dir: str) -> list[int]:
     return [int(n) for n in r.response_mask.sum(1)]
 
 
-def run_vllm(model_dir: str, lengths: list[int], new_tokens: int, repeats: int, plain: bool) -> dict:
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "_C::onednn_mm")
+
+
+def profiled(fn) -> dict:
+    """Wall ms of ``fn()`` under torch.profiler and the self-CPU ms of its GEMMs, of its attention
+    (vLLM's CPU attention and KV-cache kernels, HF's SDPA) and of everything else."""
+    import torch
+
+    with torch.profiler.profile() as prof:
+        t0 = time.perf_counter()
+        fn()
+        wall = (time.perf_counter() - t0) * 1e3
+    gemm = attention = 0.0
+    for e in prof.key_averages():
+        ms = e.self_cpu_time_total / 1e3
+        if e.key in GEMM_OPS:
+            gemm += ms
+        elif "attention" in e.key or "reshape_and_cache" in e.key or "scaled_dot_product" in e.key:
+            attention += ms
+    return {"wall_ms": wall, "gemm_ms": gemm, "attention_ms": attention, "rest_ms": wall - gemm - attention}
+
+
+def run_vllm(model_dir: str, lengths: list[int], new_tokens: int, repeats: int, plain: bool,
+             profile: bool = False) -> dict:
     import numpy as np
 
     from rlhf_ray.config import RolloutConfig
@@ -94,6 +119,8 @@ def run_vllm(model_dir: str, lengths: list[int], new_tokens: int, repeats: int, 
             assert r.num_tokens == (len(ps) * new_tokens if workload == "fixed" else sum(lengths))
             wall.append(r.num_tokens / r.gen_seconds)
         res[workload] = wall
+    if profile:
+        res["profile"] = profiled(lambda: worker.generate(ps, new_tokens, 1.0, 1.0, seed=99, ignore_eos=True))
 
     # Weight sync: the model's own weights, as the learner would send them.
     from safetensors.numpy import load_file
@@ -117,7 +144,7 @@ def run_vllm(model_dir: str, lengths: list[int], new_tokens: int, repeats: int, 
                 copy_s=min(copy))
 
 
-def run_hf(model_dir: str, lengths: list[int], new_tokens: int, repeats: int) -> dict:
+def run_hf(model_dir: str, lengths: list[int], new_tokens: int, repeats: int, profile: bool = False) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -141,6 +168,9 @@ def run_hf(model_dir: str, lengths: list[int], new_tokens: int, repeats: int) ->
                 assert out.shape[1] - enc["input_ids"].shape[1] == steps
                 wall.append(useful / dt)
             res[workload] = wall
+        if profile:
+            res["profile"] = profiled(lambda: model.generate(**enc, max_new_tokens=new_tokens,
+                                                             min_new_tokens=new_tokens, **kw))
     return res
 
 
@@ -148,15 +178,17 @@ def child(args) -> None:
     if args.backend == "lengths":
         out = demo_lengths(args.batch, args.new_tokens, args.cache_dir)
     elif args.backend == "hf":
-        out = run_hf(args.model_dir, json.loads(args.lengths), args.new_tokens, args.repeats)
+        out = run_hf(args.model_dir, json.loads(args.lengths), args.new_tokens, args.repeats, args.profile)
     else:
         out = run_vllm(args.model_dir, json.loads(args.lengths), args.new_tokens, args.repeats,
-                       plain=args.backend == "vllm")
+                       plain=args.backend == "vllm", profile=args.profile and args.backend == "vllm")
     print("RESULT " + json.dumps(out))
 
 
 def run_child(env: dict, **kw) -> dict | list:
-    cmd = [sys.executable, __file__] + [a for k, v in kw.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    # A value of "" passes a bare flag (--profile).
+    cmd = [sys.executable, __file__] + [a for k, v in kw.items()
+                                        for a in (f"--{k.replace('_', '-')}", str(v))[:1 if v == "" else 2]]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     if out.returncode or not line:
@@ -172,8 +204,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=2, help="each backend's process this many times, interleaved")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache-dir", default=".cache/rlhf_ray")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one fixed-workload generate of HF and vLLM (plain weights): "
+                         "ms per decode step in GEMMs, attention and the rest")
     ap.add_argument("--backend", choices=["vllm", "vllm-packed", "hf", "lengths"], help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--lengths", help=argparse.SUPPRESS)
@@ -192,13 +228,23 @@ def main() -> None:
             from safetensors.numpy import load_file
 
             n_params = sum(a.size for a in load_file(model_dir / "model.safetensors").values())
-            res = {backend: run_child(env, backend=backend, model_dir=model_dir, lengths=json.dumps(lengths),
-                                      **common)
-                   for backend in ("hf", "vllm", "vllm-packed")}
+            # Rounds of HF, vLLM, vLLM packed in turn, so that a machine whose speed drifts over the
+            # minutes (a shared VM) slows every backend alike; the runs of all rounds are pooled.
+            res: dict = {}
+            for r in range(args.rounds):
+                for backend in ("hf", "vllm", "vllm-packed"):
+                    extra = {"profile": ""} if args.profile and r == 0 else {}
+                    out = run_child(env, backend=backend, model_dir=model_dir, lengths=json.dumps(lengths),
+                                    **common, **extra)
+                    if backend in res:
+                        for workload in ("fixed", "demo"):
+                            res[backend][workload] += out[workload]
+                    else:
+                        res[backend] = out
             rows.append((name, n_params, res))
 
-    print(f"\nbatch {args.batch}, temperature 1, top_p 1, {args.threads} thread(s), best of {args.repeats} runs "
-          f"(the least disturbed on a shared machine), response tokens/s")
+    print(f"\nbatch {args.batch}, temperature 1, top_p 1, {args.threads} thread(s), best of {args.rounds} x "
+          f"{args.repeats} runs (the least disturbed on a shared machine), response tokens/s")
     print(f"demo lengths (SFT policy, <= {args.new_tokens}): mean {np.mean(lengths):.1f}, max {max(lengths)}, "
           f"{sum(n == args.new_tokens for n in lengths)} of {len(lengths)} at the limit")
     print(f"{'model':<6} {'params':>8} {'workload':<12} {'HF':>8} {'vLLM':>8} {'ratio':>6} "
@@ -216,6 +262,15 @@ def main() -> None:
             v = res[backend]
             print(f"{name:<6} {v['bytes'] / 1e6:>7.1f} {label:<15} {v['mode']:<9} {v['sync_s'] * 1e3:>8.1f} "
                   f"{v['copy_s'] * 1e3:>8.1f} {v['sync_s'] / v['copy_s']:>5.2f}x")
+    if args.profile:
+        print(f"\none fixed-workload generate under torch.profiler (which slows it), ms per decode step "
+              f"(/{args.new_tokens}): self-CPU time of GEMMs, of attention, and the rest of the wall time")
+        print(f"{'model':<6} {'backend':<8} {'wall':>7} {'GEMM':>7} {'attention':>10} {'rest':>7}")
+        for name, _, res in rows:
+            for backend, label in (("hf", "HF"), ("vllm", "vLLM")):
+                pr = {k: v / args.new_tokens for k, v in res[backend]["profile"].items()}
+                print(f"{name:<6} {label:<8} {pr['wall_ms']:>7.1f} {pr['gemm_ms']:>7.1f} {pr['attention_ms']:>10.1f} "
+                      f"{pr['rest_ms']:>7.1f}")
     for name, _, res in rows:
         print(f"{name}: vLLM engine start {res['vllm']['start_s']:.1f} s; all runs tok/s " + "; ".join(
             f"{b} {w} {[round(x) for x in res[b][w]]}" for b in ("hf", "vllm", "vllm-packed")
