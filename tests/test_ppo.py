@@ -285,6 +285,27 @@ def test_learner_checkpoint_goes_on_training_exactly(learner_and_batch, tmp_path
         fresh.load_checkpoint(path)
 
 
+def test_a_resumed_run_replaces_tensorboard_steps_after_its_checkpoint(tmp_path):
+    """A run logged steps 1-5 and failed; resumed from its step-2 checkpoint (purge_step 3), the
+    steps TensorBoard shows are the first run's 1-2 and the resumed run's 3-4."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from rlhf_ray.reward.train import MetricsLog
+
+    first = MetricsLog(tmp_path / "metrics.jsonl")
+    for step in range(1, 6):
+        first.write(step, {"gold": float(step)})
+    first.tb.close()
+    resumed = MetricsLog(tmp_path / "metrics.jsonl", purge_step=3)
+    for step in (3, 4):
+        resumed.write(step, {"gold": 10.0 + step})
+    resumed.tb.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("gold")] == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]
+
+
 def test_weight_buckets_round_trip_the_policy_state_dict(learner_and_batch, tmp_path):
     from transformers import AutoModelForCausalLM
 

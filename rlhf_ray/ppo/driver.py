@@ -339,7 +339,7 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
     # metrics.jsonl holds this run: fresh, or the checkpoint's lines (a failed run's later lines go).
     (out_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in resumed["lines"])
                                            if resumed else "")
-    metrics_log = MetricsLog(out_dir / "metrics.jsonl")
+    metrics_log = MetricsLog(out_dir / "metrics.jsonl", purge_step=start_it + 1 if resumed else None)
     for partial in ckpt_root.glob(".tmp-iter_*"):  # a crashed run's incomplete checkpoints: never resumable
         shutil.rmtree(partial, ignore_errors=True)
     if not resumed and (ckpt_root / "latest").is_symlink():  # "latest" must not name an earlier run's

@@ -67,7 +67,9 @@ def evaluate(model, tokenizer, records: list[dict], max_length: int, batch_size:
 class MetricsLog:
     """Appends metrics to a JSONL file and, when tensorboard is installed, to TensorBoard."""
 
-    def __init__(self, path: str | Path | None):
+    def __init__(self, path: str | Path | None, purge_step: int | None = None):
+        """``purge_step``: a resumed run's first new step; TensorBoard drops the earlier run's events
+        from there on (they were logged after the checkpoint it resumes from)."""
         self.path = Path(path) if path else None
         self.tb = None
         if self.path:
@@ -75,7 +77,7 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(self.path.parent / "tensorboard"))
+                self.tb = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=purge_step)
             except Exception:  # tensorboard is optional
                 self.tb = None
 
