@@ -18,9 +18,10 @@ Two workloads on each model, batch ``--batch`` (default 64, the demo's ppo.promp
 Each backend runs in its own subprocess with the same thread count (``--threads``, default 1: what a
 rollout actor with ``cpus_per_worker=1`` gets), because in-process vLLM rebinds the host's torch
 threads and memory; ``--rounds`` (default 2) interleaves the backends' processes, because this
-shared VM's speed drifts by up to ~30 % over minutes, and takes the best run of all rounds. Temperature 1, top_p 1 throughout. vLLM runs twice: with plain weights (the
-default ``rollout.cpu_plain_weights``: weight syncs copy in place) and with vLLM's packed oneDNN
-weights (syncs replay vLLM's loader). Models are random-weight Llamas with the embedded tokenizer:
+shared VM's speed drifts by up to ~30 % over minutes, and takes the best run of all rounds.
+Temperature 1, top_p 1 throughout. vLLM runs twice: with plain weights (the default
+``rollout.cpu_plain_weights``: weight syncs copy in place) and with vLLM's packed oneDNN weights
+(syncs replay vLLM's loader). Models are random-weight Llamas with the embedded tokenizer:
 "big" (~28M parameters) and "tiny" (the demo's default shape).
 """
 

@@ -183,9 +183,9 @@ class Learner:
 
     def weight_shapes(self) -> dict[str, list[int]]:
         """Name -> shape of every weight sent to the engines (HF names)."""
-        from rlhf_ray.ppo.weights import SKIP_SUFFIXES
+        from rlhf_ray.ppo.weights import exported_entries
 
-        return {k: list(v.shape) for k, v in self.policy.state_dict().items() if not k.endswith(SKIP_SUFFIXES)}
+        return {k: list(v.shape) for k, v in exported_entries(self.policy.state_dict())}
 
     def write_shared_weights(self, spec: dict, slot: int, *after) -> dict:
         """Write the policy into slot ``slot`` of the engines' shared weights

@@ -35,7 +35,9 @@ def _to_numpy(value, copy: bool = True) -> np.ndarray:
     return np.array(arr, dtype=dtype, order="C", copy=True if copy else None)
 
 
-def _entries(state_dict: Mapping, strip_prefix: str):
+def exported_entries(state_dict: Mapping, strip_prefix: str = ""):
+    """(name, value) of every weight the engines take: ``strip_prefix`` removed (names without it
+    skipped), SKIP_SUFFIXES buffers left out."""
     for name, value in state_dict.items():
         if strip_prefix:
             if not name.startswith(strip_prefix):
@@ -61,7 +63,7 @@ def bucket_names(state_dict: Mapping, bucket_bytes: int, strip_prefix: str = "")
     out: list[list[str]] = []
     current: list[str] = []
     size = 0
-    for name, value in _entries(state_dict, strip_prefix):
+    for name, value in exported_entries(state_dict, strip_prefix):
         n = _exported_nbytes(value)
         if current and size + n > bucket_bytes:
             out.append(current)
@@ -88,7 +90,7 @@ def state_dict_buckets(state_dict: Mapping, bucket_bytes: int = 256 << 20,
     store when the method returns), which saves one full copy of the model per sync.
     """
     names = bucket_names(state_dict, bucket_bytes, strip_prefix)
-    entries = dict(_entries(state_dict, strip_prefix))
+    entries = dict(exported_entries(state_dict, strip_prefix))
     return [{n: _to_numpy(entries[n], copy) for n in bucket} for bucket in names]
 
 
