@@ -3,7 +3,7 @@ sampling settings; and weight-sync cost against a plain memory copy of the same 
 
     .venv/bin/python benchmarks/rollout.py                      # both models, the demo's batch
     .venv/bin/python benchmarks/rollout.py --models big --repeats 5 --new-tokens 48
-    .venv/bin/python benchmarks/rollout.py --models big --profile   # + where a decode step's time goes
+    .venv/bin/python benchmarks/rollout.py --models big --profile   # + where a decode step's time goes, bound
 
 Two workloads on each model, batch ``--batch`` (default 64, the demo's ppo.prompts_per_iteration):
 
@@ -210,7 +210,8 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=".cache/rlhf_ray")
     ap.add_argument("--profile", action="store_true",
                     help="also profile one fixed-workload generate of HF and vLLM (plain weights): "
-                         "ms per decode step in GEMMs, attention and the rest")
+                         "ms per decode step in GEMMs, attention and the rest, and the ratio vLLM would "
+                         "reach with no time outside its GEMMs")
     ap.add_argument("--backend", choices=["vllm", "vllm-packed", "hf", "lengths"], help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--lengths", help=argparse.SUPPRESS)
@@ -272,6 +273,15 @@ def main() -> None:
                 pr = {k: v / args.new_tokens for k, v in res[backend]["profile"].items()}
                 print(f"{name:<6} {label:<8} {pr['wall_ms']:>7.1f} {pr['gemm_ms']:>7.1f} {pr['attention_ms']:>10.1f} "
                       f"{pr['rest_ms']:>7.1f}")
+            # Both run the same GEMM FLOPs on this workload: vLLM can only gain on the time outside them.
+            # HF's step from its best unprofiled run (the profiler slows HF's many small ops more).
+            hf_step = 1e3 * args.batch / max(res["hf"]["fixed"])
+            vp = {k: v / args.new_tokens for k, v in res["vllm"]["profile"].items()}
+            gemm = vp["gemm_ms"]
+            print(f"{name:<6} bound: HF's best unprofiled step {hf_step:.1f} ms; vLLM's GEMMs alone {gemm:.1f} ms "
+                  f"per step, so even with nothing else vLLM would reach {hf_step / gemm:.2f}x (fixed "
+                  f"workload), and 1.5x leaves {hf_step / 1.5 - gemm:.1f} ms per step outside its GEMMs "
+                  f"(profiled now: {vp['wall_ms'] - gemm:.1f})")
     for name, _, res in rows:
         print(f"{name}: vLLM engine start {res['vllm']['start_s']:.1f} s; all runs tok/s " + "; ".join(
             f"{b} {w} {[round(x) for x in res[b][w]]}" for b in ("hf", "vllm", "vllm-packed")
