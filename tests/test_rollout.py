@@ -1,6 +1,7 @@
 """RolloutWorker on a real vLLM engine (in-process, CPU, float32): rollout layout, sampled logprobs
 against a transformers recomputation, weight sync (every engine's weights change, prefix cache
-invalidated), and two workers as Ray actors fed by one object ref.
+invalidated), and two workers as Ray actors fed by one object ref (one with its engine in a separate
+process, as on GPUs).
 
 One engine serves the whole module; tests that load other weights put the SFT weights back.
 """
@@ -453,11 +454,13 @@ def test_two_ray_workers_one_object_ref(ray_cluster, policy_dir, test_config, sf
     ray = ray_cluster
     from rlhf_ray.ppo.rollout import RolloutWorker
 
-    Worker = ray.remote(num_cpus=1, runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}})(
-        RolloutWorker)
-    workers = [Worker.remote(str(policy_dir), test_config.rollout, worker_id=i, seed=0) for i in range(2)]
+    # Worker 1's engine runs in a process of its own, vLLM's default on GPUs: weights then cross to it
+    # as safetensors bytes (msgpack carries no arrays), the path GPU engines take.
+    workers = [ray.remote(num_cpus=1, runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": str(i)}})(
+        RolloutWorker).remote(str(policy_dir), test_config.rollout, worker_id=i, seed=0) for i in range(2)]
     try:
         assert ray.get([w.ready.remote() for w in workers], timeout=240) == [True, True]
+        assert ray.get([w.__ray_call__.remote(lambda self: self.in_process) for w in workers]) == [True, False]
         prompts = synthetic.prompts(8, seed=7)
         rollouts = ray.get([w.generate.remote(prompts, 16, 1.0, 1.0, 11) for w in workers], timeout=120)
         for i, r in enumerate(rollouts):
