@@ -145,6 +145,11 @@ class PPOConfig:
     # ("" = start fresh). The run goes on to ppo.iterations with the same prompts and seeds it would
     # have had; in synchronous mode it repeats the uninterrupted run's iterations.
     resume_from: str = ""
+    # Like Ray Train's FailureConfig(max_failures): when a PPO actor or its node dies (crash,
+    # OOM kill, lost objects), stop the run's actors and start them again from the run's newest
+    # checkpoint (else from where the run began), at most this many times; -1 = no limit. Errors raised
+    # by the code itself (bad input, the drift check) are never retried.
+    max_failures: int = 0
     seed: int = 0
 
 
@@ -290,6 +295,8 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"serve.max_replicas: must be >= serve.min_replicas ({cfg.serve.min_replicas})")
     if not 0 < cfg.serve.port < 65536:
         raise ConfigError(f"serve.port: must be in 1..65535, got {cfg.serve.port}")
+    if cfg.ppo.max_failures < -1:
+        raise ConfigError(f"ppo.max_failures: must be >= 0, or -1 for no limit, got {cfg.ppo.max_failures}")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -341,6 +341,27 @@ def test_control_file_sets_the_number_of_workers(tmp_path):
     assert _requested_workers(path, said.append) is None and "expected an integer" in said[0]
 
 
+def test_only_deaths_and_lost_objects_count_as_failures_to_restart_from():
+    import ray.exceptions as rex
+
+    from rlhf_ray.ppo.driver import _system_failure
+
+    died = rex.ActorDiedError()
+    assert _system_failure(died) == "ActorDiedError: The actor died unexpectedly before finishing this task."
+    # An actor task whose input came from the dead actor: the cause is followed, wrapped or not.
+    wrapped = rex.RayTaskError("Learner.train", "tb", rex.RayTaskError("RolloutScorer.score", "tb", died))
+    assert _system_failure(wrapped) == _system_failure(wrapped.as_instanceof_cause()) == _system_failure(died)
+    assert _system_failure(rex.ObjectLostError("ab12", "owner", "")).startswith("ObjectLostError: ")
+    # Code that raised (bad input, the drift check, a timeout) would only fail again.
+    from rlhf_ray.ppo.driver import WeightSyncError
+
+    init_failed = rex.ActorDiedError(rex.RayTaskError("Learner.__init__", "tb", ValueError("no model")))
+    assert init_failed.actor_init_failed
+    for err in (ValueError("bad"), WeightSyncError("drift"), rex.GetTimeoutError("slow"), init_failed):
+        assert _system_failure(err) is None
+        assert _system_failure(rex.RayTaskError("f", "tb", err).as_instanceof_cause()) is None
+
+
 # ---- on Ray, with vLLM engines --------------------------------------------------------------------
 
 def test_ppo_on_ray(ray_cluster, test_config, policy_dir, rm_dir, tmp_path, monkeypatch):
@@ -445,7 +466,9 @@ def test_ppo_one_step_off_on_ray(ray_cluster, test_config, policy_dir, rm_dir, t
 def test_ppo_resumes_from_a_checkpoint_as_if_never_stopped(ray_cluster, test_config, policy_dir, rm_dir, tmp_path):
     """Run A: 4 iterations, a checkpoint every 2. Run B resumes from A's iteration-2 checkpoint:
     its iterations 3-4 repeat A's (same prompts, seeds, weights, optimizer) and it ends on A's
-    weights. Bad resume input is refused before any actor starts, naming the file."""
+    weights. Run C loses its rollout worker and, with ppo.max_failures, restarts from its own
+    checkpoint by itself, also ending as A. Bad resume input is refused before any actor starts,
+    naming the file."""
     from safetensors.numpy import load_file
 
     from rlhf_ray.ppo.driver import find_checkpoint, run_ppo
@@ -478,6 +501,31 @@ def test_ppo_resumes_from_a_checkpoint_as_if_never_stopped(ray_cluster, test_con
     assert steps == [0, 1, 2, 3, 4]
     assert (tmp_path / "b" / "checkpoints" / "latest").resolve().name == "iter_000004"
     assert not partial.parent.exists()
+
+    # Run C: A again with ppo.max_failures=1, its rollout worker killed after iteration 3 (newest
+    # checkpoint: iteration 2). The run restarts its actors from that checkpoint and ends as A did.
+    import ray
+
+    killed, lines = [], []
+
+    def kill_worker(m, ctx):
+        if m["iteration"] == 3 and not killed:
+            killed.append(ctx.pool.workers[0])
+            ray.kill(ctx.pool.workers[0])
+
+    c = run_ppo(dataclasses.replace(cfg, ppo=dataclasses.replace(ppo, max_failures=1)), policy_dir, rm_dir,
+                tmp_path / "c", log=lines.append, eval_every=0, on_iteration=kill_worker)
+    restarts = [x for x in lines if "restarting the PPO actors" in x]
+    assert killed and len(restarts) == 1 and "iter_000002 (failure 1" in restarts[0], lines
+    assert any(x.startswith("[ppo] ActorDiedError (RolloutWorker): ") for x in lines), lines
+    assert [h["iteration"] for h in c.history] == [1, 2, 3, 4]
+    for ha, hc in zip(a.history, c.history):
+        for k in ("gold", "rm_score", "kl_ref", "policy_loss", "value_loss", "entropy"):
+            assert hc[k] == pytest.approx(ha[k], rel=1e-4, abs=1e-6), k
+    wc = load_file(str(c.policy_dir / "model.safetensors"))
+    assert max(float(np.abs(wa[k] - wc[k]).max()) for k in wa) < 1e-5
+    steps = [json.loads(x)["step"] for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4]
 
     # Bad input: nothing to go on with, a non-checkpoint, a damaged state file.
     with pytest.raises(ValueError, match="at iteration 4; set ppo.iterations above 4"):

@@ -31,10 +31,12 @@ t+3 (one-step-off: rollouts t+1 and t+2 are already queued).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import pickle
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -304,6 +306,28 @@ def _progress(m: dict, iterations: int) -> str:
             f"lag {m['version_lag']}")
 
 
+def _system_failure(e: BaseException) -> str | None:
+    """What died, when ``e`` says an actor, worker process or node died or objects were lost (worth
+    a restart; a RayTaskError's cause is followed); None when code raised."""
+    import ray.exceptions as rex
+
+    kinds = tuple(getattr(rex, name) for name in ("RayActorError", "WorkerCrashedError", "NodeDiedError",
+                                                    "ObjectLostError", "OutOfMemoryError", "LocalRayletDiedError")
+                  if hasattr(rex, name))
+    for _ in range(8):
+        if isinstance(e, kinds) and not isinstance(e, rex.RayTaskError):
+            if getattr(e, "actor_init_failed", False):  # its __init__ raised: it would again
+                return None
+            lines = [x.strip() for x in str(e).strip().splitlines()] or [""]
+            who = re.search(r"class_name: (\w+)", str(e))
+            why = lines[0] + (f" {lines[-1]}" if len(lines) > 1 and ":" not in lines[-1][:20] else "")
+            return f"{type(e).__name__}{f' ({who.group(1)})' if who else ''}: {why}"
+        if not isinstance(e, rex.RayTaskError):
+            return None
+        e = e.cause
+    return None
+
+
 def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_dir: str | Path, log=print, *,
             rm_handle=None, on_iteration: Callable[[dict, IterationContext], None] | None = None,
             bucket_bytes: int | None = None, eval_every: int | None = None) -> PPOResult:
@@ -320,7 +344,32 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
     iterations (the last iteration is always evaluated; 0 = only before and after). Raises
     WeightSyncError when an engine's logprobs drift from the learner's by more than
     ``rollout.max_logprob_drift`` after a sync.
+
+    When an actor or node dies (``_system_failure``), the run's actors are stopped and started again
+    from its newest checkpoint (else from where it began), at most ``ppo.max_failures`` times (-1: no
+    limit); ``on_iteration`` then sees the resumed iterations again.
     """
+    progress: dict = {}  # the attempt records its newest committed checkpoint here
+    failures = 0
+    while True:
+        try:
+            return _run_attempt(cfg, policy_dir, rm_dir, out_dir, log, progress, rm_handle=rm_handle,
+                                on_iteration=on_iteration, bucket_bytes=bucket_bytes, eval_every=eval_every)
+        except Exception as e:
+            died = _system_failure(e)
+            if died is None or 0 <= cfg.ppo.max_failures <= failures:
+                raise
+            failures += 1
+            ckpt = progress.get("checkpoint") or cfg.ppo.resume_from or None
+            log(f"[ppo] {died}")
+            log(f"[ppo] restarting the PPO actors from {ckpt or 'the start'} (failure {failures}, "
+                f"ppo.max_failures={cfg.ppo.max_failures})")
+            cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, resume_from=str(ckpt or "")))
+
+
+def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_dir: str | Path, log,
+                 progress: dict, *, rm_handle, on_iteration, bucket_bytes, eval_every) -> PPOResult:
+    """One start of the PPO actors and the loop (see :func:`run_ppo`)."""
     import ray
 
     from rlhf_ray.ppo import actors
@@ -540,6 +589,7 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
                     "run_checkpoints": [p.name for p in saved]}, metrics_log.path)
                 for p in stale:
                     shutil.rmtree(p, ignore_errors=True)
+                progress["checkpoint"] = final
                 log(f"[ppo] checkpoint {final} (resume with ppo.resume_from={out_dir})")
 
             # ---- between iterations: resize the rollout pool, then (sync mode) the next rollout
