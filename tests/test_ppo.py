@@ -362,6 +362,50 @@ def test_only_deaths_and_lost_objects_count_as_failures_to_restart_from():
         assert _system_failure(rex.RayTaskError("f", "tb", err).as_instanceof_cause()) is None
 
 
+def test_restart_policy_of_max_failures(test_config, monkeypatch):
+    """The retry loop around one start of the actors (the real restart runs in the resume test)."""
+    import ray.exceptions as rex
+
+    from rlhf_ray.ppo import driver
+
+    calls = []
+
+    def attempt(script):
+        def run(cfg, policy_dir, rm_dir, out_dir, log, progress, **kw):
+            calls.append(cfg.ppo.resume_from)
+            step = script[len(calls) - 1]
+            if isinstance(step, int):  # this start gets to checkpoint `step`, then an actor dies
+                progress.update(checkpoint=f"ckpt{step}", iteration=step)
+                raise rex.RayTaskError("Learner.train", "tb", rex.ActorDiedError()).as_instanceof_cause()
+            if isinstance(step, Exception):
+                raise step
+            return step
+        monkeypatch.setattr(driver, "_run_attempt", run)
+
+    def run_with(max_failures, script, resume_from=""):
+        calls.clear()
+        attempt(script)
+        ppo = dataclasses.replace(test_config.ppo, iterations=10, max_failures=max_failures, resume_from=resume_from)
+        return driver.run_ppo(dataclasses.replace(test_config, ppo=ppo), "p", "r", "o", log=lambda *_: None)
+
+    assert run_with(2, [2, 6, "done"]) == "done" and calls == ["", "ckpt2", "ckpt6"]
+    assert run_with(-1, [1, 2, 3, 4, "done"]) == "done" and len(calls) == 5
+    with pytest.raises(rex.ActorDiedError):
+        run_with(0, [2, "done"])
+    with pytest.raises(rex.ActorDiedError):  # the limit counts failures, not starts
+        run_with(1, [2, 4, "done"])
+    assert calls == ["", "ckpt2"]
+    with pytest.raises(rex.ActorDiedError):  # died after its last iteration's checkpoint: nothing to redo
+        run_with(3, [10, "done"])
+    assert calls == [""]
+    with pytest.raises(ValueError, match="bad"):  # code that raised is not retried
+        run_with(3, [ValueError("bad"), "done"])
+    assert len(calls) == 1
+    # No checkpoint of its own yet: the restart goes back to where the run began.
+    assert run_with(1, [rex.ActorDiedError(), "done"], resume_from="given") == "done"
+    assert calls == ["given", "given"]
+
+
 # ---- on Ray, with vLLM engines --------------------------------------------------------------------
 
 def test_ppo_on_ray(ray_cluster, test_config, policy_dir, rm_dir, tmp_path, monkeypatch):

@@ -362,6 +362,9 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
             failures += 1
             ckpt = progress.get("checkpoint") or cfg.ppo.resume_from or None
             log(f"[ppo] {died}")
+            if progress.get("iteration", -1) >= cfg.ppo.iterations:  # died while saving the result
+                log(f"[ppo] not restarting: all iterations are done, the final policy is in {ckpt}/policy")
+                raise
             log(f"[ppo] restarting the PPO actors from {ckpt or 'the start'} (failure {failures}, "
                 f"ppo.max_failures={cfg.ppo.max_failures})")
             cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, resume_from=str(ckpt or "")))
@@ -589,7 +592,7 @@ def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None,
                     "run_checkpoints": [p.name for p in saved]}, metrics_log.path)
                 for p in stale:
                     shutil.rmtree(p, ignore_errors=True)
-                progress["checkpoint"] = final
+                progress.update(checkpoint=final, iteration=it + 1)
                 log(f"[ppo] checkpoint {final} (resume with ppo.resume_from={out_dir})")
 
             # ---- between iterations: resize the rollout pool, then (sync mode) the next rollout
