@@ -77,6 +77,9 @@ class RMConfig:
     storage_path: str = ""
     # Checkpoint directory to resume from ("" = start fresh).
     resume_from: str = ""
+    # Ray Train's FailureConfig(max_failures): when a training worker dies, restart the worker group
+    # from the newest reported checkpoint (an epoch) up to this many times; -1 = no limit.
+    max_failures: int = 0
 
 
 @dataclass(frozen=True)
@@ -295,8 +298,9 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"serve.max_replicas: must be >= serve.min_replicas ({cfg.serve.min_replicas})")
     if not 0 < cfg.serve.port < 65536:
         raise ConfigError(f"serve.port: must be in 1..65535, got {cfg.serve.port}")
-    if cfg.ppo.max_failures < -1:
-        raise ConfigError(f"ppo.max_failures: must be >= 0, or -1 for no limit, got {cfg.ppo.max_failures}")
+    for name, v in (("rm.max_failures", cfg.rm.max_failures), ("ppo.max_failures", cfg.ppo.max_failures)):
+        if v < -1:
+            raise ConfigError(f"{name}: must be >= 0, or -1 for no limit, got {v}")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -1,8 +1,10 @@
-"""The RM stage on a real local Ray cluster: TorchTrainer with 2 DDP workers, checkpoints, resume."""
+"""The RM stage on a real local Ray cluster: TorchTrainer with 2 DDP workers, checkpoints, resume, and a
+restart after a worker dies (rm.max_failures)."""
 
 import json
 from dataclasses import replace
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -80,3 +82,34 @@ def test_ray_train_two_workers_checkpoint_and_resume(ray_cluster, test_config, p
     assert [r["epoch"] for r in rows] == [1, 2]
     assert res2.metrics["epoch"] == 2
     assert res2.metrics["eval_loss"] < res.metrics["eval_loss"]
+
+    # rm.max_failures=1: a training worker killed (SIGKILL) once epoch 1 is reported; Ray Train restarts
+    # the worker group from that checkpoint and the run ends as the resumed one did.
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    metrics3, killed = tmp_path / "metrics3.jsonl", []
+
+    def kill_a_worker_after_epoch_1():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            if metrics3.exists() and [json.loads(x)["epoch"] for x in metrics3.read_text().splitlines()] == [1]:
+                for p in psutil.process_iter(["cmdline"]):
+                    if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+                        os.kill(p.pid, signal.SIGKILL)
+                        killed.append(p.pid)
+                        break
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_a_worker_after_epoch_1, daemon=True)
+    killer.start()
+    res3 = train_rm(replace(rm, epochs=2, max_failures=1), policy_dir, train_path, eval_path, metrics_path=metrics3,
+                    storage_path=str(tmp_path / "runs"))
+    killer.join(timeout=5)
+    assert killed and not psutil.pid_exists(killed[0])
+    assert res3.metrics["epoch"] == 2
+    assert res3.metrics["eval_loss"] == pytest.approx(res2.metrics["eval_loss"], abs=1e-5)

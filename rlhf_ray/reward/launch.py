@@ -47,7 +47,7 @@ def train_rm(rm: RMConfig, init_dir: str | Path, train_path: Path, eval_path: Pa
         scaling_config=ScalingConfig(num_workers=rm.num_workers, use_gpu=rm.use_gpu,
                                      resources_per_worker={"CPU": rm.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=0)),
+                             failure_config=FailureConfig(max_failures=rm.max_failures)),
     )
     result = trainer.fit()
     if result.error:
