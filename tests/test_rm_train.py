@@ -92,14 +92,14 @@ def test_ray_train_two_workers_checkpoint_and_resume(ray_cluster, test_config, p
 
     import psutil
 
-    metrics3, killed = tmp_path / "metrics3.jsonl", []
+    metrics3, killed, t0 = tmp_path / "metrics3.jsonl", [], time.time()
 
     def kill_a_worker_after_epoch_1():
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
             if metrics3.exists() and [json.loads(x)["epoch"] for x in metrics3.read_text().splitlines()] == [1]:
-                for p in psutil.process_iter(["cmdline"]):
-                    if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+                for p in psutil.process_iter(["cmdline", "create_time"]):  # this run's workers only
+                    if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and p.info["create_time"] >= t0:
                         os.kill(p.pid, signal.SIGKILL)
                         killed.append(p.pid)
                         break
