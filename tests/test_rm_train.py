@@ -83,8 +83,9 @@ def test_ray_train_two_workers_checkpoint_and_resume(ray_cluster, test_config, p
     assert res2.metrics["epoch"] == 2
     assert res2.metrics["eval_loss"] < res.metrics["eval_loss"]
 
-    # rm.max_failures=1: a training worker killed (SIGKILL) once epoch 1 is reported; Ray Train restarts
-    # the worker group from that checkpoint and the run ends as the resumed one did.
+    # rm.max_failures=1: a training worker killed (SIGKILL) once epoch 1 is logged; Ray Train restarts the
+    # worker group from its newest checkpoint (epoch 1's, or none if the kill beat the report) and the
+    # run ends as the resumed one did.
     import os
     import signal
     import threading
