@@ -161,7 +161,13 @@ class RolloutConfig:
     num_workers: int = 2
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    # KV cache of a CPU engine (vLLM needs a size on CPU). A chunk that does not fit runs in parts
+    # (the worker warns once, with the size that would fit).
     kv_cache_mib: int = 64
+    # GPU engines: the fraction of the GPU's memory vLLM takes for weights, activations and KV cache
+    # (vLLM's gpu_memory_utilization; the KV cache gets what is left). Lower it when something else
+    # shares the engine's GPU.
+    gpu_memory_utilization: float = 0.9
     # Weight sync: the policy goes to the engines in buckets of at most this size (one object each).
     weight_bucket_mib: int = 64
     # Max logprob drift (vLLM vs learner) tolerated after a weight sync before failing loudly.
@@ -213,7 +219,7 @@ _POSITIVE_FLOAT = {
     "sft.lr", "rm.lr", "ppo.lr", "ppo.clip_eps", "ppo.temperature", "data.label_temperature",
     "ppo.max_grad_norm", "rollout.max_logprob_drift", "ppo.target_kl",
 }
-_UNIT = {"ppo.gamma", "ppo.lam", "ppo.top_p"}
+_UNIT = {"ppo.gamma", "ppo.lam", "ppo.top_p", "rollout.gpu_memory_utilization"}
 
 
 def _coerce(name: str, value: Any, typ: Any) -> Any:
@@ -298,6 +304,11 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"serve.max_replicas: must be >= serve.min_replicas ({cfg.serve.min_replicas})")
     if not 0 < cfg.serve.port < 65536:
         raise ConfigError(f"serve.port: must be in 1..65535, got {cfg.serve.port}")
+    ro = cfg.rollout
+    if 0 < ro.gpus_per_worker < 1 and ro.gpu_memory_utilization > ro.gpus_per_worker:
+        raise ConfigError(f"rollout.gpu_memory_utilization: {ro.gpu_memory_utilization} of a GPU per engine, but "
+                          f"rollout.gpus_per_worker={ro.gpus_per_worker} lets Ray put engines and other actors on "
+                          f"one GPU; set it <= {ro.gpus_per_worker}")
     for name, v in (("rm.max_failures", cfg.rm.max_failures), ("ppo.max_failures", cfg.ppo.max_failures)):
         if v < -1:
             raise ConfigError(f"{name}: must be >= 0, or -1 for no limit, got {v}")

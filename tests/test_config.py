@@ -24,11 +24,22 @@ def test_defaults_and_overrides(tmp_path):
     ("rm.lr=0", "rm.lr: must be > 0"),
     ("model.num_heads=3", "model.hidden_size: 128 is not divisible by model.num_heads=3"),
     ("rm.epochs", "expected section.field=value"),
+    ("ppo.max_failures=-2", "ppo.max_failures: must be >= 0, or -1 for no limit, got -2"),
+    ("rm.max_failures=-5", "rm.max_failures: must be >= 0, or -1"),
+    ("rollout.gpu_memory_utilization=1.2", "rollout.gpu_memory_utilization: must be in [0, 1]"),
+    ("rollout.gpus_per_worker=0.5", "rollout.gpu_memory_utilization: 0.9 of a GPU per engine, but "
+                                    "rollout.gpus_per_worker=0.5"),
 ])
 def test_errors_name_the_field(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert needle in str(e.value)
+
+
+def test_fractional_gpus_per_engine_with_a_matching_memory_share():
+    cfg = load_config(None, ["rollout.gpus_per_worker=0.5", "rollout.gpu_memory_utilization=0.45",
+                             "ppo.max_failures=-1"])
+    assert (cfg.rollout.gpus_per_worker, cfg.rollout.gpu_memory_utilization, cfg.ppo.max_failures) == (0.5, 0.45, -1)
 
 
 def test_bad_yaml_file_named(tmp_path):

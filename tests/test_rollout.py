@@ -8,6 +8,7 @@ One engine serves the whole module; tests that load other weights put the SFT we
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 
@@ -60,6 +61,22 @@ def long_prompts(n: int, seed: int = 0) -> list[str]:
             parts.append(f"{synthetic.make_prompt(product)} {synthetic.sample_response(rng, product)}")
         out.append(" ".join(parts) + " " + synthetic.make_prompt(rng.choice(synthetic.PRODUCT_LIST)))
     return out
+
+
+def test_engine_arguments_per_device(test_config):
+    """CPU engines get a fixed KV size (vLLM needs one there); GPU engines size theirs from
+    rollout.gpu_memory_utilization, since a fixed size overrides it (64 MiB would hold ~128 tokens of a
+    7B model)."""
+    from rlhf_ray.ppo.rollout import EXTENSION, engine_args
+
+    rc = dataclasses.replace(test_config.rollout, kv_cache_mib=48, gpu_memory_utilization=0.45)
+    cpu, gpu = (engine_args("m", rc, worker_id=1, seed=5, device=d) for d in ("cpu", "cuda"))
+    assert cpu["kv_cache_memory_bytes"] == 48 << 20 and "gpu_memory_utilization" not in cpu
+    assert (cpu["dtype"], cpu["enforce_eager"], cpu["block_size"]) == ("float32", True, 32)
+    assert gpu["gpu_memory_utilization"] == 0.45
+    assert not {"kv_cache_memory_bytes", "dtype", "enforce_eager", "block_size"} & set(gpu)  # vLLM's defaults
+    assert cpu["seed"] == gpu["seed"] != engine_args("m", rc, worker_id=2, seed=5, device="cpu")["seed"]
+    assert cpu["worker_extension_cls"] == gpu["worker_extension_cls"] == EXTENSION
 
 
 # ---- fixtures -------------------------------------------------------------------------------------

@@ -109,6 +109,25 @@ def _checkpoint_names(model_path: str) -> set[str] | None:
     return names
 
 
+def engine_args(model_path: str, rollout_cfg: RolloutConfig, worker_id: int, seed: int, device: str) -> dict:
+    """``vllm.LLM`` arguments of a rollout engine on ``device`` ("cpu" or "cuda")."""
+    args = dict(
+        model=model_path,
+        seed=int(np.random.SeedSequence([seed, worker_id]).generate_state(1)[0] & 0x7FFFFFFF),
+        enable_prefix_caching=True,  # safe: reset after every weight update
+        worker_extension_cls=EXTENSION,
+    )
+    if device == "cpu":
+        # block_size: vLLM's CPU default is 128, so a prompt shorter than 128 tokens never hits the
+        # prefix cache and a short sequence reserves 128 tokens of KV; 32 (the CPU kernel needs a
+        # multiple of 32) measured as fast or faster.
+        args.update(dtype="float32", enforce_eager=True, block_size=32,
+                    kv_cache_memory_bytes=int(rollout_cfg.kv_cache_mib) << 20)
+    else:  # a fixed KV size would override this and starve a real model (64 MiB: ~128 tokens of a 7B)
+        args.update(gpu_memory_utilization=float(rollout_cfg.gpu_memory_utilization))
+    return args
+
+
 class RolloutWorker:
     """One vLLM engine: :meth:`generate` rollouts, :meth:`update_weights` from the learner,
     :meth:`logprobs_of` given sequences (the drift check after a sync).
@@ -147,19 +166,7 @@ class RolloutWorker:
         self.eos_id = self.tokenizer.eos_token_id
         self._expected_names = _checkpoint_names(self.model_path)
 
-        kwargs = dict(
-            model=self.model_path,
-            seed=int(np.random.SeedSequence([seed, worker_id]).generate_state(1)[0] & 0x7FFFFFFF),
-            kv_cache_memory_bytes=int(rollout_cfg.kv_cache_mib) << 20,
-            enable_prefix_caching=True,  # safe: reset after every weight update
-            worker_extension_cls=EXTENSION,
-        )
-        if device == "cpu":
-            # block_size: vLLM's CPU default is 128, so a prompt shorter than 128 tokens never hits the
-            # prefix cache and a short sequence reserves 128 tokens of KV; 32 (the CPU kernel needs a
-            # multiple of 32) measured as fast or faster.
-            kwargs.update(dtype="float32", enforce_eager=True, block_size=32)
-        kwargs.update(engine_kwargs or {})
+        kwargs = {**engine_args(self.model_path, rollout_cfg, worker_id, seed, device), **(engine_kwargs or {})}
         with _plain_cpu_linear(device == "cpu" and rollout_cfg.cpu_plain_weights):
             self.llm = LLM(**kwargs)
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
@@ -266,10 +273,11 @@ class RolloutWorker:
         need = sum(-(-n // self.block_size) for n in max_lengths) + 1  # + vLLM's null block
         if need > self.kv_blocks:
             self._warned_kv = True
-            mib = self.cfg.kv_cache_mib * need / self.kv_blocks
+            fix = (f"rollout.kv_cache_mib >= {int(self.cfg.kv_cache_mib * need / self.kv_blocks) + 1}"
+                   if self.device == "cpu" else "rollout.gpu_memory_utilization higher, or fewer prompts per worker")
             warnings.warn(f"RolloutWorker {self.worker_id}: {len(max_lengths)} sequences need {need} KV blocks "
-                          f"of {self.block_size} tokens, the cache holds {self.kv_blocks}: set "
-                          f"rollout.kv_cache_mib >= {int(mib) + 1} to run them in one batch", RuntimeWarning)
+                          f"of {self.block_size} tokens, the cache holds {self.kv_blocks}: set {fix} to run "
+                          f"them in one batch", RuntimeWarning)
 
     def logprobs_of(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                     response_mask: np.ndarray) -> np.ndarray:
