@@ -255,6 +255,7 @@ def test_update_weights_changes_engine(worker, rollout, policy_dir, sft_model):
         assert info["version"] == v0 + 1 == worker.version == worker.get_version()
         # rollout.cpu_plain_weights (default): copied into the parameters the kernels read.
         assert info["mode"] == worker.weight_sync_mode == "in_place"
+        assert worker.sync_info()["dtype"] == "float32"  # the drift check's error names a 16-bit engine's
         assert info["bytes"] == sum(p.numel() * 4 for p in new.parameters()) and info["seconds"] > 0
 
         after = worker.logprobs_of(rollout.input_ids, rollout.attention_mask, rollout.response_mask)

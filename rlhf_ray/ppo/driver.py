@@ -546,9 +546,13 @@ def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None,
             if any(info["version"] != version for info in infos):
                 raise WeightSyncError(f"engines report versions {[i['version'] for i in infos]}, expected {version}")
             if not drift <= rc.max_logprob_drift:
+                dtype = _get_small(pool.workers[checked].sync_info.remote()).get("dtype", "float32")
+                hint = ("" if dtype == "float32" else f" (the engine computes in {dtype}: even with the learner's "
+                        f"weights its logprobs differ from the float32 learner's, ~2.5e-2 measured for bfloat16 "
+                        f"on CPU; set rollout.max_logprob_drift above that noise)")
                 raise WeightSyncError(f"iteration {it + 1}: rollout worker {checked} logprobs differ from the "
                                       f"learner's by {drift:.3g} > rollout.max_logprob_drift={rc.max_logprob_drift} "
-                                      f"after syncing version {version}")
+                                      f"after syncing version {version}{hint}")
 
             # ---- held-out evaluation of the new weights
             evaluation = evaluate() if last or (eval_every and (it + 1) % eval_every == 0) else {}

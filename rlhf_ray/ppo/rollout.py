@@ -344,7 +344,8 @@ class RolloutWorker:
         import ray
 
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-        return {"node_id": node, "device": self.device, "mode": self.weight_sync_mode}
+        dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
+        return {"node_id": node, "device": self.device, "mode": self.weight_sync_mode, "dtype": dtype}
 
     def attach_shared_weights(self, spec: dict | None, hf_shapes: dict | None, slot: int, version: int,
                               directory: str = "/dev/shm") -> dict:
