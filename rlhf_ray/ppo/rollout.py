@@ -274,7 +274,7 @@ class RolloutWorker:
         if need > self.kv_blocks:
             self._warned_kv = True
             fix = (f"rollout.kv_cache_mib >= {int(self.cfg.kv_cache_mib * need / self.kv_blocks) + 1}"
-                   if self.device == "cpu" else "rollout.gpu_memory_utilization higher, or fewer prompts per worker")
+                   if self.device == "cpu" else "rollout.gpu_memory_utilization higher (or use more rollout workers)")
             warnings.warn(f"RolloutWorker {self.worker_id}: {len(max_lengths)} sequences need {need} KV blocks "
                           f"of {self.block_size} tokens, the cache holds {self.kv_blocks}: set {fix} to run "
                           f"them in one batch", RuntimeWarning)
