@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -234,6 +235,26 @@ def test_seeded_generation(worker):
     b = worker.generate(prompts, 12, 1.0, 1.0, seed=42)
     assert np.array_equal(a.input_ids, b.input_ids)  # reproducible
     assert len(set(a.responses)) > 1  # one stream per prompt: equal prompts, different samples
+
+
+def test_a_chunk_beyond_the_kv_cache_warns_once_with_the_size_that_fits(worker, test_config):
+    blocks, mib = worker.kv_blocks, test_config.rollout.kv_cache_mib
+    assert blocks and worker.block_size == 32
+    # blocks + 1 sequences of one block each, plus vLLM's null block: 2 blocks too many.
+    want = int(mib * (blocks + 2) / blocks) + 1
+    try:
+        worker._warned_kv = False
+        with pytest.warns(RuntimeWarning, match=rf"need {blocks + 2} KV blocks of 32 tokens, the cache holds "
+                                                 rf"{blocks}: set rollout.kv_cache_mib >= {want} to run"):
+            worker._check_kv_capacity([32] * (blocks + 1))
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            worker._check_kv_capacity([32] * (blocks + 1))  # once per worker
+            worker._warned_kv = False
+            worker._check_kv_capacity([32] * (blocks - 1))  # fits
+        assert not seen
+    finally:
+        worker._warned_kv = False
 
 
 def test_prompt_too_long_is_refused(worker):
