@@ -287,7 +287,8 @@ def test_learner_checkpoint_goes_on_training_exactly(learner_and_batch, tmp_path
 
 def test_a_resumed_run_replaces_tensorboard_steps_after_its_checkpoint(tmp_path):
     """A run logged steps 1-5 and failed; resumed from its step-2 checkpoint (purge_step 3), the
-    steps TensorBoard shows are the first run's 1-2 and the resumed run's 3-4."""
+    steps TensorBoard shows are the first run's 1-2 and the resumed run's 3-4. A fresh run there
+    later (purge_step 0) shows only its own."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -304,6 +305,13 @@ def test_a_resumed_run_replaces_tensorboard_steps_after_its_checkpoint(tmp_path)
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("gold")] == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]
+    # A fresh run in the same directory (metrics.jsonl rewritten; purge_step 0): only its own steps.
+    fresh = MetricsLog(tmp_path / "metrics.jsonl", purge_step=0)
+    fresh.write(1, {"gold": 100.0})
+    fresh.tb.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("gold")] == [(1, 100.0)]
 
 
 def test_weight_buckets_round_trip_the_policy_state_dict(learner_and_batch, tmp_path):

@@ -388,10 +388,11 @@ def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None,
     ckpt_root = out_dir / CHECKPOINTS
     resume_dir, resumed = resume_point(ppo, policy_dir)
     start_it = resumed["iteration"] if resumed else 0
-    # metrics.jsonl holds this run: fresh, or the checkpoint's lines (a failed run's later lines go).
+    # metrics.jsonl holds this run: fresh, or the checkpoint's lines (a failed run's later lines go);
+    # TensorBoard likewise drops what earlier runs in this directory logged from that step on.
     (out_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in resumed["lines"])
                                            if resumed else "")
-    metrics_log = MetricsLog(out_dir / "metrics.jsonl", purge_step=start_it + 1 if resumed else None)
+    metrics_log = MetricsLog(out_dir / "metrics.jsonl", purge_step=start_it + 1 if resumed else 0)
     for partial in ckpt_root.glob(".tmp-iter_*"):  # a crashed run's incomplete checkpoints: never resumable
         shutil.rmtree(partial, ignore_errors=True)
     if not resumed and (ckpt_root / "latest").is_symlink():  # "latest" must not name an earlier run's
