@@ -622,6 +622,7 @@ def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None,
         return PPOResult(before=before, after=after, history=history, policy_dir=policy_out,
                          metrics_path=metrics_log.path, plot_path=plot, seconds=seconds)
     finally:
+        metrics_log.close()  # a restarted attempt opens its own writer on the same directory
         if pool.shared is not None:
             try:
                 _get_small(learner.close_shared_weights.remote(pool.shared))

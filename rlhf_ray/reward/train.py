@@ -92,6 +92,12 @@ class MetricsLog:
                     self.tb.add_scalar(k, v, step)
             self.tb.flush()
 
+    def close(self) -> None:
+        """Close the TensorBoard writer (its file and flush thread); JSONL lines need nothing."""
+        if self.tb:
+            self.tb.close()
+            self.tb = None
+
 
 def save_checkpoint(model, tokenizer, optimizer, state: dict, dest: Path) -> Path:
     """Model as a plain HF directory (safetensors) + trainer state; loadable without Ray."""
