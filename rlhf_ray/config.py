@@ -221,7 +221,8 @@ _POSITIVE_FLOAT = {
     "sft.lr", "rm.lr", "ppo.lr", "ppo.clip_eps", "ppo.temperature", "data.label_temperature",
     "ppo.max_grad_norm", "rollout.max_logprob_drift", "ppo.target_kl",
 }
-_UNIT = {"ppo.gamma", "ppo.lam", "ppo.top_p", "rollout.gpu_memory_utilization"}
+_UNIT = {"ppo.gamma", "ppo.lam"}
+_FRACTION = {"ppo.top_p", "rollout.gpu_memory_utilization"}  # 0 would keep no tokens / no memory
 
 
 def _coerce(name: str, value: Any, typ: Any) -> Any:
@@ -285,7 +286,7 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
 
 
 def _check_ranges(cfg: Config) -> None:
-    for name in sorted(_POSITIVE | _NONNEG | _POSITIVE_FLOAT | _UNIT):
+    for name in sorted(_POSITIVE | _NONNEG | _POSITIVE_FLOAT | _UNIT | _FRACTION):
         section, key = name.split(".")
         v = getattr(getattr(cfg, section), key)
         if name in _POSITIVE and v <= 0:
@@ -296,6 +297,8 @@ def _check_ranges(cfg: Config) -> None:
             raise ConfigError(f"{name}: must be > 0, got {v}")
         if name in _UNIT and not 0.0 <= v <= 1.0:
             raise ConfigError(f"{name}: must be in [0, 1], got {v}")
+        if name in _FRACTION and not 0.0 < v <= 1.0:
+            raise ConfigError(f"{name}: must be in (0, 1], got {v}")
     if cfg.data.min_k < 2 or cfg.data.max_k < cfg.data.min_k:
         raise ConfigError(
             f"data.min_k/data.max_k: need 2 <= min_k <= max_k, got {cfg.data.min_k}..{cfg.data.max_k}")

@@ -26,7 +26,10 @@ def test_defaults_and_overrides(tmp_path):
     ("rm.epochs", "expected section.field=value"),
     ("ppo.max_failures=-2", "ppo.max_failures: must be >= 0, or -1 for no limit, got -2"),
     ("rm.max_failures=-5", "rm.max_failures: must be >= 0, or -1"),
-    ("rollout.gpu_memory_utilization=1.2", "rollout.gpu_memory_utilization: must be in [0, 1]"),
+    ("rollout.gpu_memory_utilization=1.2", "rollout.gpu_memory_utilization: must be in (0, 1], got 1.2"),
+    ("rollout.gpu_memory_utilization=0", "rollout.gpu_memory_utilization: must be in (0, 1], got 0.0"),
+    ("ppo.top_p=0", "ppo.top_p: must be in (0, 1], got 0.0"),
+    ("ppo.lam=-0.1", "ppo.lam: must be in [0, 1], got -0.1"),
     ("rollout.gpus_per_worker=0.5", "rollout.gpu_memory_utilization: 0.9 of a GPU per engine, but "
                                     "rollout.gpus_per_worker=0.5"),
 ])
