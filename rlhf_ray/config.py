@@ -110,15 +110,18 @@ class PPOConfig:
     iterations: int = 150
     prompts_per_iteration: int = 64
     max_new_tokens: int = 16
+    # Sampling (the exploration knobs). PPO optimises the tempered policy softmax(logits / temperature)
+    # that the engines sample from; top_p < 1 truncates sampling to the nucleus, which the learner
+    # does not model (the rollout is then slightly off-policy: see behaviour_logprob_gap).
     temperature: float = 1.0
     top_p: float = 1.0
     epochs: int = 2
     minibatch_size: int = 32
     lr: float = 1e-4
     clip_eps: float = 0.2
-    value_clip_eps: float = 0.2
+    value_clip_eps: float = 0.2  # PPO2 value clipping around the old values; 0 = off
     beta: float = 0.0  # weight of KL(pi_old || pi_theta) in the objective
-    c1: float = 0.5  # value-loss weight
+    c1: float = 0.5  # value-loss weight; L_V = 0.5 * mean (V - R)^2
     entropy_coef: float = 0.0
     gamma: float = 1.0
     lam: float = 0.95
@@ -211,11 +214,13 @@ _POSITIVE = {
     "rollout.num_workers", "rollout.weight_bucket_mib", "ppo.eval_prompts", "model.hidden_size",
     "model.num_layers", "model.num_heads",
     "model.vocab_size", "model.max_positions", "model.intermediate_size", "rollout.kv_cache_mib",
+    "ppo.kl_horizon",
 }
 _NONNEG = {
     "rm.num_workers", "ppo.eval_every", "ppo.checkpoint_every", "serve.min_replicas", "ppo.beta", "ppo.c1",
     "ppo.entropy_coef", "ppo.kl_coef",
     "ppo.truncation_penalty", "serve.num_gpus", "rollout.gpus_per_worker", "rm.weight_decay",
+    "ppo.value_clip_eps",
 }
 _POSITIVE_FLOAT = {
     "sft.lr", "rm.lr", "ppo.lr", "ppo.clip_eps", "ppo.temperature", "data.label_temperature",

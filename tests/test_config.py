@@ -30,6 +30,8 @@ def test_defaults_and_overrides(tmp_path):
     ("rollout.gpu_memory_utilization=0", "rollout.gpu_memory_utilization: must be in (0, 1], got 0.0"),
     ("ppo.top_p=0", "ppo.top_p: must be in (0, 1], got 0.0"),
     ("ppo.lam=-0.1", "ppo.lam: must be in [0, 1], got -0.1"),
+    ("ppo.kl_horizon=0", "ppo.kl_horizon: must be a positive integer, got 0"),
+    ("ppo.value_clip_eps=-0.2", "ppo.value_clip_eps: must be >= 0, got -0.2"),
     ("rollout.gpus_per_worker=0.5", "rollout.gpu_memory_utilization: 0.9 of a GPU per engine, but "
                                     "rollout.gpus_per_worker=0.5"),
 ])

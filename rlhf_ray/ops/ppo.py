@@ -1,7 +1,8 @@
 """PPO pieces on token tensors [B, T] with a response mask [B, T] (bool or 0/1 float).
 
 The objective to maximise is L = L_clip - beta * KL(pi_old || pi_theta) - c1 * L_V
-(+ entropy bonus); `ppo_objective` returns loss = -L.
+(+ entropy bonus), with L_V = 0.5 * E[(V - R)^2] (the 0.5 of the usual squared-error loss, so c1 = 0.5
+weighs E[(V - R)^2] by 0.25); `ppo_objective` returns loss = -L.
 """
 from __future__ import annotations
 
@@ -170,7 +171,8 @@ def ppo_objective(
     entropy: Tensor | None = None,
     entropy_coef: float = 0.0,
 ) -> tuple[Tensor, PPOStats]:
-    """L = L_clip - beta * KL_k3(pi_old || pi_theta) - c1 * L_V (+ entropy_coef * masked_mean(H)).
+    """L = L_clip - beta * KL_k3(pi_old || pi_theta) - c1 * L_V (+ entropy_coef * masked_mean(H)),
+    L_V as in :func:`value_loss` (0.5 * squared error).
 
     All tensors [B, T] (entropy: per-token [B, T] or None). Returns (loss = -L, PPOStats);
     stats.entropy is 0 when entropy is None.
@@ -213,6 +215,8 @@ class AdaptiveKLController:
     """
 
     def __init__(self, init_kl_coef: float, target: float, horizon: float):
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"AdaptiveKLController: target and horizon must be > 0, got {target}, {horizon}")
         self.value, self.target, self.horizon = float(init_kl_coef), float(target), float(horizon)
 
     def update(self, current_kl: float, n_steps: int) -> float:
