@@ -241,6 +241,39 @@ def test_evaluate_matches_a_transformers_recomputation(learner_and_batch, scored
     assert np.all(batch.old_values == 0)  # the value head starts at zero
 
 
+def test_learner_and_reference_score_at_the_sampling_temperature(policy_dir, scored, ref_worker, test_config):
+    """ppo.temperature T: pi_old, the reference and the entropy are those of softmax(logits / T), the
+    distribution the engines sample from; the drift probe stays at temperature 1 (as the engine's side)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_ray.ppo.learner import Learner
+
+    cfg = ppo_cfg(test_config, temperature=0.7)
+    learner = Learner(policy_dir, cfg, device="cpu")
+    ro = scored.rollout
+    ids, am = torch.tensor(ro.input_ids), torch.tensor(ro.attention_mask)
+    model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=am.long()).logits[:, :-1]
+    m = ro.response_mask[:, 1:]
+
+    def chosen(T):
+        return torch.log_softmax(logits / T, -1).gather(-1, ids[:, 1:, None])[..., 0].numpy()[m]
+
+    np.testing.assert_allclose(learner.evaluate(scored)["old_logprobs"][:, 1:][m], chosen(0.7), atol=1e-5)
+    ref_worker.cfg, shared_cfg = cfg, ref_worker.cfg
+    ref_lp = ref_worker.ref_logprobs(ro.input_ids, ro.attention_mask)
+    ref_worker.cfg = shared_cfg
+    np.testing.assert_allclose(ref_lp[:, 1:][m], chosen(0.7), atol=1e-5)
+    assert np.abs(chosen(0.7) - chosen(1.0)).mean() > 0.05
+    np.testing.assert_allclose(learner.probe(scored, n=4)[3][:, 1:][m[:4]], chosen(1.0)[:m[:4].sum()], atol=1e-5)
+    _, _, ent = learner._forward(ids, am, with_entropy=True)
+    p = torch.softmax(logits / 0.7, -1)
+    expected = -(p * torch.log(p)).sum(-1)
+    np.testing.assert_allclose(ent[:, 1:].detach().numpy()[m], expected.numpy()[m], rtol=1e-4, atol=1e-5)
+    assert not ent.requires_grad  # entropy_coef 0: a statistic, no graph through the softmax
+
+
 def test_train_step_changes_every_parameter_and_lowers_the_loss(learner_and_batch):
     learner, batch = learner_and_batch
     params = dict(learner.policy.named_parameters()) | {

@@ -41,11 +41,11 @@ def hf_model(policy_dir, noise: float = 0.0, seed: int = 0):
 
 
 @torch.no_grad()
-def hf_logprobs(model, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-    """log pi(token_t | tokens_<t) for every t >= 1 (0 at t = 0), float32 [B, T]."""
+def hf_logprobs(model, input_ids: np.ndarray, attention_mask: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """log pi(token_t | tokens_<t) for every t >= 1 (0 at t = 0), float32 [B, T]; pi = softmax(logits / T)."""
     ids = torch.as_tensor(input_ids)
     logits = model(input_ids=ids, attention_mask=torch.as_tensor(attention_mask).long()).logits
-    lp = torch.log_softmax(logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1)
+    lp = torch.log_softmax(logits.float() / temperature, -1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1)
     out = np.zeros(input_ids.shape, np.float32)
     out[:, 1:] = lp.numpy()
     return out
@@ -227,6 +227,23 @@ def test_sampled_logprobs_match_transformers(worker, rollout, sft_model):
     mine = worker.logprobs_of(rollout.input_ids, rollout.attention_mask, rollout.response_mask)
     assert logprob_drift(mine, ref, rollout.response_mask) < TOL
     assert (mine[~rollout.response_mask] == 0).all()
+
+
+def test_logprobs_are_those_of_the_sampling_distribution(worker, sft_model):
+    """At temperature T the engine reports log softmax(logits / T), the distribution it sampled from
+    and the one the learner and the reference score at ppo.temperature; with top_p < 1 the nucleus
+    renormalisation raises every sampled token's logprob by the same -log(nucleus mass) per step."""
+    prompts = synthetic.prompts(8, seed=7)
+    hot = worker.generate(prompts, 12, temperature=0.7, top_p=1.0, seed=3)
+    m = hot.response_mask
+    tempered = hf_logprobs(sft_model, hot.input_ids, hot.attention_mask, temperature=0.7)
+    assert logprob_drift(hot.rollout_logprobs, tempered, m) < TOL
+    raw = hf_logprobs(sft_model, hot.input_ids, hot.attention_mask)
+    assert np.abs(hot.rollout_logprobs - raw)[m].mean() > 0.05  # not the temperature-1 logprobs
+    nucleus = worker.generate(prompts, 12, temperature=1.0, top_p=0.8, seed=3)
+    full = hf_logprobs(sft_model, nucleus.input_ids, nucleus.attention_mask)
+    gap = (nucleus.rollout_logprobs - full)[nucleus.response_mask]
+    assert gap.min() > -TOL and gap.max() > 0.01 and gap.max() <= -np.log(0.8) + 1e-4
 
 
 def test_seeded_generation(worker):

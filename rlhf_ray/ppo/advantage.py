@@ -32,8 +32,9 @@ from rlhf_ray.ppo.types import ScoredRollout, TrainBatch
 
 @torch.no_grad()
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      batch_size: int = 64) -> torch.Tensor:
-    """log pi(token_t | tokens_<t) for every column t >= 1 of a right-padded batch; column 0 is 0.
+                      batch_size: int = 64, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(token_t | tokens_<t) for every column t >= 1 of a right-padded batch; column 0 is 0;
+    pi = softmax(logits / temperature).
 
     input_ids: long [B, T], attention_mask: bool/0-1 [B, T] -> float32 [B, T].
     """
@@ -41,6 +42,8 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     for i in range(0, len(input_ids), batch_size):
         ids, am = input_ids[i:i + batch_size], attention_mask[i:i + batch_size]
         logits = model(input_ids=ids, attention_mask=am.long()).logits  # (b, T, V)
+        if temperature != 1.0:
+            logits = logits / temperature
         out[i:i + batch_size, 1:] = logprobs_from_logits(logits[:, :-1], ids[:, 1:]).cpu()
     return out
 
@@ -78,9 +81,10 @@ class AdvantageWorker:
         self.kl_ctl.value = float(value)
 
     def ref_logprobs(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """float32 [B, T] reference-policy logprobs of each token (column 0 is 0)."""
+        """float32 [B, T] reference-policy logprobs of each token (column 0 is 0), at the sampling
+        temperature ``ppo.temperature`` like the learner's."""
         ids, am = torch.tensor(input_ids, device=self.device), torch.tensor(attention_mask, device=self.device)
-        return sequence_logprobs(self.ref, ids, am).numpy()
+        return sequence_logprobs(self.ref, ids, am, temperature=self.cfg.temperature).numpy()
 
     def reference(self, scored: ScoredRollout) -> dict:
         """{"ref_logprobs": float32 [B, T] of the merged rollout, "seconds"}."""

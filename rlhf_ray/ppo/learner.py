@@ -8,6 +8,10 @@ Only the policy's weights are pushed to the rollout engines; the head stays on t
 
 Token layout as in ``rlhf_ray.ppo.types``: ``logprobs[b, t]`` = log pi(token_t | tokens_<t) and
 ``values[b, t]`` = V(tokens_<t), both read from the hidden state at position t-1; column 0 is 0.
+
+The policy PPO optimises is the one the engines sample from: softmax(logits / ppo.temperature) (as in
+TRL and OpenRLHF), so ratios, KL(pi_old || pi_theta) and the entropy bonus are taken at that
+temperature; :meth:`logprobs` (the drift probe) stays at temperature 1 like the engine's side of it.
 """
 
 from __future__ import annotations
@@ -56,13 +60,17 @@ class Learner:
     # ------------------------------------------------------------------ forward
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_entropy: bool = False):
-        """-> logprobs [B, T], values [B, T], entropy [B, T] or None (column 0 is 0)."""
+        """-> logprobs [B, T] and entropy [B, T] (or None) at ppo.temperature, values [B, T]; column 0 is 0."""
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask.long(), output_hidden_states=True)
         logits = out.logits[:, :-1]  # (B, T-1, V): predicts tokens 1..T-1
+        if self.cfg.temperature != 1.0:
+            logits = logits / self.cfg.temperature  # the sampling distribution
         pad = lambda x: nn.functional.pad(x, (1, 0))  # noqa: E731  (B, T-1) -> (B, T)
         logprobs = pad(logprobs_from_logits(logits, input_ids[:, 1:]))
         values = pad(self.value_head(out.hidden_states[-1][:, :-1]).squeeze(-1).float())
-        entropy = pad(entropy_from_logits(logits)) if with_entropy else None
+        # Without an entropy bonus the entropy is a statistic only: no graph through a [B, T-1, V] softmax.
+        entropy = pad(entropy_from_logits(logits if self.cfg.entropy_coef else logits.detach())) \
+            if with_entropy else None
         return logprobs, values, entropy
 
     def _tensors(self, *arrays: np.ndarray, rows=None) -> list[torch.Tensor]:
@@ -116,7 +124,7 @@ class Learner:
         cfg = self.cfg
         lp, v, ent = self._forward(ids, am, with_entropy=True)
         return ppo_objective(lp, old_lp, adv, v, old_v, ret, mask, clip_eps=cfg.clip_eps, beta=cfg.beta,
-                             c1=cfg.c1, value_clip_eps=cfg.value_clip_eps, entropy=ent,
+                             c1=cfg.c1, value_clip_eps=cfg.value_clip_eps or None, entropy=ent,
                              entropy_coef=cfg.entropy_coef)
 
     @torch.no_grad()

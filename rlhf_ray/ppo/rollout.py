@@ -14,9 +14,12 @@ Conventions the learner relies on:
   an action the policy took). ``truncated[b]`` is True when no EOS came within ``max_new_tokens``
   (or before the model's length limit). ``responses[b]`` is ``tokenizer.decode(response ids,
   skip_special_tokens=True)``, so it keeps the leading space of the first token.
-* Logprobs are those of the model itself, log_softmax(logits) at temperature 1 without top-p
-  renormalisation (vLLM's "raw_logprobs"), whatever temperature/top_p the sampling used; with the
-  PPO defaults (temperature 1, top_p 1) that is also the sampling distribution.
+* Logprobs are those of the distribution the tokens were sampled from: log_softmax(logits / temperature),
+  renormalised over the top-p nucleus when top_p < 1 (vLLM's "processed_logprobs"). The learner and
+  the reference model score tokens at the same temperature (``ppo.temperature``), so PPO's ratio, KL
+  terms and entropy are those of the sampling policy; the nucleus is not modelled there, so with
+  top_p < 1 the rollout is slightly off-policy (``behaviour_logprob_gap`` shows by how much).
+  :meth:`logprobs_of` (the drift check after a sync) scores at temperature 1, on both sides.
 * Sequences are kept at most ``max_model_len - 1`` tokens long, so that :meth:`logprobs_of` (which
   scores a whole sequence as a vLLM prompt) can score every rollout.
 """
@@ -116,6 +119,7 @@ def engine_args(model_path: str, rollout_cfg: RolloutConfig, worker_id: int, see
         seed=int(np.random.SeedSequence([seed, worker_id]).generate_state(1)[0] & 0x7FFFFFFF),
         enable_prefix_caching=True,  # safe: reset after every weight update
         worker_extension_cls=EXTENSION,
+        logprobs_mode="processed_logprobs",  # after temperature and top-p: the sampling distribution
     )
     if device == "cpu":
         # block_size: vLLM's CPU default is 128, so a prompt shorter than 128 tokens never hits the
