@@ -154,6 +154,8 @@ def _bad_requests():
         ({"prompt": "x", "responses": ok, "best": 0}, 422, "best"),
         ('{"prompt": "x", "responses": [', 400, "body"),
         ("not json at all", 400, "body"),
+        (b'{"prompt": "x\xff", "responses": ["a"]}', 400, "body"),  # not UTF-8
+        ("[" * 100_000 + "]" * 100_000, 400, "body"),  # nested past the JSON decoder's recursion limit
         ("[1, 2]", 422, "body"),
         ("", 422, "body"),
     ]
@@ -172,7 +174,7 @@ def _bad_batches():
 
 
 def _post(url: str, body):
-    if isinstance(body, str):
+    if isinstance(body, (str, bytes)):
         return requests.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=30)
     return requests.post(url, json=body, timeout=30)
 
@@ -189,6 +191,9 @@ def test_bad_requests_get_4xx_naming_the_field(service, groups):
         assert field in error["message"], error
     assert requests.get(f"{service.url}/score", timeout=10).status_code == 405
     assert requests.get(f"{service.url}/nope", timeout=10).json()["error"]["type"] == "http_error"
+    r = _post(service.url + "/score", b'{"prompt": "\xff"}')
+    assert r.json()["error"] == {"type": "invalid_json", "message": "body: invalid JSON: not UTF-8 text (byte 12)",
+                                 "fields": [{"field": "body", "message": "invalid JSON: not UTF-8 text (byte 12)"}]}
 
     # The handle path refuses the same way (RequestError, a ValueError, with the same fields).
     with pytest.raises(RequestError) as e:

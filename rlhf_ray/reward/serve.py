@@ -95,6 +95,22 @@ def validation_error(errors: list[dict]) -> RequestError:
     return RequestError(422, "validation_error", message, fields)
 
 
+def body_error(e: Exception) -> RequestError | None:
+    """FastAPI's bare 400 "error parsing the body" (raised from the JSON decoder's non-JSONDecodeError
+    failures) as an ``invalid_json`` error naming the body and why; None for other HTTP errors."""
+    cause = e.__cause__
+    if getattr(e, "status_code", None) != 400 or cause is None:
+        return None
+    if isinstance(cause, UnicodeDecodeError):
+        reason = f"not UTF-8 text (byte {cause.start})"
+    elif isinstance(cause, RecursionError):
+        reason = "nested too deeply"
+    else:
+        reason = f"{type(cause).__name__}: {cause}"
+    return RequestError(400, "invalid_json", f"body: invalid JSON: {reason}",
+                        [{"field": "body", "message": f"invalid JSON: {reason}"}])
+
+
 class RequestModels(NamedTuple):
     score: type[BaseModel]
     batch: type[BaseModel]
@@ -363,7 +379,8 @@ def build_http_app(server: RewardModelServer) -> FastAPI:
         return await on_request_error(request, validation_error(e.errors()))
 
     async def on_http_error(request, e: StarletteHTTPException):
-        return await on_request_error(request, RequestError(e.status_code, "http_error", str(e.detail)))
+        return await on_request_error(request, body_error(e) or RequestError(e.status_code, "http_error",
+                                                                             str(e.detail)))
 
     app.add_exception_handler(RequestError, on_request_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
