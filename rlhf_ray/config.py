@@ -220,11 +220,12 @@ _NONNEG = {
     "rm.num_workers", "ppo.eval_every", "ppo.checkpoint_every", "serve.min_replicas", "ppo.beta", "ppo.c1",
     "ppo.entropy_coef", "ppo.kl_coef",
     "ppo.truncation_penalty", "serve.num_gpus", "rollout.gpus_per_worker", "rm.weight_decay",
-    "ppo.value_clip_eps",
+    "ppo.value_clip_eps", "rm.cpus_per_worker", "serve.num_cpus", "rollout.cpus_per_worker",
+    "serve.batch_wait_timeout_s",
 }
 _POSITIVE_FLOAT = {
     "sft.lr", "rm.lr", "ppo.lr", "ppo.clip_eps", "ppo.temperature", "data.label_temperature",
-    "ppo.max_grad_norm", "rollout.max_logprob_drift", "ppo.target_kl",
+    "ppo.max_grad_norm", "rollout.max_logprob_drift", "ppo.target_kl", "serve.target_ongoing_requests",
 }
 _UNIT = {"ppo.gamma", "ppo.lam"}
 _FRACTION = {"ppo.top_p", "rollout.gpu_memory_utilization"}  # 0 would keep no tokens / no memory
@@ -310,6 +311,9 @@ def _check_ranges(cfg: Config) -> None:
     if cfg.model.hidden_size % cfg.model.num_heads:
         raise ConfigError(f"model.hidden_size: {cfg.model.hidden_size} is not divisible by "
                           f"model.num_heads={cfg.model.num_heads}")
+    if cfg.model.name_or_path == "embedded" and cfg.rm.max_length > cfg.model.max_positions:
+        raise ConfigError(f"rm.max_length: {cfg.rm.max_length} tokens exceed the embedded model's "
+                          f"model.max_positions={cfg.model.max_positions}")
     if cfg.serve.max_replicas < max(cfg.serve.min_replicas, 1):
         raise ConfigError(f"serve.max_replicas: must be >= serve.min_replicas ({cfg.serve.min_replicas})")
     if not 0 < cfg.serve.port < 65536:

@@ -32,6 +32,12 @@ def test_defaults_and_overrides(tmp_path):
     ("ppo.lam=-0.1", "ppo.lam: must be in [0, 1], got -0.1"),
     ("ppo.kl_horizon=0", "ppo.kl_horizon: must be a positive integer, got 0"),
     ("ppo.value_clip_eps=-0.2", "ppo.value_clip_eps: must be >= 0, got -0.2"),
+    ("rm.cpus_per_worker=-1", "rm.cpus_per_worker: must be >= 0, got -1.0"),
+    ("serve.num_cpus=-2", "serve.num_cpus: must be >= 0, got -2.0"),
+    ("serve.batch_wait_timeout_s=-1", "serve.batch_wait_timeout_s: must be >= 0, got -1.0"),
+    ("serve.target_ongoing_requests=0", "serve.target_ongoing_requests: must be > 0, got 0.0"),
+    ("rollout.cpus_per_worker=-1", "rollout.cpus_per_worker: must be >= 0, got -1.0"),
+    ("rm.max_length=129", "rm.max_length: 129 tokens exceed the embedded model's model.max_positions=128"),
     ("rollout.gpus_per_worker=0.5", "rollout.gpu_memory_utilization: 0.9 of a GPU per engine, but "
                                     "rollout.gpus_per_worker=0.5"),
 ])
@@ -39,6 +45,13 @@ def test_errors_name_the_field(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert needle in str(e.value)
+
+
+def test_rm_max_length_is_only_bounded_for_the_embedded_model():
+    cfg = load_config(None, ["rm.max_length=128", "serve.batch_wait_timeout_s=0", "rm.cpus_per_worker=0"])
+    assert (cfg.rm.max_length, cfg.serve.batch_wait_timeout_s, cfg.rm.cpus_per_worker) == (128, 0.0, 0.0)
+    assert load_config(None, ["model.name_or_path=gpt2", "rm.max_length=1024"]).rm.max_length == 1024
+    assert load_config(None, ["model.max_positions=256", "rm.max_length=200"]).rm.max_length == 200
 
 
 def test_fractional_gpus_per_engine_with_a_matching_memory_share():
