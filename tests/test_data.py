@@ -97,3 +97,16 @@ def test_collate_variable_k(policy_dir):
     short = collate(recs, tok, max_length=5)
     assert short.input_ids.shape[1] == 5 and short.truncated == 6
     assert (short.input_ids[:, 4] == tok.eos_token_id).all()
+
+
+def test_non_utf8_file_names_the_file_and_line(tmp_path):
+    f = tmp_path / "latin1.jsonl"
+    good = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"})
+    f.write_bytes((good + "\n\n" + json.dumps({"prompt": "caf\u00e9", "chosen": "a", "rejected": "b"},
+                                               ensure_ascii=False) + "\n").encode("latin-1"))
+    with pytest.raises(DataError) as e:
+        read_jsonl(f)
+    assert str(e.value) == f"{f}:3: not valid UTF-8 (byte 0xe9 at column 16); save the file as UTF-8"
+    f.write_text(good + "\n" + json.dumps({"prompt": "caf\u00e9", "chosen": "\u2713", "rejected": "b"},
+                                          ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read_jsonl(f)[1] == {"prompt": "caf\u00e9", "responses": ["\u2713", "b"], "best": 0}

@@ -41,13 +41,18 @@ def validate_record(obj, where: str) -> dict:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Read and validate a preference JSONL file; blank lines are skipped."""
+    """Read and validate a preference JSONL file (UTF-8); blank lines are skipped."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     records = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                f"{e.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
