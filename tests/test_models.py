@@ -49,3 +49,35 @@ def test_sft_policy_writes_well_formed_reviews(policy_dir):
     assert sum(b.clauses >= 1 for b in parts) >= 28
     # the SFT corpus mixes sentiment: the untuned policy is far from the gold optimum of 1.5
     assert -0.7 < sum(b.score for b in parts) / len(parts) < 0.9
+
+
+def test_tokenizer_without_pad_token_pads_with_eos(policy_dir, tmp_path):
+    """A backbone whose tokenizer has no pad token (GPT-2, Llama): inputs are padded with EOS, the RM's
+    config.pad_token_id is EOS too, and batched rewards equal those of unpadded single sequences."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_ray.data.preferences import collate, encode_texts
+    from rlhf_ray.models.reward import batch_rewards, init_reward_model
+    from reference import rm_rewards
+
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    tok.pad_token = None
+    lm = AutoModelForCausalLM.from_pretrained(policy_dir)
+    lm.config.pad_token_id = None
+    tok.save_pretrained(tmp_path), lm.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path).pad_token_id is None
+    ids, mask, _ = encode_texts(AutoTokenizer.from_pretrained(tmp_path), ["a b c d", "a"], 64)
+    assert ids[1, mask[1].sum():].eq(tok.eos_token_id).all() and mask[1].sum() < mask[0].sum()
+
+    model, rm_tok = init_reward_model(tmp_path, seed=1)
+    assert rm_tok.pad_token_id == model.config.pad_token_id == tok.eos_token_id
+    torch.nn.init.normal_(model.score.weight, std=0.5)
+    model.eval()
+    recs = synthetic.preference_records(6, seed=9)
+    with torch.no_grad():
+        batch = collate(recs, rm_tok, 64)
+        got = batch_rewards(model, batch)
+    assert batch.attention_mask.eq(0).any()  # the batch really is padded
+    for b, r in enumerate(recs):
+        want = rm_rewards(model, rm_tok, [r["prompt"]] * len(r["responses"]), r["responses"], 64)
+        torch.testing.assert_close(got[b, :len(want)], torch.tensor(want), rtol=1e-5, atol=1e-5)

@@ -102,6 +102,16 @@ class RMBatch:
                        move(self.best), self.truncated)
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id RM inputs are padded with: the tokenizer's pad token, else its EOS (GPT-2 and Llama tokenizers
+    have no pad token). The reward model's ``config.pad_token_id`` must be the same id, as the head reads
+    the last token that is not padding (``init_reward_model`` sets both)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError(f"{type(tokenizer).__name__}: the tokenizer has neither a pad nor an EOS token")
+    return pad
+
+
 def encode_texts(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ids + mask; sequences longer than ``max_length`` keep their first tokens and
     always end in EOS (the RM reads the last token).
@@ -116,7 +126,7 @@ def encode_texts(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Te
             truncated[i] = True
         seqs.append(ids)
     length = max(len(s) for s in seqs)
-    pad = tokenizer.pad_token_id
+    pad = pad_token_id(tokenizer)
     input_ids = torch.full((len(seqs), length), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), length), dtype=torch.long)
     for i, s in enumerate(seqs):

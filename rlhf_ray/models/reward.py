@@ -1,7 +1,8 @@
 """The reward model: a causal-LM backbone with a scalar head on the last token, R(x, y) -> float.
 
 It is Hugging Face's ``AutoModelForSequenceClassification`` with ``num_labels=1`` (the head reads the
-last non-pad token), so a saved RM is an ordinary model directory (safetensors + config + tokenizer)
+last non-pad token: the EOS every input ends with, or the token before it for a tokenizer without a pad
+token, which pads with EOS), so a saved RM is an ordinary model directory (safetensors + config + tokenizer)
 that loads without Ray and without this package.
 """
 
@@ -19,6 +20,8 @@ def init_reward_model(backbone: str | Path, seed: int = 0):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(backbone)
+    if tokenizer.pad_token is None:  # GPT-2, Llama: pad with EOS, in the saved tokenizer and config alike
+        tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(
         backbone, num_labels=1, dtype=torch.float32, pad_token_id=tokenizer.pad_token_id)
