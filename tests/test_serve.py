@@ -344,3 +344,21 @@ def test_rolling_a_new_checkpoint_drops_no_request(service, scorer, groups, rm_d
     assert requests.get(f"{service.url}/version", timeout=10).json()["model_version"] == new.model_version
     answer = service.handle.score.remote(prompt, responses).result(timeout_s=30)
     check_answer(answer, new_exp, new.model_version)
+
+
+def test_model_version_counts_epochs_from_one(rm_dir, tmp_path):
+    """trainer_state.json's epoch is 0-based; model_version says "epoch1" after one epoch, as the logs do."""
+    import hashlib
+    import json
+
+    from rlhf_ray.reward.scorer import model_version
+
+    digest = hashlib.sha256((rm_dir / "model.safetensors").read_bytes()).hexdigest()[:12]
+    assert json.loads((rm_dir / "trainer_state.json").read_text())["epoch"] == 0
+    assert model_version(rm_dir) == f"epoch1-{digest}"
+    copy = tmp_path / "rm"
+    shutil.copytree(rm_dir, copy)
+    (copy / "trainer_state.json").write_text(json.dumps({"epoch": 5}))
+    assert model_version(copy) == f"epoch6-{digest}"
+    (copy / "trainer_state.json").unlink()
+    assert model_version(copy) == f"epoch?-{digest}"

@@ -37,7 +37,9 @@ class FlatScores(NamedTuple):
 
 
 def model_version(model_dir: str | Path) -> str:
-    """``"epoch<E>-<sha256[:12] of the safetensors bytes>"``; ``epoch?`` without trainer state."""
+    """``"epoch<E>-<sha256[:12] of the safetensors bytes>"`` with E the number of epochs trained (1-based, as
+    the training logs and metrics count them; trainer_state.json's ``epoch`` is 0-based); ``epoch?`` without
+    trainer state."""
     model_dir = Path(model_dir)
     files = sorted(model_dir.glob("model*.safetensors"))
     if not files:
@@ -51,7 +53,9 @@ def model_version(model_dir: str | Path) -> str:
     state = model_dir / "trainer_state.json"
     if state.is_file():
         try:
-            epoch = str(json.loads(state.read_text()).get("epoch", "?"))
+            done = json.loads(state.read_text()).get("epoch")
+            if isinstance(done, int) and not isinstance(done, bool):
+                epoch = str(done + 1)
         except (ValueError, AttributeError):
             pass
     return f"epoch{epoch}-{digest.hexdigest()[:12]}"
