@@ -77,7 +77,9 @@ def cmd_make_data(args, cfg: Config) -> None:
 
 def cmd_train_rm(args, cfg: Config) -> None:
     from rlhf_ray.pipeline import plot_rm_curves, policy_stage, rm_stage, rm_table
+    from rlhf_ray.reward.launch import rm_resume_point
 
+    rm_resume_point(cfg.rm)  # a bad rm.resume_from fails before the model is built and Ray starts
     policy = policy_stage(cfg)
     _init_ray(args, cfg)
     res = rm_stage(cfg, policy)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from rlhf_ray.config import ConfigError, RMConfig
-from rlhf_ray.reward.train import ray_train_loop
+from rlhf_ray.reward.train import STATE_FILE, ray_train_loop
 
 
 @dataclass(frozen=True)
@@ -17,9 +18,38 @@ class RMTrainResult:
     run_dir: Path
 
 
+def rm_resume_point(rm: RMConfig) -> tuple[Path | None, dict | None]:
+    """(absolute checkpoint directory, its trainer state) that ``rm.resume_from`` names, checked on the
+    driver; (None, None) when starting fresh. Ray Train runs each worker in its own directory, so a
+    relative path must become absolute here. Raises ConfigError naming rm.resume_from or the file."""
+    if not rm.resume_from:
+        return None, None
+    ckpt = Path(rm.resume_from).expanduser().resolve()
+    if not ckpt.is_dir():
+        raise ConfigError(f"rm.resume_from: {ckpt} does not exist or is not a directory")
+    state_file = ckpt / STATE_FILE
+    if not state_file.is_file() or not list(ckpt.glob("model*.safetensors")):
+        raise ConfigError(f"rm.resume_from: {ckpt} is not an RM checkpoint (needs {STATE_FILE} and "
+                          f"model.safetensors)")
+    try:
+        state = json.loads(state_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{state_file}: not valid JSON ({e})") from None
+    epoch = state.get("epoch") if isinstance(state, dict) else None
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < -1:
+        raise ConfigError(f"{state_file}: 'epoch' must be an integer >= -1, got {epoch!r}")
+    if epoch + 1 >= rm.epochs:
+        raise ConfigError(f"rm.resume_from: {ckpt} is at epoch {epoch + 1}; set rm.epochs above {epoch + 1} "
+                          f"to train on from it (now {rm.epochs})")
+    return ckpt, state
+
+
 def train_rm(rm: RMConfig, init_dir: str | Path, train_path: Path, eval_path: Path,
              metrics_path: Path | None = None, name: str | None = None,
              storage_path: str | None = None) -> RMTrainResult:
+    resume_dir, _ = rm_resume_point(rm)  # before Ray: a bad rm.resume_from fails here, naming the field
+    rm = replace(rm, resume_from=str(resume_dir or ""))
+
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -41,7 +71,7 @@ def train_rm(rm: RMConfig, init_dir: str | Path, train_path: Path, eval_path: Pa
         ray_train_loop,
         train_loop_config={
             "rm": asdict(rm), "init_dir": str(Path(init_dir).resolve()) if Path(init_dir).exists() else str(init_dir),
-            "train_path": str(train_path), "eval_path": str(eval_path),
+            "train_path": str(Path(train_path).resolve()), "eval_path": str(Path(eval_path).resolve()),
             "metrics_path": str(Path(metrics_path).resolve()) if metrics_path else None,
         },
         scaling_config=ScalingConfig(num_workers=rm.num_workers, use_gpu=rm.use_gpu,
