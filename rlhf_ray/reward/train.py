@@ -81,22 +81,58 @@ class MetricsLog:
             except Exception:  # tensorboard is optional
                 self.tb = None
 
-    def write(self, step: int, metrics: dict) -> None:
+    def write(self, step: int, metrics: dict) -> dict:
+        """Append one row; returns it (``step``, ``time`` and the metrics) as written."""
+        row = {"step": step, "time": time.time(), **metrics}
         if not self.path:
-            return
+            return row
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+            f.write(json.dumps(row) + "\n")
         if self.tb:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
             self.tb.flush()
+        return row
 
     def close(self) -> None:
         """Close the TensorBoard writer (its file and flush thread); JSONL lines need nothing."""
         if self.tb:
             self.tb.close()
             self.tb = None
+
+
+def resumed_metrics(state: dict, metrics_path: str | Path | None) -> list[dict]:
+    """The metrics rows a run resumed from a checkpoint with trainer ``state`` keeps: epochs 1..state's
+    epoch + 1. They are the checkpoint's own ``history``; a checkpoint without one (written before it was
+    kept) takes the newest row of each of those epochs from ``metrics_path``, when it exists."""
+    done = state["epoch"] + 1
+    if "history" in state:
+        return [r for r in state["history"] if r["epoch"] <= done]
+    path = Path(metrics_path) if metrics_path else None
+    if path is None or not path.is_file():
+        return []
+    newest = {}
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+            if isinstance(row, dict) and isinstance(row.get("epoch"), int) and 1 <= row["epoch"] <= done:
+                newest[row["epoch"]] = row
+    return [newest[e] for e in sorted(newest)]
+
+
+def reset_metrics_log(metrics_path: str | Path | None, rows: list[dict], epochs_done: int) -> MetricsLog:
+    """A run's MetricsLog: ``metrics_path`` rewritten to ``rows`` (empty for a fresh run), TensorBoard
+    purging from the first new step (``epochs_done`` + 1; 0 for a fresh run), so that neither keeps what
+    an earlier run, or this run's failed attempt, logged in the same place after that point."""
+    if metrics_path:
+        path = Path(metrics_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return MetricsLog(metrics_path, purge_step=epochs_done + 1 if epochs_done else 0)
 
 
 def save_checkpoint(model, tokenizer, optimizer, state: dict, dest: Path) -> Path:
@@ -109,10 +145,30 @@ def save_checkpoint(model, tokenizer, optimizer, state: dict, dest: Path) -> Pat
     return dest
 
 
+def shard_sizes(n: int, world: int) -> list[int]:
+    """Records of each rank's shard when rank r takes every ``world``-th record from r: ceil((n - r) / world)."""
+    return [len(range(r, n, world)) for r in range(world)]
+
+
+def step_sizes(sizes: list[int], batch_size: int, step: int) -> list[int]:
+    """Records each rank takes at ``step`` (0-based): a full batch, the shard's short last one, or 0."""
+    return [max(0, min(batch_size, s - step * batch_size)) for s in sizes]
+
+
+def rank_loss_scale(world: int, step_records: int) -> float:
+    """Factor on a rank's SUM of per-sample losses so that DDP's gradient average over ``world`` ranks
+    is the gradient of the mean loss over the ``step_records`` samples of the step (all ranks):
+    (1/world) * sum_r world * S_r / n = sum_r S_r / n."""
+    return world / step_records
+
+
 class RMTrainLoop:
     """The listwise RM training loop over one worker's shard; DDP-agnostic.
 
     ``model`` may be DDP-wrapped (Ray Train) or plain (in-process); ``rank``/``world`` pick the shard.
+    Every record is used once per epoch: rank r's shard is every ``world``-th record of the epoch's
+    permutation from r, and every rank takes ceil(largest shard / batch_size) steps (DDP all-reduces on
+    each backward, so all ranks must join every step); a shard's last batch may be short or empty.
     """
 
     def __init__(self, cfg: RMConfig, model, tokenizer, train_records: list[dict], rank: int = 0,
@@ -120,39 +176,67 @@ class RMTrainLoop:
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.records, self.rank, self.world, self.log = train_records, rank, world, log
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        # Every rank takes the same number of steps (DDP all-reduces on each backward).
-        self.steps_per_epoch = len(train_records) // world // cfg.batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"rm.batch_size={cfg.batch_size} x {world} workers exceeds the "
-                             f"{len(train_records)} training records")
+        if not train_records:
+            raise ValueError("no training records")
+        self.shard_sizes = shard_sizes(len(train_records), world)
+        self.steps_per_epoch = math.ceil(max(self.shard_sizes) / cfg.batch_size)
 
     def shard(self, epoch: int) -> list[dict]:
         order = list(range(len(self.records)))
         random.Random(self.cfg.seed + epoch).shuffle(order)  # same permutation on every rank
-        per_rank = self.steps_per_epoch * self.cfg.batch_size
-        return [self.records[i] for i in order[self.rank::self.world][:per_rank]]
+        return [self.records[i] for i in order[self.rank::self.world]]
+
+    def step_loss(self, shard: list[dict], step: int, device=None) -> tuple[torch.Tensor, float, int]:
+        """(loss to backpropagate, sum of this rank's per-sample losses, its sample count) at ``step``.
+
+        The loss is scaled by ``rank_loss_scale`` so that DDP's average of the ranks' gradients is the
+        gradient of the mean over all the step's samples. A rank with no records left still runs a
+        forward and backward (on one record, weight 0): DDP needs every rank in every all-reduce.
+        """
+        bs = self.cfg.batch_size
+        chunk = shard[step * bs:(step + 1) * bs]
+        step_records = sum(step_sizes(self.shard_sizes, bs, step))
+        batch = collate(chunk or self.records[:1], self.tokenizer, self.cfg.max_length).to(device)
+        mean = listwise_rm_loss(batch_rewards(self.model, batch), batch.valid, batch.best)
+        if not chunk:
+            return mean * 0.0, 0.0, 0
+        total = mean * len(chunk)
+        return total * rank_loss_scale(self.world, step_records), total.item(), len(chunk)
 
     def train_epoch(self, epoch: int) -> dict:
+        """One pass over every record; ``train_loss`` is the mean per-sample loss over all ranks' records
+        (all-reduced when torch.distributed is initialised)."""
         self.model.train()
-        shard, bs = self.shard(epoch), self.cfg.batch_size
+        shard = self.shard(epoch)
         device = next(self.model.parameters()).device  # Ray Train's prepare_model put it there
-        total, samples, start = 0.0, 0, time.perf_counter()
+        loss_sum, samples, start = 0.0, 0, time.perf_counter()
         for step in range(self.steps_per_epoch):
-            batch = collate(shard[step * bs:(step + 1) * bs], self.tokenizer, self.cfg.max_length).to(device)
-            loss = listwise_rm_loss(batch_rewards(self.model, batch), batch.valid, batch.best)
+            loss, step_sum, n = self.step_loss(shard, step, device)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.optimizer.step()
-            total += loss.item()
-            samples += bs
+            loss_sum += step_sum
+            samples += n
             if self.rank == 0 and (step % 20 == 0 or step == self.steps_per_epoch - 1):
                 rate = samples * self.world / (time.perf_counter() - start)
                 self.log(f"[rm] epoch {epoch + 1} step {step + 1}/{self.steps_per_epoch} "
-                         f"loss {loss.item():.4f} ({rate:.0f} records/s)")
+                         f"loss {step_sum / max(n, 1):.4f} ({rate:.0f} records/s)")
+        loss_sum, samples = all_reduce_sums(loss_sum, samples, device, self.world)
         elapsed = time.perf_counter() - start
-        return {"train_loss": total / self.steps_per_epoch, "epoch_seconds": elapsed,
-                "records_per_s": samples * self.world / elapsed}
+        return {"train_loss": loss_sum / samples, "train_records": samples, "epoch_seconds": elapsed,
+                "records_per_s": samples / elapsed}
+
+
+def all_reduce_sums(loss_sum: float, count: int, device, world: int) -> tuple[float, int]:
+    """(sum, count) summed over the ranks when torch.distributed runs ``world`` > 1 ranks, else as given."""
+    import torch.distributed as dist
+
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return loss_sum, count
+    t = torch.tensor([loss_sum, float(count)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t[0]), int(round(float(t[1])))
 
 
 def _unwrap(model):
@@ -188,21 +272,25 @@ def ray_train_loop(loop_config: dict) -> None:
         loop.optimizer.load_state_dict(torch.load(resume_dir / OPTIM_FILE, weights_only=True))
         if rank == 0:
             print(f"[rm] resumed from {resume_dir} after epoch {state['epoch'] + 1}")
-    metrics_log = MetricsLog(loop_config.get("metrics_path") if rank == 0 else None)
+    history, metrics_log = [], MetricsLog(None)
+    if rank == 0:  # metrics.jsonl and TensorBoard hold this run only (up to the checkpoint when resumed)
+        history = resumed_metrics(state, loop_config.get("metrics_path")) if resume_dir is not None else []
+        metrics_log = reset_metrics_log(loop_config.get("metrics_path"), history, state["epoch"] + 1)
     for epoch in range(state["epoch"] + 1, cfg.epochs):
         train_stats = loop.train_epoch(epoch)
         metrics = {"epoch": epoch + 1, **train_stats}
         if rank == 0:
             ev = evaluate(_unwrap(model), tokenizer, eval_records, cfg.max_length)
             metrics.update({f"eval_{k}": v for k, v in asdict(ev).items()})
-            metrics_log.write(epoch + 1, metrics)
+            history.append(metrics_log.write(epoch + 1, metrics))
             print(f"[rm] epoch {epoch + 1}/{cfg.epochs} eval loss {ev.loss:.4f} top1 {ev.top1:.3f} "
                   f"pairwise {ev.pairwise:.3f} ece {ev.ece:.3f} (chance {ev.chance:.3f})")
             import tempfile
 
             with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(_unwrap(model), tokenizer, loop.optimizer, {"epoch": epoch, "metrics": metrics},
-                                Path(tmp))
+                save_checkpoint(_unwrap(model), tokenizer, loop.optimizer,
+                                {"epoch": epoch, "metrics": metrics, "history": history}, Path(tmp))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics, checkpoint=None)
+    metrics_log.close()
