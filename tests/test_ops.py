@@ -151,7 +151,8 @@ def test_ece_hand_computed():
     # same bin: over- and under-confidence cancel within a bin ({0.42, 0.48} vs {1, 0})
     assert expected_calibration_error(torch.tensor([0.42, 0.48]), torch.tensor([1, 0])) == pytest.approx(0.05, abs=1e-6)
     # different bins with 2 bins: {0.3}: 0.3, {0.8}: 0.2 -> (0.3 + 0.2) / 2
-    assert expected_calibration_error(torch.tensor([0.3, 0.8]), torch.tensor([0, 1]), n_bins=2) == pytest.approx(0.25, abs=1e-6)
+    ece = expected_calibration_error(torch.tensor([0.3, 0.8]), torch.tensor([0, 1]), n_bins=2)
+    assert ece == pytest.approx(0.25, abs=1e-6)
 
 
 def test_ece_perfect_calibration_is_zero():
