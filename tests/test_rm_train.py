@@ -283,3 +283,22 @@ def test_ray_train_loss_is_the_mean_over_every_record(ray_cluster, test_config, 
     ref = evaluate(model, tok, records, rm.max_length)
     assert res.metrics["train_records"] == 37
     assert res.metrics["train_loss"] == pytest.approx(ref.loss, abs=1e-5)
+
+
+def test_a_checkpoint_on_remote_storage_is_downloaded(tmp_path):
+    """rm.storage_path on S3/GCS: the final checkpoint is copied to a local directory (the ``latest``
+    link, serve-rm and PPO read one); a local checkpoint is used where it is."""
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    from rlhf_ray.reward.launch import local_checkpoint_dir
+
+    remote = tmp_path / "bucket" / "rm-run" / "checkpoint_000005"
+    remote.mkdir(parents=True)
+    (remote / "config.json").write_text('{"a": 1}')
+    fs = pyarrow.fs.SubTreeFileSystem(str(tmp_path / "bucket"), pyarrow.fs.LocalFileSystem())  # not local paths
+    local = local_checkpoint_dir(Checkpoint("rm-run/checkpoint_000005", filesystem=fs), tmp_path / "dl" / "rm-run")
+    assert local == tmp_path / "dl" / "rm-run" / "checkpoint_000005"
+    assert (local / "config.json").read_text() == '{"a": 1}'
+    assert local_checkpoint_dir(Checkpoint(str(remote)), tmp_path / "unused") == remote
+    assert not (tmp_path / "unused").exists()

@@ -84,4 +84,19 @@ def train_rm(rm: RMConfig, init_dir: str | Path, train_path: Path, eval_path: Pa
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError(f"RM training {name} produced no checkpoint (rm.epochs already done?)")
-    return RMTrainResult(Path(result.checkpoint.path), dict(result.metrics or {}), Path(result.path))
+    dest = (Path(metrics_path).resolve().parent if metrics_path else Path(storage_path or "runs/rm").resolve()) \
+        / "downloaded" / name
+    return RMTrainResult(local_checkpoint_dir(result.checkpoint, dest), dict(result.metrics or {}),
+                         Path(result.path))
+
+
+def local_checkpoint_dir(checkpoint, dest: Path) -> Path:
+    """A Ray Train checkpoint as a directory on this machine: its own path when it is on the local
+    filesystem, else (``rm.storage_path`` on S3, GCS, ...) downloaded into ``dest``/<its name>, as the
+    ``latest`` link, ``serve-rm`` and PPO read a local directory."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return Path(checkpoint.path)
+    local = dest / Path(checkpoint.path).name
+    return Path(checkpoint.to_directory(str(local)))
