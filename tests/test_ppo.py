@@ -628,6 +628,47 @@ def test_ppo_resumes_from_a_checkpoint_as_if_never_stopped(ray_cluster, test_con
                 policy_dir, rm_dir, tmp_path / "c")
 
 
+def test_engines_resumed_at_an_odd_version_read_the_slot_the_next_write_spares(ray_cluster, test_config, policy_dir):
+    """Shared memory, resumed at version 1: the engine attaches to slot 1, so the learner's first
+    write (version 2, slot 0, which waits for nothing: one-step-off has rollouts queued on the engine)
+    leaves the weights the engine samples untouched until the switch."""
+    ray = ray_cluster
+    from rlhf_ray.ppo import actors
+    from rlhf_ray.ppo.driver import RolloutPool
+
+    rc = dataclasses.replace(test_config.rollout, num_workers=1, weight_sync="shared_memory")
+    learner = actors.start_learner(policy_dir, test_config.ppo)
+    pool = RolloutPool(policy_dir, rc, seed=0, version=1)
+    try:
+        pool.set_num_workers(1)
+        pool.wait_ready()
+        assert pool.attach_shared_weights(learner, required=True) is None and pool._slot == (1, 1)
+        engine = pool.workers[0]
+        ids = ray.get(engine.encode_prompts.remote(synthetic.prompts(2, seed=5)), timeout=120)
+        T = max(len(x) for x in ids)
+        input_ids = np.array([x + [0] * (T - len(x)) for x in ids])
+        attn = np.array([[t < len(x) for t in range(T)] for x in ids])
+        resp = attn & (np.arange(T) >= 2)
+
+        def engine_lp():
+            return ray.get(engine.logprobs_of.remote(input_ids, attn, resp), timeout=120)
+
+        before = engine_lp()
+        ray.get(learner.__ray_call__.remote(lambda lr: [p.data.mul_(0.5) for p in lr.policy.parameters()]),
+                timeout=120)
+        written = learner.write_shared_weights.remote(pool.shared, 0)  # version 2, as the loop writes it
+        ray.get(written, timeout=120)
+        np.testing.assert_array_equal(engine_lp(), before)  # slot 1 untouched
+        infos = ray.get(pool.sync_shared(written, 2, 0), timeout=120)
+        assert [i["version"] for i in infos] == [2] and pool._slot == (0, 2)
+        assert float(np.abs(engine_lp() - before)[resp].max()) > 1e-2  # the switch takes the new weights
+    finally:
+        if pool.shared is not None:
+            ray.get(learner.close_shared_weights.remote(pool.shared), timeout=120)
+        pool.shutdown()
+        ray.kill(learner)
+
+
 def test_drift_past_the_threshold_stops_the_run_loudly(ray_cluster, test_config, policy_dir, rm_dir, tmp_path):
     """rollout.max_logprob_drift below what fp32 engine and learner agree to (~1e-6 here): the drift
     check after the first sync fails the run with WeightSyncError naming worker and version (in

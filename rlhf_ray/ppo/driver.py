@@ -87,7 +87,7 @@ class RolloutPool:
         self._next_id = 0
         self._weights = None  # (bucket refs, version) of the last sync, for workers added later
         self.shared: dict | None = None  # the shared-memory weights' spec, once the engines read them
-        self._slot = (0, version)  # (slot, version) the engines read, for workers added later
+        self._slot = (version % 2, version)  # (slot, version) the engines read, for workers added later
         self._shared_node = None  # the learner's node, where every engine must run to share memory
 
     def set_num_workers(self, n: int) -> None:
@@ -150,11 +150,14 @@ class RolloutPool:
         else:
             shapes = learner.weight_shapes.remote()  # a ref: learner to engine
             version = self._weights[1] if self._weights is not None else self.version  # what the engines hold
-            spec = None
+            # Version v lives in slot v % 2 and the first write (v + 1) waits for nothing: the engines
+            # must read the other slot, or a run resumed at an odd version overwrites the weights that
+            # its queued rollouts sample. Both slots start as a copy of the first engine's weights.
+            slot, spec = version % 2, None
             try:
-                spec = _get_small(self.workers[0].attach_shared_weights.remote(None, shapes, 0, version))
-                _get_small([w.attach_shared_weights.remote(spec, None, 0, version) for w in self.workers[1:]])
-                self.shared, self._slot, self._shared_node = spec, (0, version), node
+                spec = _get_small(self.workers[0].attach_shared_weights.remote(None, shapes, slot, version))
+                _get_small([w.attach_shared_weights.remote(spec, None, slot, version) for w in self.workers[1:]])
+                self.shared, self._slot, self._shared_node = spec, (slot, version), node
             except ray.exceptions.RayTaskError as e:
                 why = f"{type(e.cause).__name__}: {e.cause}"
                 if spec is not None:  # some engines attached: back to private weights, files removed
