@@ -382,6 +382,74 @@ def test_control_file_sets_the_number_of_workers(tmp_path):
     assert _requested_workers(path, said.append) is None and "expected an integer" in said[0]
 
 
+def fake_checkpoint(root: Path, reference: Path, seed: int = 0, hidden_size: int = 32) -> Path:
+    """A checkpoint directory as the driver commits one (iteration 2), its policy only a config."""
+    from transformers import LlamaConfig
+
+    ckpt = root / "checkpoints" / "iter_000002"
+    LlamaConfig(vocab_size=64, hidden_size=hidden_size, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=64).save_pretrained(ckpt / "policy")
+    (ckpt / "trainer_state.json").write_text(json.dumps({
+        "iteration": 2, "policy_version": 2, "kl_coef": 0.1, "before": {"eval_gold": 0.0}, "seed": seed,
+        "reference_policy": str(reference), "run_checkpoints": ["iter_000002"]}))
+    (ckpt / "metrics.jsonl").write_text("".join(json.dumps({"step": i}) + "\n" for i in range(3)))
+    (ckpt.parent / "latest").symlink_to(ckpt.name)
+    return ckpt
+
+
+def test_resume_point_refuses_another_seed_or_reference_policy(test_config, tmp_path):
+    """Resuming must repeat the checkpoint's ppo.seed and reference policy (a policy of the same
+    shape elsewhere too); refused before any actor starts, naming the field and the state file."""
+    from transformers import LlamaConfig
+
+    from rlhf_ray.config import ConfigError
+    from rlhf_ray.ppo.driver import resume_point
+
+    ref, other = tmp_path / "ref", tmp_path / "other"
+    for d in (ref, other):  # same shape as the checkpoint's policy
+        LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=64).save_pretrained(d)
+    ckpt = fake_checkpoint(tmp_path / "run", ref, seed=3)
+    state_file = str(ckpt / "trainer_state.json")
+
+    def ppo(**kw):
+        return dataclasses.replace(test_config.ppo, iterations=4, resume_from=str(tmp_path / "run"), **kw)
+
+    got, state = resume_point(ppo(seed=3), ref)
+    assert got == ckpt and state["iteration"] == 2 and [x["step"] for x in state["lines"]] == [0, 1, 2]
+    assert resume_point(ppo(seed=3), os.path.relpath(ref))[0] == ckpt  # the same directory, spelled relative
+    with pytest.raises(ConfigError) as e:
+        resume_point(ppo(seed=0), ref)
+    assert "ppo.seed=0" in str(e.value) and "ppo.seed=3" in str(e.value) and state_file in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        resume_point(ppo(seed=3), other)
+    assert f"reference policy is {other}" in str(e.value) and str(ref) in str(e.value) and state_file in str(e.value)
+    assert resume_point(dataclasses.replace(test_config.ppo, resume_from=""), other) == (None, None)
+
+
+def test_read_checkpoint_reads_the_reference_config_through_transformers(tmp_path):
+    """The reference policy's config comes from AutoConfig (a local directory or a hub name); one
+    that cannot be read, or of another shape, is a ConfigError naming it."""
+    from transformers import LlamaConfig
+
+    from rlhf_ray.config import ConfigError
+    from rlhf_ray.ppo.driver import read_checkpoint
+
+    ref = tmp_path / "ref"
+    LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=64).save_pretrained(ref)
+    ckpt = fake_checkpoint(tmp_path / "run", ref)
+    assert read_checkpoint(ckpt, ref)["iteration"] == 2
+    assert read_checkpoint(ckpt, str(ref))["iteration"] == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match=f"the reference policy \\({empty}\\): cannot read its config.json"):
+        read_checkpoint(ckpt, empty)
+    wide = fake_checkpoint(tmp_path / "wide", ref, hidden_size=48)
+    with pytest.raises(ConfigError, match=r"has hidden_size=48, the reference policy .* 32"):
+        read_checkpoint(wide, ref)
+
+
 def test_only_deaths_and_lost_objects_count_as_failures_to_restart_from():
     import ray.exceptions as rex
 

@@ -264,7 +264,8 @@ def read_checkpoint(ckpt: Path, reference_policy: str | Path) -> dict:
             raise ConfigError(f"{metrics_file}, line {n}: not valid JSON ({e})") from None
     if [x.get("step") for x in lines] != list(range(state["iteration"] + 1)):
         raise ConfigError(f"{metrics_file}: expected steps 0..{state['iteration']}, one line each")
-    mine, ref = (json.loads((Path(d) / "config.json").read_text()) for d in (ckpt / "policy", reference_policy))
+    mine = _model_config(ckpt / "policy", f"ppo.resume_from: the checkpoint's policy ({ckpt / 'policy'})")
+    ref = _model_config(reference_policy, f"the reference policy ({reference_policy})")
     for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers"):
         if mine.get(key) != ref.get(key):
             raise ConfigError(f"ppo.resume_from: the checkpoint's policy ({ckpt / 'policy'}) has {key}="
@@ -272,16 +273,44 @@ def read_checkpoint(ckpt: Path, reference_policy: str | Path) -> dict:
     return {**state, "lines": lines}
 
 
+def _model_config(path: str | Path, what: str) -> dict:
+    """The model config of a local directory or a Hugging Face hub name (its cache, or the hub) as a
+    dict; ConfigError naming ``what`` when it cannot be read."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path)).to_dict()
+    except Exception as e:  # OSError (no such directory / name, no config.json), ValueError (bad file)
+        raise ConfigError(f"{what}: cannot read its config.json ({type(e).__name__}: {e})") from None
+
+
+def _policy_id(path: str | Path) -> str:
+    """How a checkpoint records its reference policy: a local directory's absolute path, else the
+    hub name as given."""
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else str(path)
+
+
 def resume_point(ppo: PPOConfig, reference_policy: str | Path) -> tuple[Path | None, dict | None]:
     """(checkpoint directory, its state) that ``ppo.resume_from`` names, checked; (None, None) when
-    starting fresh. Raises ConfigError naming the path or file."""
+    starting fresh. Raises ConfigError naming the path or file. The run must repeat the checkpoint's
+    ppo.seed (prompts, sampling and engine seeds derive from it) and its reference policy (the KL
+    terms are relative to it)."""
     if not ppo.resume_from:
         return None, None
     ckpt = find_checkpoint(ppo.resume_from)
     state = read_checkpoint(ckpt, reference_policy)
+    state_file = ckpt / CHECKPOINT_STATE
     if state["iteration"] >= ppo.iterations:
         raise ConfigError(f"ppo.resume_from: {ckpt} is at iteration {state['iteration']}; set ppo.iterations "
                           f"above {state['iteration']} to train on from it")
+    if "seed" in state and state["seed"] != ppo.seed:  # (checkpoints of older versions have neither key)
+        raise ConfigError(f"ppo.seed={ppo.seed}, but the checkpoint was trained with ppo.seed={state['seed']} "
+                          f"({state_file}); set ppo.seed={state['seed']} to resume it")
+    if "reference_policy" in state and _policy_id(state["reference_policy"]) != _policy_id(reference_policy):
+        raise ConfigError(f"ppo.resume_from: the reference policy is {_policy_id(reference_policy)}, but the "
+                          f"checkpoint was trained against {state['reference_policy']} ({state_file}); resume "
+                          f"with that policy (--policy or model.name_or_path)")
     return ckpt, state
 
 
@@ -596,7 +625,7 @@ def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None,
                 # kl_coef_next: the controller after this batch (batch it+1 may have moved it already).
                 _commit_checkpoint(tmp_ckpt, final, {
                     "iteration": it + 1, "policy_version": version, "kl_coef": stats["kl_coef_next"],
-                    "before": before, "reference_policy": str(policy_dir), "seed": ppo.seed,
+                    "before": before, "reference_policy": _policy_id(policy_dir), "seed": ppo.seed,
                     "run_checkpoints": [p.name for p in saved]}, metrics_log.path)
                 for p in stale:
                     shutil.rmtree(p, ignore_errors=True)
