@@ -382,6 +382,43 @@ def test_control_file_sets_the_number_of_workers(tmp_path):
     assert _requested_workers(path, said.append) is None and "expected an integer" in said[0]
 
 
+def test_control_file_at_start_applies_to_a_continued_run_and_is_removed_for_a_fresh_one(tmp_path):
+    from rlhf_ray.ppo.driver import _workers_at_start
+
+    path, said = tmp_path / "rollout_workers", []
+    assert _workers_at_start(path, 2, True, said.append) == 2 and not said  # no file: the config's count
+    path.write_text("3\n")
+    assert _workers_at_start(path, 2, True, said.append) == 3 and path.exists()  # resumed / restarted
+    assert str(path) in said[-1] and "not rollout.num_workers=2" in said[-1]
+    for bad in ("0", "three"):
+        path.write_text(bad)
+        assert _workers_at_start(path, 2, True, said.append) == 2 and "ignoring" in said[-1]
+    path.write_text("3\n")  # left by an earlier job: a fresh run neither uses nor keeps it
+    assert _workers_at_start(path, 2, False, said.append) == 2 and not path.exists()
+    assert said[-1].startswith("[ppo] starting fresh: removed " + str(path))
+    assert _workers_at_start(path, 2, False, said.append) == 2
+
+
+def test_a_run_that_does_not_fit_the_cluster_is_a_config_error_that_changes_nothing(ray_cluster, test_config,
+                                                                                     tmp_path):
+    """The CPU check comes before the output directory is touched: metrics.jsonl, the checkpoints'
+    'latest' link and the control file stay as an earlier run left them."""
+    from rlhf_ray.config import ConfigError
+    from rlhf_ray.ppo.driver import run_ppo
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n')
+    (tmp_path / "checkpoints" / "iter_000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest").symlink_to("iter_000002")
+    (tmp_path / "rollout_workers").write_text("1\n")
+    cfg = dataclasses.replace(test_config, rollout=dataclasses.replace(test_config.rollout, num_workers=64))
+    with pytest.raises(ConfigError, match=r"^rollout.num_workers=64 x rollout.cpus_per_worker=1.0 .* the Ray "
+                                          r"cluster has 4"):
+        run_ppo(cfg, "policy", "rm", tmp_path, log=lambda *_: None)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 0}\n'
+    assert (tmp_path / "checkpoints" / "latest").is_symlink() and (tmp_path / "rollout_workers").exists()
+    assert not (tmp_path / "tensorboard").exists()
+
+
 def fake_checkpoint(root: Path, reference: Path, seed: int = 0, hidden_size: int = 32) -> Path:
     """A checkpoint directory as the driver commits one (iteration 2), its policy only a config."""
     from transformers import LlamaConfig

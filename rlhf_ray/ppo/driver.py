@@ -26,7 +26,8 @@ The number of rollout workers can change between iterations of a running job: th
 ``on_iteration`` callback (``ctx.pool.set_num_workers(n)``) or by writing a number into
 ``<out_dir>/rollout_workers``. New workers start from the initial policy and get the current weights
 before their first rollout. A resize after iteration t applies from rollout t+1 (synchronous) or
-t+3 (one-step-off: rollouts t+1 and t+2 are already queued).
+t+3 (one-step-off: rollouts t+1 and t+2 are already queued). A resumed or restarted run starts with
+the file's number; a fresh run removes the file an earlier run left.
 """
 
 from __future__ import annotations
@@ -231,6 +232,25 @@ def _requested_workers(path: Path, log) -> int | None:
         return None
 
 
+def _workers_at_start(path: Path, configured: int, continuing: bool, log) -> int:
+    """The rollout workers a start of the actors begins with. A resumed or restarted run goes on with
+    what an operator wrote into the control file ``path``; a fresh run uses ``configured``
+    (rollout.num_workers) and removes a control file that an earlier job left, which would
+    otherwise resize it after its first iteration."""
+    if not continuing:
+        if path.exists():
+            path.unlink()
+            log(f"[ppo] starting fresh: removed {path} (left by an earlier run); rollout.num_workers={configured}")
+        return configured
+    wanted = _requested_workers(path, log)
+    if wanted is not None and wanted < 1:
+        log(f"[ppo] ignoring {path}: need at least 1 rollout worker, got {wanted}")
+        wanted = None
+    if wanted is not None and wanted != configured:
+        log(f"[ppo] rollout workers: {wanted} ({path}), not rollout.num_workers={configured}")
+    return configured if wanted is None else wanted
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """The checkpoint directory that ``ppo.resume_from`` names: a checkpoint itself
     (``.../checkpoints/iter_NNNNNN``), a checkpoints directory or a PPO output directory (their latest)."""
@@ -420,22 +440,29 @@ def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None,
     ckpt_root = out_dir / CHECKPOINTS
     resume_dir, resumed = resume_point(ppo, policy_dir)
     start_it = resumed["iteration"] if resumed else 0
+    restarted = progress.get("attempts", 0) > 0  # (from the start when no checkpoint was committed yet)
+    progress["attempts"] = progress.get("attempts", 0) + 1
+    # Checks first: an error leaves this directory (metrics, checkpoints, control file) as it was.
+    need, have = actors.cpus_needed(rc.num_workers, rc), ray.cluster_resources().get("CPU", 0)
+    if need > have:
+        raise ConfigError(f"rollout.num_workers={rc.num_workers} x rollout.cpus_per_worker={rc.cpus_per_worker} "
+                          f"+ learner + scorer + advantage: PPO needs {need} CPUs, the Ray cluster has {have}")
+    num_workers = _workers_at_start(control_file, rc.num_workers, bool(resumed) or restarted, log)
+    if actors.cpus_needed(num_workers, rc) > have:
+        log(f"[ppo] not starting {num_workers} rollout workers ({control_file}): they would need "
+            f"{actors.cpus_needed(num_workers, rc)} CPUs, the Ray cluster has {have}; "
+            f"rollout.num_workers={rc.num_workers} instead")
+        num_workers = rc.num_workers
     # metrics.jsonl holds this run: fresh, or the checkpoint's lines (a failed run's later lines go);
     # TensorBoard likewise drops what earlier runs in this directory logged from that step on.
     (out_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in resumed["lines"])
                                            if resumed else "")
-    metrics_log = MetricsLog(out_dir / "metrics.jsonl", purge_step=start_it + 1 if resumed else 0)
     for partial in ckpt_root.glob(".tmp-iter_*"):  # a crashed run's incomplete checkpoints: never resumable
         shutil.rmtree(partial, ignore_errors=True)
     if not resumed and (ckpt_root / "latest").is_symlink():  # "latest" must not name an earlier run's
         (ckpt_root / "latest").unlink()
         log(f"[ppo] starting fresh: {ckpt_root} keeps an earlier run's checkpoints (resume one with "
             f"ppo.resume_from=DIR); its 'latest' link is removed")
-    need, have = actors.cpus_needed(rc.num_workers, rc), ray.cluster_resources().get("CPU", 0)
-    if need > have:
-        raise ValueError(f"PPO needs {need} CPUs (rollout.num_workers={rc.num_workers} x "
-                         f"rollout.cpus_per_worker={rc.cpus_per_worker} + learner + scorer + advantage); "
-                         f"the Ray cluster has {have}")
     start = time.perf_counter()
 
     # ---- actors
@@ -456,7 +483,9 @@ def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None,
     scorer = actors.start_scorer(rm_dir, cfg.rm.max_length, rm_handle,
                                  max_pairs=cfg.serve.max_prompts * cfg.serve.max_responses)
     pool = RolloutPool(start_policy, rc, seed=ppo.seed, log=log, version=resumed["policy_version"] if resumed else 0)
+    metrics_log = None
     try:
+        metrics_log = MetricsLog(out_dir / "metrics.jsonl", purge_step=start_it + 1 if resumed else 0)
         if resumed:
             version = _get_small(learner.load_checkpoint.remote(str(resume_dir / "policy")))
             if version != resumed["policy_version"]:
@@ -465,7 +494,7 @@ def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None,
             if ppo.adaptive_kl:  # a fixed coefficient comes from the config, as set now
                 advantage.set_kl_coef.remote(resumed["kl_coef"])
             log(f"[ppo] resuming from {resume_dir}: iteration {start_it}, policy version {version}")
-        pool.set_num_workers(rc.num_workers)
+        pool.set_num_workers(num_workers)
         n_buckets = _get_small(learner.num_buckets.remote(bucket_bytes))
         pool.wait_ready()
         log(f"[ppo] {len(pool.workers)} rollout workers, learner, scorer and advantage actors up "
@@ -654,7 +683,8 @@ def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None,
         return PPOResult(before=before, after=after, history=history, policy_dir=policy_out,
                          metrics_path=metrics_log.path, plot_path=plot, seconds=seconds)
     finally:
-        metrics_log.close()  # a restarted attempt opens its own writer on the same directory
+        if metrics_log is not None:
+            metrics_log.close()  # a restarted attempt opens its own writer on the same directory
         if pool.shared is not None:
             try:
                 _get_small(learner.close_shared_weights.remote(pool.shared))
