@@ -115,7 +115,11 @@ class RolloutPool:
                     ray.kill(w)
                     raise ValueError(f"set_num_workers({n}): the new rollout worker started on node {node}, "
                                      f"not on the learner's, where the engines share weights in memory")
-                w.attach_shared_weights.remote(self.shared, None, *self._slot)
+                try:  # awaited: a failure surfaces here with its cause, not at the worker's first rollout
+                    _get_small(w.attach_shared_weights.remote(self.shared, None, *self._slot))
+                except Exception:
+                    ray.kill(w)
+                    raise
             elif self._weights is not None:
                 w.update_weights.remote(*self._weights)
             self.workers.append(w)
@@ -159,11 +163,24 @@ class RolloutPool:
                 spec = _get_small(self.workers[0].attach_shared_weights.remote(None, shapes, slot, version))
                 _get_small([w.attach_shared_weights.remote(spec, None, slot, version) for w in self.workers[1:]])
                 self.shared, self._slot, self._shared_node = spec, (slot, version), node
-            except ray.exceptions.RayTaskError as e:
+            except Exception as e:
+                # An engine's code refused (RayTaskError): the job goes on with the object store. Else an
+                # engine or the learner died, or a call timed out: the run fails (or restarts). Either
+                # way no engine may stay on the files and the files go (self.shared is not set, so the
+                # run's cleanup would not remove them).
+                failed = not isinstance(e, ray.exceptions.RayTaskError)
+                if spec is not None:
+                    from rlhf_ray.ppo.shared_weights import unlink_slots
+
+                    try:
+                        if not failed:  # back to private weights
+                            _get_small([w.detach_shared_weights.remote() for w in self.workers])
+                            _get_small(learner.close_shared_weights.remote(spec))
+                    finally:
+                        unlink_slots(spec)  # from the driver too: on the learner's node in most setups
+                if failed:
+                    raise
                 why = f"{type(e.cause).__name__}: {e.cause}"
-                if spec is not None:  # some engines attached: back to private weights, files removed
-                    _get_small([w.detach_shared_weights.remote() for w in self.workers])
-                    _get_small(learner.close_shared_weights.remote(spec))
         if why is not None and required:
             raise WeightSyncError(f"rollout.weight_sync=shared_memory: {why}")
         return why
