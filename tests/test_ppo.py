@@ -487,6 +487,50 @@ def test_read_checkpoint_reads_the_reference_config_through_transformers(tmp_pat
         read_checkpoint(wide, ref)
 
 
+def test_recommitting_a_checkpoint_keeps_the_old_one_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    from rlhf_ray.ppo import driver
+
+    root = tmp_path / "checkpoints"
+
+    def learner_wrote(tag):
+        tmp = root / ".tmp-iter_000004"
+        (tmp / "policy").mkdir(parents=True)
+        (tmp / "policy" / "weights").write_text(tag)
+        return tmp
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n')
+    final = root / "iter_000004"
+    driver._commit_checkpoint(learner_wrote("old"), final, {"iteration": 4}, tmp_path / "metrics.jsonl")
+    assert (root / "latest").resolve() == final and (final / "policy" / "weights").read_text() == "old"
+    # A resumed run redoes iteration 4 ('latest' names it): replaced, nothing left beside it.
+    driver._commit_checkpoint(learner_wrote("new"), final, {"iteration": 4}, tmp_path / "metrics.jsonl")
+    assert (root / "latest").resolve() == final and (final / "policy" / "weights").read_text() == "new"
+    assert sorted(p.name for p in root.iterdir()) == ["iter_000004", "latest"]
+    assert json.loads((final / "trainer_state.json").read_text()) == {"iteration": 4}
+    # Killed between moving the old one aside and moving the new one in: the old one is still whole.
+    real_replace = os.replace
+
+    def killed_at_the_move(src, dst):
+        if Path(src).name.startswith(".tmp-"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(driver.os, "replace", killed_at_the_move)
+    with pytest.raises(KeyboardInterrupt):
+        driver._commit_checkpoint(learner_wrote("newer"), final, {"iteration": 4}, tmp_path / "metrics.jsonl")
+    assert (root / ".old-iter_000004" / "policy" / "weights").read_text() == "new"
+
+
+def test_a_failing_cleanup_step_is_logged_not_raised():
+    from rlhf_ray.ppo.driver import _cleanup
+
+    said, ran = [], []
+    _cleanup(said.append, "shutting down the Serve app 'rm'", lambda: 1 / 0)
+    _cleanup(said.append, "closing", ran.append, "x")
+    assert said == ["[ppo] cleanup: shutting down the Serve app 'rm' failed: ZeroDivisionError: division by zero"]
+    assert ran == ["x"]
+
+
 def test_only_deaths_and_lost_objects_count_as_failures_to_restart_from():
     import ray.exceptions as rex
 

@@ -353,16 +353,30 @@ def resume_point(ppo: PPOConfig, reference_policy: str | Path) -> tuple[Path | N
 
 def _commit_checkpoint(tmp: Path, final: Path, state: dict, metrics_path: Path) -> None:
     """Complete the checkpoint the learner wrote into ``tmp`` (trainer state, metrics so far), move it
-    to ``final`` and point ``latest`` at it; a crash before the move leaves only a ``.tmp-`` directory."""
+    to ``final`` and point ``latest`` at it; a crash before the move leaves only a ``.tmp-`` directory.
+    An existing ``final`` (a resumed run redoing an iteration; ``latest`` may name it) is renamed aside
+    and deleted only after the new one is in place: a crash in between leaves it whole (``.old-``)."""
     (tmp / CHECKPOINT_STATE).write_text(json.dumps(state, indent=1))
     shutil.copyfile(metrics_path, tmp / "metrics.jsonl")
+    aside = final.parent / f".old-{final.name}"
     if final.exists():
-        shutil.rmtree(final)
+        shutil.rmtree(aside, ignore_errors=True)  # left by a crash here
+        os.replace(final, aside)
     os.replace(tmp, final)
     link = final.parent / ".latest.tmp"
     link.unlink(missing_ok=True)
     link.symlink_to(final.name)
     os.replace(link, final.parent / "latest")
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _cleanup(log, what: str, step: Callable, *args) -> None:
+    """One cleanup step of an attempt: an error is logged, not raised. Raised in the ``finally`` it
+    would replace the attempt's own error (an actor's death would then not restart the run)."""
+    try:
+        step(*args)
+    except Exception as e:
+        log(f"[ppo] cleanup: {what} failed: {type(e).__name__}: {e}")
 
 
 def _progress(m: dict, iterations: int) -> str:
@@ -700,19 +714,25 @@ def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None,
         return PPOResult(before=before, after=after, history=history, policy_dir=policy_out,
                          metrics_path=metrics_log.path, plot_path=plot, seconds=seconds)
     finally:
-        if metrics_log is not None:
-            metrics_log.close()  # a restarted attempt opens its own writer on the same directory
-        if pool.shared is not None:
+        def close_shared(spec: dict) -> None:
             try:
-                _get_small(learner.close_shared_weights.remote(pool.shared))
+                _get_small(learner.close_shared_weights.remote(spec))
             except Exception:  # a dead learner: remove them from here (same node in most setups)
                 from rlhf_ray.ppo.shared_weights import unlink_slots
 
-                unlink_slots(pool.shared)
-        pool.shutdown()
-        for actor in (learner, advantage, scorer):
-            ray.kill(actor)
-        if deployed:
+                unlink_slots(spec)
+
+        def shutdown_deployed_rm() -> None:
             from rlhf_ray.reward.serve import shutdown_rm
 
             shutdown_rm("rm")
+
+        if metrics_log is not None:  # a restarted attempt opens its own writer on the same directory
+            _cleanup(log, "closing the TensorBoard writer", metrics_log.close)
+        if pool.shared is not None:
+            _cleanup(log, "removing the shared-memory weights", close_shared, pool.shared)
+        _cleanup(log, "stopping the rollout workers", pool.shutdown)
+        for name, actor in (("learner", learner), ("advantage", advantage), ("scorer", scorer)):
+            _cleanup(log, f"stopping the {name} actor", ray.kill, actor)
+        if deployed:
+            _cleanup(log, "shutting down the Serve app 'rm'", shutdown_deployed_rm)
