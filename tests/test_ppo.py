@@ -462,6 +462,8 @@ def test_resume_point_refuses_another_seed_or_reference_policy(test_config, tmp_
         resume_point(ppo(seed=3), other)
     assert f"reference policy is {other}" in str(e.value) and str(ref) in str(e.value) and state_file in str(e.value)
     assert resume_point(dataclasses.replace(test_config.ppo, resume_from=""), other) == (None, None)
+    ref.rename(tmp_path / "moved")  # the run's files moved elsewhere: the recorded directory is gone
+    assert resume_point(ppo(seed=3), tmp_path / "moved")[0] == ckpt
 
 
 def test_read_checkpoint_reads_the_reference_config_through_transformers(tmp_path):
@@ -519,6 +521,10 @@ def test_recommitting_a_checkpoint_keeps_the_old_one_until_the_new_one_is_in_pla
     with pytest.raises(KeyboardInterrupt):
         driver._commit_checkpoint(learner_wrote("newer"), final, {"iteration": 4}, tmp_path / "metrics.jsonl")
     assert (root / ".old-iter_000004" / "policy" / "weights").read_text() == "new"
+    # ... and resuming puts it back where 'latest' points.
+    monkeypatch.setattr(driver.os, "replace", real_replace)
+    assert driver.find_checkpoint(tmp_path) == final  # (its checkpoints/latest)
+    assert (final / "policy" / "weights").read_text() == "new" and not (root / ".old-iter_000004").exists()
 
 
 def test_a_failing_cleanup_step_is_logged_not_raised():

@@ -268,10 +268,24 @@ def _workers_at_start(path: Path, configured: int, continuing: bool, log) -> int
     return configured if wanted is None else wanted
 
 
+def _recover_aside(root: Path) -> None:
+    """Finish what a crash inside :func:`_commit_checkpoint` left in the checkpoints directory ``root``:
+    an ``.old-iter_N`` whose ``iter_N`` is missing goes back into place (``latest`` may name it); one
+    whose replacement is in place is deleted."""
+    for aside in root.glob(".old-iter_*") if root.is_dir() else ():
+        final = root / aside.name[len(".old-"):]
+        if final.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(aside, final)
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """The checkpoint directory that ``ppo.resume_from`` names: a checkpoint itself
     (``.../checkpoints/iter_NNNNNN``), a checkpoints directory or a PPO output directory (their latest)."""
     p = Path(path).expanduser()
+    for root in (p.parent, p, p / CHECKPOINTS):
+        _recover_aside(root)
     for cand in (p, p / "latest", p / CHECKPOINTS / "latest"):
         if (cand / CHECKPOINT_STATE).is_file():
             return cand.resolve()
@@ -332,7 +346,8 @@ def resume_point(ppo: PPOConfig, reference_policy: str | Path) -> tuple[Path | N
     """(checkpoint directory, its state) that ``ppo.resume_from`` names, checked; (None, None) when
     starting fresh. Raises ConfigError naming the path or file. The run must repeat the checkpoint's
     ppo.seed (prompts, sampling and engine seeds derive from it) and its reference policy (the KL
-    terms are relative to it)."""
+    terms are relative to it; a directory the checkpoint names that no longer exists, as after moving
+    a run, is taken to have moved: only its shape is checked)."""
     if not ppo.resume_from:
         return None, None
     ckpt = find_checkpoint(ppo.resume_from)
@@ -344,7 +359,9 @@ def resume_point(ppo: PPOConfig, reference_policy: str | Path) -> tuple[Path | N
     if "seed" in state and state["seed"] != ppo.seed:  # (checkpoints of older versions have neither key)
         raise ConfigError(f"ppo.seed={ppo.seed}, but the checkpoint was trained with ppo.seed={state['seed']} "
                           f"({state_file}); set ppo.seed={state['seed']} to resume it")
-    if "reference_policy" in state and _policy_id(state["reference_policy"]) != _policy_id(reference_policy):
+    recorded = state.get("reference_policy")
+    moved = recorded is not None and Path(recorded).is_absolute() and not Path(recorded).exists()
+    if recorded is not None and not moved and _policy_id(recorded) != _policy_id(reference_policy):
         raise ConfigError(f"ppo.resume_from: the reference policy is {_policy_id(reference_policy)}, but the "
                           f"checkpoint was trained against {state['reference_policy']} ({state_file}); resume "
                           f"with that policy (--policy or model.name_or_path)")
