@@ -122,6 +122,10 @@ class PPOConfig:
     value_clip_eps: float = 0.2  # PPO2 value clipping around the old values; 0 = off
     beta: float = 0.0  # weight of KL(pi_old || pi_theta) in the objective
     c1: float = 0.5  # value-loss weight; L_V = 0.5 * mean (V - R)^2
+    # Decoupled PPO for stale rollouts (rollout.async_one_step_off): weight each token's clipped
+    # surrogate by min(pi_old / pi_behaviour, cap), pi_behaviour = the engine's logprob of the token it
+    # sampled. 0 = off (plain PPO around the recomputed pi_old); 2 is a usual cap.
+    behaviour_weight_cap: float = 0.0
     entropy_coef: float = 0.0
     gamma: float = 1.0
     lam: float = 0.95
@@ -220,7 +224,7 @@ _NONNEG = {
     "rm.num_workers", "ppo.eval_every", "ppo.checkpoint_every", "serve.min_replicas", "ppo.beta", "ppo.c1",
     "ppo.entropy_coef", "ppo.kl_coef",
     "ppo.truncation_penalty", "serve.num_gpus", "rollout.gpus_per_worker", "rm.weight_decay",
-    "ppo.value_clip_eps", "rm.cpus_per_worker", "serve.num_cpus", "rollout.cpus_per_worker",
+    "ppo.value_clip_eps", "ppo.behaviour_weight_cap", "rm.cpus_per_worker", "serve.num_cpus", "rollout.cpus_per_worker",
     "serve.batch_wait_timeout_s",
 }
 _POSITIVE_FLOAT = {

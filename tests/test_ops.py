@@ -9,6 +9,7 @@ from rlhf_ray.ops import (
     AdaptiveKLController,
     FixedKLController,
     PPOStats,
+    behaviour_weights,
     clipped_surrogate,
     entropy_from_logits,
     expected_calibration_error,
@@ -312,6 +313,28 @@ def test_clipped_surrogate_hand_computed():
     # clipped tokens and masked tokens get no gradient; others get ratio * A / n
     expected = torch.tensor([[2.0, 0.0, 0.5, -1.5], [0.0, -3.3, 0.0, 0.0]], dtype=D) / 6
     torch.testing.assert_close(logp.grad, expected)
+
+
+def test_behaviour_weighted_surrogate_hand_computed():
+    """Decoupled PPO: w = min(pi_old / pi_behaviour, cap) multiplies each token's clipped surrogate."""
+    old = torch.log(torch.tensor([[0.5, 0.2, 0.9, 0.3]], dtype=D))
+    behaviour = torch.log(torch.tensor([[0.25, 0.4, 0.1, 0.3]], dtype=D))  # pi_old / pi_b = 2, 0.5, 9, 1
+    w = behaviour_weights(old, behaviour, cap=3.0)
+    torch.testing.assert_close(w, torch.tensor([[2.0, 0.5, 3.0, 1.0]], dtype=D))
+    assert not w.requires_grad
+    ratio = torch.tensor([[1.0, 1.5, 0.5, 1.1]], dtype=D)
+    A = torch.tensor([[2.0, 1.0, -1.0, 4.0]], dtype=D)
+    mask = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
+    logp = (old + ratio.log()).requires_grad_(True)
+    l_clip, frac = clipped_surrogate(logp, old, A, mask, 0.2, weights=w)
+    # surrogates 2, 1.2 (clipped), -0.8 (clipped), masked; weighted: 4 + 0.6 - 2.4 = 2.2 over 3 tokens
+    assert l_clip.item() == pytest.approx(2.2 / 3, abs=1e-12) and frac.item() == pytest.approx(2 / 3)
+    l_clip.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[2.0 * 2.0, 0.0, 0.0, 0.0]], dtype=D) / 3)
+    # ppo_objective passes them through (beta = c1 = 0: L = L_clip)
+    zeros = torch.zeros_like(A)
+    loss, st = ppo_objective(logp.detach(), old, A, zeros, zeros, zeros, mask, 0.2, 0.0, 0.0, weights=w)
+    assert loss.item() == pytest.approx(-2.2 / 3, abs=1e-12)
 
 
 # ----------------------------------------------------------------------------- KL

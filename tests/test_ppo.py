@@ -292,6 +292,29 @@ def test_train_step_changes_every_parameter_and_lowers_the_loss(learner_and_batc
     assert learner.loss(batch) < loss0 - 1e-3
 
 
+def test_decoupled_ppo_weights_tokens_by_the_old_to_behaviour_ratio(learner_and_batch):
+    """ppo.behaviour_weight_cap > 0: each token's surrogate is weighted by min(pi_old / pi_behaviour, cap).
+    At pi_theta = pi_old every ratio is 1, so L_clip = masked_mean(w * A): the loss moves by exactly
+    -(masked_mean(w * A) - masked_mean(A)) against plain PPO, and train() reports masked_mean(w)."""
+    learner, batch = learner_and_batch
+    mask = batch.response_mask
+    # The behaviour policy under-sampled the good tokens (A > 0: weight 3, capped at 2) and over-sampled
+    # the bad ones (weight 0.5 or 0.75).
+    rng = np.random.default_rng(0)
+    w0 = np.where(mask, np.where(batch.advantages > 0, 3.0, rng.choice([0.5, 0.75], mask.shape)), 1.0)
+    stale = dataclasses.replace(batch, behaviour_logprobs=(batch.old_logprobs - np.log(w0)).astype(np.float32))
+    plain = learner.loss(stale)
+    learner.cfg = dataclasses.replace(learner.cfg, behaviour_weight_cap=2.0)
+    w = np.minimum(w0, 2.0)
+    adv = batch.advantages.astype(np.float64)
+    expected_shift = -((w * adv)[mask].mean() - adv[mask].mean())
+    assert abs(expected_shift) > 1e-2
+    assert learner.loss(stale) - plain == pytest.approx(expected_shift, abs=1e-5)
+    stats = learner.train(stale)  # one epoch, one minibatch: the whole batch
+    assert stats["behaviour_weight"] == pytest.approx(w[mask].mean(), rel=1e-5)
+    assert stats["behaviour_weight_capped"] == pytest.approx((w0[mask] >= 2.0).mean(), abs=1e-6)
+
+
 def test_learner_checkpoint_goes_on_training_exactly(learner_and_batch, tmp_path):
     """A learner rebuilt from save_checkpoint trains on bit for bit like the one that saved it:
     value head, Adam moments, minibatch shuffling and version restored (a learner that skips
@@ -691,6 +714,7 @@ def test_ppo_one_step_off_on_ray(ray_cluster, test_config, policy_dir, rm_dir, t
         ppo=ppo_cfg(test_config, iterations=3, prompts_per_iteration=16, max_new_tokens=8, minibatch_size=16),
         rollout=dataclasses.replace(test_config.rollout, num_workers=1, async_one_step_off=True,
                                     weight_sync=weight_sync, cpu_plain_weights=plain))
+    cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, behaviour_weight_cap=2.0))  # decoupled PPO
     lines = []
     result = run_ppo(cfg, policy_dir, rm_dir, tmp_path, log=lines.append, eval_every=0)
     assert {h["sync_mode"] for h in result.history} == {mode}
@@ -700,6 +724,9 @@ def test_ppo_one_step_off_on_ray(ray_cluster, test_config, policy_dir, rm_dir, t
     assert [h["data_version"] for h in result.history] == [0, 0, 1]
     assert [h["version_lag"] for h in result.history] == [0, 1, 1]
     assert [h["policy_version"] for h in result.history] == [1, 2, 3]
+    # The engine's logprobs are pi_old's for the first (fresh) batch, one update older for the others.
+    assert result.history[0]["behaviour_weight"] == pytest.approx(1.0, abs=1e-4)
+    assert all(0 < h["behaviour_weight"] <= 2.0 for h in result.history)
     assert all(h["drift"] <= cfg.rollout.max_logprob_drift for h in result.history)
     assert "eval_gold" not in result.history[0] and np.isfinite(result.gold_after)
 

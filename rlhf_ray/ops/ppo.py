@@ -59,17 +59,32 @@ def policy_ratio(logprobs: Tensor, old_logprobs: Tensor) -> Tensor:
     return torch.exp(logprobs - old_logprobs)
 
 
+def behaviour_weights(old_logprobs: Tensor, behaviour_logprobs: Tensor, cap: float) -> Tensor:
+    """Truncated importance weights min(pi_old / pi_behaviour, cap) per token, detached.
+
+    Decoupled PPO (Hilton et al. 2022, "Batch size-invariance for policy optimization"): when the
+    tokens were sampled by an older policy pi_behaviour (one-step-off rollouts) than the proximal
+    policy pi_old that PPO clips around, each token's surrogate is weighted by pi_old / pi_behaviour;
+    truncating at ``cap`` bounds the variance (as truncated IS in IMPALA/V-trace). [B, T] -> [B, T].
+    """
+    return torch.exp(old_logprobs - behaviour_logprobs).clamp(max=cap).detach()
+
+
 def clipped_surrogate(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """PPO clipped surrogate L_clip (to MAXIMISE) and the clip fraction.
 
-    All [B, T]. L_clip = masked_mean(min(ratio * A, clip(ratio, 1-eps, 1+eps) * A)).
+    All [B, T]. L_clip = masked_mean(w * min(ratio * A, clip(ratio, 1-eps, 1+eps) * A)), w = 1 unless
+    ``weights`` (e.g. :func:`behaviour_weights`) are given.
     clip_frac (detached scalar) = fraction of masked tokens where the clipped branch is the
     active (strictly smaller) one: A > 0 and ratio > 1+eps, or A < 0 and ratio < 1-eps.
     """
     ratio = policy_ratio(logprobs, old_logprobs)
     surr = torch.minimum(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
+    if weights is not None:
+        surr = surr * weights
     clipped = ((advantages > 0) & (ratio > 1 + clip_eps)) | ((advantages < 0) & (ratio < 1 - clip_eps))
     return masked_mean(surr, mask), masked_mean(clipped.to(surr.dtype), mask).detach()
 
@@ -170,14 +185,15 @@ def ppo_objective(
     value_clip_eps: float | None = None,
     entropy: Tensor | None = None,
     entropy_coef: float = 0.0,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, PPOStats]:
     """L = L_clip - beta * KL_k3(pi_old || pi_theta) - c1 * L_V (+ entropy_coef * masked_mean(H)),
     L_V as in :func:`value_loss` (0.5 * squared error).
 
     All tensors [B, T] (entropy: per-token [B, T] or None). Returns (loss = -L, PPOStats);
-    stats.entropy is 0 when entropy is None.
+    stats.entropy is 0 when entropy is None. ``weights`` [B, T] weight L_clip's tokens (decoupled PPO).
     """
-    l_clip, clip_frac = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_eps)
+    l_clip, clip_frac = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_eps, weights)
     kl = kl_old_new(old_logprobs, logprobs, mask)
     l_v = value_loss(values, old_values, returns, mask, value_clip_eps)
     objective = l_clip - beta * kl - c1 * l_v

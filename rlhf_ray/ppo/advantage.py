@@ -147,4 +147,4 @@ class AdvantageWorker:
             input_ids=ro.input_ids, attention_mask=ro.attention_mask, response_mask=ro.response_mask,
             old_logprobs=f32(old_lp), ref_logprobs=f32(ref_lp), old_values=f32(values),
             rewards=f32(rewards), advantages=f32(adv), returns=f32(returns),
-            policy_version=ro.policy_version, stats=stats)
+            policy_version=ro.policy_version, stats=stats, behaviour_logprobs=f32(behaviour))

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from rlhf_ray.config import PPOConfig
-from rlhf_ray.ops import entropy_from_logits, logprobs_from_logits, ppo_objective
+from rlhf_ray.ops import behaviour_weights, entropy_from_logits, logprobs_from_logits, masked_mean, ppo_objective
 from rlhf_ray.ppo.types import ScoredRollout, TrainBatch
 
 # In a subdirectory: vLLM loads every *.safetensors at the top of a model directory, so a value head
@@ -118,19 +118,24 @@ class Learner:
     # ------------------------------------------------------------------ PPO
 
     def _minibatch_loss(self, batch: TrainBatch, rows: np.ndarray):
-        ids, am, mask, old_lp, old_v, adv, ret = self._tensors(
-            batch.input_ids, batch.attention_mask, batch.response_mask, batch.old_logprobs,
-            batch.old_values, batch.advantages, batch.returns, rows=rows)
+        """(loss, PPOStats, (behaviour weights [b, T] or None, response mask)) of the minibatch ``rows``."""
         cfg = self.cfg
+        decoupled = cfg.behaviour_weight_cap > 0 and batch.behaviour_logprobs is not None
+        extra = (batch.behaviour_logprobs,) if decoupled else ()
+        ids, am, mask, old_lp, old_v, adv, ret, *behaviour = self._tensors(
+            batch.input_ids, batch.attention_mask, batch.response_mask, batch.old_logprobs,
+            batch.old_values, batch.advantages, batch.returns, *extra, rows=rows)
+        weights = behaviour_weights(old_lp, behaviour[0], cfg.behaviour_weight_cap) if decoupled else None
         lp, v, ent = self._forward(ids, am, with_entropy=True)
-        return ppo_objective(lp, old_lp, adv, v, old_v, ret, mask, clip_eps=cfg.clip_eps, beta=cfg.beta,
-                             c1=cfg.c1, value_clip_eps=cfg.value_clip_eps or None, entropy=ent,
-                             entropy_coef=cfg.entropy_coef)
+        loss, stats = ppo_objective(lp, old_lp, adv, v, old_v, ret, mask, clip_eps=cfg.clip_eps, beta=cfg.beta,
+                                    c1=cfg.c1, value_clip_eps=cfg.value_clip_eps or None, entropy=ent,
+                                    entropy_coef=cfg.entropy_coef, weights=weights)
+        return loss, stats, (weights, mask)
 
     @torch.no_grad()
     def loss(self, batch: TrainBatch) -> float:
         """-L of the whole batch at the current weights (for tests and diagnostics)."""
-        loss, _ = self._minibatch_loss(batch, np.arange(len(batch.input_ids)))
+        loss, _, _ = self._minibatch_loss(batch, np.arange(len(batch.input_ids)))
         return float(loss)
 
     def train(self, batch: TrainBatch) -> dict:
@@ -143,13 +148,16 @@ class Learner:
         for _ in range(cfg.epochs):
             order = self.rng.permutation(B)
             for i in range(0, B, cfg.minibatch_size):
-                loss, st = self._minibatch_loss(batch, order[i:i + cfg.minibatch_size])
+                loss, st, (weights, mask) = self._minibatch_loss(batch, order[i:i + cfg.minibatch_size])
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 params = [p for g in self.optimizer.param_groups for p in g["params"]]
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 self.optimizer.step()
-                for k, v in (*st._asdict().items(), ("loss", loss.detach()), ("grad_norm", grad_norm)):
+                more = () if weights is None else (
+                    ("behaviour_weight", masked_mean(weights, mask)),
+                    ("behaviour_weight_capped", masked_mean((weights >= cfg.behaviour_weight_cap).float(), mask)))
+                for k, v in (*st._asdict().items(), ("loss", loss.detach()), ("grad_norm", grad_norm), *more):
                     sums[k] = sums.get(k, 0.0) + float(v)
                 steps += 1
         stats = {k: v / steps for k, v in sums.items()}
@@ -164,6 +172,7 @@ class Learner:
             "train_seconds": seconds,
             "train_tokens_per_s": cfg.epochs * float(batch.attention_mask.sum()) / seconds,
             "policy_version": self.version, "data_version": batch.policy_version, "version_lag": lag,
+            **{k: stats[k] for k in ("behaviour_weight", "behaviour_weight_capped") if k in stats},
         }
 
     # ------------------------------------------------------------------ weights

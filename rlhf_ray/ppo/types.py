@@ -63,3 +63,4 @@ class TrainBatch:
     returns: np.ndarray  # float32 [B, T]
     policy_version: int
     stats: dict = field(default_factory=dict)  # scalars: reward means, KL to reference, ...
+    behaviour_logprobs: np.ndarray | None = None  # float32 [B, T] the engines' (the sampling policy's)
