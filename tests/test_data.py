@@ -96,6 +96,9 @@ def test_collate_variable_k(policy_dir):
     assert all(b.input_ids[i, lengths[i] - 1] == tok.eos_token_id for i in range(6))
     short = collate(recs, tok, max_length=5)
     assert short.input_ids.shape[1] == 5 and short.truncated == 6
+    # cut: BOS, then the last 4 tokens, which end in EOS (the response survives, not the prompt's start)
+    for i, L in enumerate(lengths.tolist()):
+        assert short.input_ids[i].tolist() == [tok.bos_token_id] + b.input_ids[i, L - 4:L].tolist()
     assert (short.input_ids[:, 4] == tok.eos_token_id).all()
 
 

@@ -127,11 +127,11 @@ def test_over_long_input_is_truncated_by_the_training_rule(service, scorer):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["truncated"] == [False, True]
-    # The rule: the first max_length - 1 tokens, then EOS.
+    # The rule: BOS, then the last max_length - 1 tokens (ending in EOS).
     tok = scorer.tokenizer
-    ids = tok(rm_text(prompt, long))["input_ids"]
-    assert len(ids) + 1 > 64
-    cut = torch.tensor([ids[:63] + [tok.eos_token_id]])
+    ids = tok(rm_text(prompt, long))["input_ids"] + [tok.eos_token_id]
+    assert len(ids) > 64 and ids[0] == tok.bos_token_id
+    cut = torch.tensor([ids[:1] + ids[-63:]])
     with torch.no_grad():
         expected = scorer.model(input_ids=cut, attention_mask=torch.ones_like(cut)).logits[0, 0].item()
     assert abs(body["rewards"][1] - expected) < 1e-5

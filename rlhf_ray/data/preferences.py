@@ -113,16 +113,18 @@ def pad_token_id(tokenizer) -> int:
 
 
 def encode_texts(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids + mask; sequences longer than ``max_length`` keep their first tokens and
-    always end in EOS (the RM reads the last token).
+    """Right-padded ids + mask; every sequence ends in EOS (the RM reads the last token). One longer
+    than ``max_length`` keeps its LAST tokens (the response the reward is about, and the end of the
+    prompt), after the BOS token when the tokenizer adds one.
     Returns (ids long [N, L], mask long [N, L], truncated bool [N])."""
-    eos = tokenizer.eos_token_id
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
     encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
     seqs, truncated = [], torch.zeros(len(encoded), dtype=torch.bool)
     for i, ids in enumerate(encoded):
         ids = list(ids) + [eos]
         if len(ids) > max_length:
-            ids = ids[: max_length - 1] + [eos]
+            head = ids[:1] if bos is not None and ids[0] == bos else []
+            ids = head + ids[len(ids) - (max_length - len(head)):]
             truncated[i] = True
         seqs.append(ids)
     length = max(len(s) for s in seqs)

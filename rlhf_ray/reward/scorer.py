@@ -2,8 +2,8 @@
 
 For a prompt x with candidates y_1..y_K the RM gives rewards R(x, y_i) and the listwise model
 P(y_i | x) = softmax_i R(x, y_i) (``rlhf_ray.ops.listwise_probs``). Inputs longer than
-``max_length`` tokens are cut by the training rule (``encode_texts``: keep the first
-max_length - 1 tokens, then EOS) and flagged as truncated.
+``max_length`` tokens are cut by the training rule (``encode_texts``: BOS, then the last tokens,
+which end in EOS: the response is kept, the start of the prompt goes) and flagged as truncated.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ Errors are 4xx with ``{"error": {"type": ..., "message": ..., "fields": [{"field
 
 Limits (ServeConfig): 1..max_responses responses per prompt, 1..max_prompts items per batch,
 at most max_chars characters in each prompt and each response. Inputs longer than the RM's
-``max_length`` tokens are cut by the training rule (first max_length - 1 tokens, then EOS) and
+``max_length`` tokens are cut by the training rule (BOS, then the last tokens, ending in EOS) and
 flagged in ``truncated``.
 
 Auth: when the env var named by ``ServeConfig.auth_token_env`` is set where the app is built (the
