@@ -397,6 +397,12 @@ def test_slot_files_of_killed_jobs_are_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
     assert remove_stale_slots(str(tmp_path)) == []  # live creator: its files stay
     slots.unlink()
+    # A creation that fails half-way (the second file cannot be made) leaves no file behind.
+    broken = new_spec({"w": (4, 4)}, str(tmp_path))
+    broken["paths"][1] = str(tmp_path / "missing-dir" / "slot1")
+    with pytest.raises(FileNotFoundError):
+        SharedSlots(broken, create=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name]
 
 
 def test_shared_weights_one_write_no_engine_copy(worker, rollout, policy_dir, sft_model, tmp_path):
@@ -477,6 +483,46 @@ def test_update_weights_through_vllm_repacking(policy_dir, test_config, sft_mode
     finally:
         w.shutdown()
         torch.set_num_threads(threads)
+
+
+def test_every_stop_token_of_the_generation_config_ends_a_response(policy_dir, test_config, rollout, tmp_path):
+    """Models whose generation_config lists several EOS ids (Llama-3's <|eot_id|>, Gemma's <end_of_turn>)
+    stop on any of them: such a response is finished (not truncated, no truncation penalty) and its
+    text excludes the stop token. Here the token the SFT policy writes most often before EOS is made a
+    second stop token, in a copy of the policy directory."""
+    import collections
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from rlhf_ray.ppo.rollout import RolloutWorker
+
+    eos = AutoTokenizer.from_pretrained(policy_dir).eos_token_id
+    ends = [rollout.input_ids[b, rollout.attention_mask[b]].tolist() for b in range(len(rollout.prompts))]
+    stop = collections.Counter(s[-2] for s in ends if s[-1] == eos).most_common(1)[0][0]
+    model = tmp_path / "two_stops"
+    shutil.copytree(policy_dir, model)
+    gen = json.loads((model / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == eos
+    (model / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": [eos, int(stop)]}))
+    threads = torch.get_num_threads()
+    w = RolloutWorker(str(model), test_config.rollout, worker_id=5, seed=0)
+    try:
+        r = w.generate(synthetic.prompts(16, seed=5), max_new_tokens=24, temperature=1.0, top_p=1.0, seed=0)
+    finally:
+        w.shutdown()
+        torch.set_num_threads(threads)
+    by_stop = 0
+    for b in range(len(r.prompts)):
+        resp = r.input_ids[b, r.response_mask[b]].tolist()
+        assert eos not in resp[:-1] and stop not in resp[:-1]
+        assert r.truncated[b] == (resp[-1] not in (eos, stop)), resp
+        assert r.truncated[b] == (len(resp) == 24 and resp[-1] not in (eos, stop))
+        if resp[-1] == stop:
+            by_stop += 1
+            assert r.responses[b] == w.tokenizer.decode(resp[:-1], skip_special_tokens=True)
+    assert by_stop >= 4  # most reviews end in it now
 
 
 # ---- Ray ------------------------------------------------------------------------------------------

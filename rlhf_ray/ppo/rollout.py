@@ -11,9 +11,10 @@ Conventions the learner relies on:
 * Prompt ids are ``tokenizer(prompt)["input_ids"]`` of the model directory's own tokenizer (BOS added
   by its post-processor), fed to vLLM as token ids, so the learner recomputes exactly these ids.
 * Response tokens are everything the engine sampled, EOS included when it was sampled (the EOS is
-  an action the policy took). ``truncated[b]`` is True when no EOS came within ``max_new_tokens``
-  (or before the model's length limit). ``responses[b]`` is ``tokenizer.decode(response ids,
-  skip_special_tokens=True)``, so it keeps the leading space of the first token.
+  an action the policy took). ``truncated[b]`` is True when no stop token (the tokenizer's EOS, or
+  any of ``generation_config.eos_token_id``) came within ``max_new_tokens`` (or the length limit).
+  ``responses[b]`` is ``tokenizer.decode(response ids but the stop token, skip_special_tokens=True)``,
+  so it keeps the leading space of the first token.
 * Logprobs are those of the distribution the tokens were sampled from: log_softmax(logits / temperature),
   renormalised over the top-p nucleus when top_p < 1 (vLLM's "processed_logprobs"). The learner and
   the reference model score tokens at the same temperature (``ppo.temperature``), so PPO's ratio, KL
@@ -99,7 +100,15 @@ def _plain_cpu_linear(enabled: bool):
 
 
 def _checkpoint_names(model_path: str) -> set[str] | None:
-    """Weight names in the model directory's safetensors files (None for a hub name)."""
+    """Weight names in the model directory's safetensors files (None for a hub name). With a
+    ``model.safetensors.index.json`` only the files it maps count, as for vLLM's loader: some repos
+    (Mistral) also ship a ``consolidated.safetensors`` with the same weights under native names."""
+    import json
+
+    index = os.path.join(model_path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return {k for k in json.load(f)["weight_map"] if not k.endswith(SKIP_SUFFIXES)}
     files = glob.glob(os.path.join(model_path, "*.safetensors"))
     if not files:
         return None
@@ -260,9 +269,11 @@ class RolloutWorker:
             attention_mask[b, :P + R] = True
             response_mask[b, P:P + R] = True
             logprobs[b, P:P + R] = _chosen_logprobs(out.outputs[0].logprobs, r)
-            truncated[b] = ignore_eos or not (R and r[-1] == self.eos_id)
-        texts = self.tokenizer.batch_decode(
-            [r[:-1] if (r and r[-1] == self.eos_id) else r for r in responses_ids], skip_special_tokens=True)
+            # "stop": the tokenizer's EOS or another of the model's stop tokens (generation_config's
+            # eos_token_id list: Llama-3's <|eot_id|>, Gemma's <end_of_turn>) ended it; "length": cut.
+            truncated[b] = ignore_eos or out.outputs[0].finish_reason != "stop"
+        texts = self.tokenizer.batch_decode(  # the stop token is an action, not text
+            [r[:-1] if (r and not cut) else r for r, cut in zip(responses_ids, truncated)], skip_special_tokens=True)
         return Rollout(
             input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
             rollout_logprobs=logprobs, truncated=truncated, prompts=list(prompts), responses=texts,
