@@ -141,6 +141,30 @@ def test_state_dict_buckets_bounds_order_and_copies():
     assert not np.shares_memory(views[0]["b"], sd["b"].numpy())  # float64 had to be converted
 
 
+def test_expected_weight_names_follow_the_safetensors_index(tmp_path):
+    """As vLLM's loader: with model.safetensors.index.json only the files it maps hold the model's
+    weights (Mistral repos also ship consolidated.safetensors with native names); else every file."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from rlhf_ray.ppo.rollout import _checkpoint_names
+
+    w = np.zeros((2, 2), np.float32)
+    save_file({"model.embed_tokens.weight": w}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({"lm_head.weight": w, "model.layers.0.self_attn.rotary_emb.inv_freq": w[0]},
+              tmp_path / "model-00002-of-00002.safetensors")
+    save_file({"tok_embeddings.weight": w, "output.weight": w}, tmp_path / "consolidated.safetensors")
+    assert _checkpoint_names(str(tmp_path)) == {"model.embed_tokens.weight", "lm_head.weight",
+                                                "tok_embeddings.weight", "output.weight"}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+        "lm_head.weight": "model-00002-of-00002.safetensors",
+        "model.layers.0.self_attn.rotary_emb.inv_freq": "model-00002-of-00002.safetensors"}}))
+    assert _checkpoint_names(str(tmp_path)) == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert _checkpoint_names(str(tmp_path / "hub-name")) is None
+
+
 def test_plain_weights_detects_packed_layers():
     from rlhf_ray.ppo.vllm_ext import plain_weights
 
