@@ -766,8 +766,9 @@ def test_ppo_resumes_from_a_checkpoint_as_if_never_stopped(ray_cluster, test_con
 
     from rlhf_ray.ppo.driver import find_checkpoint, run_ppo
 
+    # An adaptive KL coefficient (moving every batch) must come back from the checkpoint too.
     ppo = ppo_cfg(test_config, iterations=4, prompts_per_iteration=16, max_new_tokens=8, minibatch_size=8,
-                  lr=1e-3, checkpoint_every=2)
+                  lr=1e-3, checkpoint_every=2, adaptive_kl=True, target_kl=0.05, kl_horizon=20)
     cfg = dataclasses.replace(test_config, ppo=ppo,
                               rollout=dataclasses.replace(test_config.rollout, num_workers=1))
     a = run_ppo(cfg, policy_dir, rm_dir, tmp_path / "a", log=print, eval_every=0)
@@ -785,8 +786,9 @@ def test_ppo_resumes_from_a_checkpoint_as_if_never_stopped(ray_cluster, test_con
     assert [h["policy_version"] for h in b.history[2:]] == [3, 4]
     assert [h["data_version"] for h in b.history[2:]] == [2, 3]
     assert b.gold_before == a.gold_before
+    assert len({h["kl_coef"] for h in a.history}) == 4  # it moved at every batch
     for ha, hb in zip(a.history[2:], b.history[2:]):
-        for k in ("gold", "rm_score", "kl_ref", "policy_loss", "value_loss", "entropy"):
+        for k in ("gold", "rm_score", "kl_ref", "kl_coef", "policy_loss", "value_loss", "entropy"):
             assert hb[k] == pytest.approx(ha[k], rel=1e-4, abs=1e-6), k
     wa, wb = (load_file(str(r.policy_dir / "model.safetensors")) for r in (a, b))
     assert max(float(np.abs(wa[k] - wb[k]).max()) for k in wa) < 1e-5
@@ -795,8 +797,9 @@ def test_ppo_resumes_from_a_checkpoint_as_if_never_stopped(ray_cluster, test_con
     assert (tmp_path / "b" / "checkpoints" / "latest").resolve().name == "iter_000004"
     assert not partial.parent.exists()
 
-    # Run C: A again with ppo.max_failures=1, its rollout worker killed after iteration 3 (newest
-    # checkpoint: iteration 2). The run restarts its actors from that checkpoint and ends as A did.
+    # Run C: A again with ppo.max_failures=1 and a checkpoint every iteration (the newest two kept), its
+    # rollout worker killed after iteration 3. The run restarts its actors from iteration 3's checkpoint
+    # and ends as A did.
     import ray
 
     killed, lines = [], []
@@ -806,14 +809,19 @@ def test_ppo_resumes_from_a_checkpoint_as_if_never_stopped(ray_cluster, test_con
             killed.append(ctx.pool.workers[0])
             ray.kill(ctx.pool.workers[0])
 
-    c = run_ppo(dataclasses.replace(cfg, ppo=dataclasses.replace(ppo, max_failures=1)), policy_dir, rm_dir,
-                tmp_path / "c", log=lines.append, eval_every=0, on_iteration=kill_worker)
+    c = run_ppo(dataclasses.replace(cfg, ppo=dataclasses.replace(ppo, max_failures=1, checkpoint_every=1)),
+                policy_dir, rm_dir, tmp_path / "c", log=lines.append, eval_every=0, on_iteration=kill_worker)
     restarts = [x for x in lines if "restarting the PPO actors" in x]
-    assert killed and len(restarts) == 1 and "iter_000002 (failure 1" in restarts[0], lines
+    assert killed and len(restarts) == 1 and "iter_000003 (failure 1" in restarts[0], lines
+    ckpts_c = tmp_path / "c" / "checkpoints"
+    assert sorted(p.name for p in ckpts_c.iterdir()) == ["iter_000003", "iter_000004", "latest"]
+    state = json.loads((ckpts_c / "iter_000004" / "trainer_state.json").read_text())
+    assert state["run_checkpoints"] == ["iter_000003", "iter_000004"]
+    assert state["kl_coef"] == pytest.approx(a.history[3]["kl_coef_next"], rel=1e-6)
     assert any(x.startswith("[ppo] ActorDiedError (RolloutWorker): ") for x in lines), lines
     assert [h["iteration"] for h in c.history] == [1, 2, 3, 4]
     for ha, hc in zip(a.history, c.history):
-        for k in ("gold", "rm_score", "kl_ref", "policy_loss", "value_loss", "entropy"):
+        for k in ("gold", "rm_score", "kl_ref", "kl_coef", "policy_loss", "value_loss", "entropy"):
             assert hc[k] == pytest.approx(ha[k], rel=1e-4, abs=1e-6), k
     wc = load_file(str(c.policy_dir / "model.safetensors"))
     assert max(float(np.abs(wa[k] - wc[k]).max()) for k in wa) < 1e-5
