@@ -635,7 +635,8 @@ def test_restart_policy_of_max_failures(test_config, monkeypatch):
 # ---- on Ray, with vLLM engines --------------------------------------------------------------------
 
 def test_ppo_on_ray(ray_cluster, test_config, policy_dir, rm_dir, tmp_path, monkeypatch):
-    """3 iterations, 16 prompts, 2 -> 1 -> 2 rollout workers: every engine gets every version with
+    """3 iterations, 16 prompts, 2 -> 1 (the control file) -> 2 (the callback's pool) rollout workers:
+    every engine gets every version with
     drift below the threshold, its logprobs move away from the initial policy, and the driver only
     ever fetches small dicts."""
     ray = ray_cluster
@@ -673,12 +674,19 @@ def test_ppo_on_ray(ray_cluster, test_config, policy_dir, rm_dir, tmp_path, monk
         seen.append({"versions": versions, "version": m["policy_version"],
                      "drift": [float(np.abs(e - learner_lp)[mask].max()) for e in engine],
                      "moved": [float(np.abs(e - initial)[mask].max()) for e in engine]})
-        ctx.pool.set_num_workers({1: 1, 2: 2}.get(ctx.iteration, len(ctx.pool.workers)))
+        if ctx.iteration == 1:  # an operator's resize: a number in the control file
+            (tmp_path / "rollout_workers").write_text("1\n")
+        elif ctx.iteration == 2:  # a program's: the callback's pool
+            (tmp_path / "rollout_workers").unlink()
+            ctx.pool.set_num_workers(2)
 
-    result = driver.run_ppo(cfg, policy_dir, rm_dir, tmp_path, log=print, on_iteration=on_iteration,
-                            bucket_bytes=256 << 10)
+    lines = []
+    result = driver.run_ppo(cfg, policy_dir, rm_dir, tmp_path, log=lambda x: (lines.append(x), print(x)),
+                            on_iteration=on_iteration, bucket_bytes=256 << 10)
 
     assert [h["num_workers"] for h in result.history] == [2, 1, 2]
+    resized = [x for x in lines if "rollout workers ->" in x]
+    assert resized == [f"[ppo] rollout workers -> 1 ({tmp_path / 'rollout_workers'})"]
     assert [s["version"] for s in seen] == [1, 2, 3]
     for s in seen:  # every engine holds the learner's latest weights
         assert s["versions"] == [s["version"]] * len(s["versions"])
