@@ -214,7 +214,7 @@ def test_ray_train_two_workers_checkpoint_and_resume(ray_cluster, test_config, p
     model, tok = load_reward_model(ck)
     weights = load_file(ck / "model.safetensors")
     assert torch.equal(weights["score.weight"], model.score.weight)
-    # DDP kept the two replicas identical, and training moved the weights away from the backbone.
+    # Training moved the weights away from the backbone.
     init, _ = init_reward_model(policy_dir)
     assert not torch.equal(init.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
     # Evaluating the checkpoint in-process reproduces the reported held-out metrics.
