@@ -345,6 +345,21 @@ def test_rolling_a_new_checkpoint_drops_no_request(service, scorer, groups, rm_d
     answer = service.handle.score.remote(prompt, responses).result(timeout_s=30)
     check_answer(answer, new_exp, new.model_version)
 
+    # A damaged checkpoint is refused in the driver, naming the file, before any replica tries it;
+    # the service goes on with the last good model.
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(new_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match=f"{broken / 'model.safetensors'}: not a readable safetensors file"):
+        deploy_rm(service.cfg, broken, max_length=64, name="rm")
+    info = requests.get(f"{service.url}/version", timeout=10).json()
+    assert info["model_version"] == new.model_version and info["load_error"] is None, info
+    r = _post(f"{service.url}/score", {"prompt": prompt, "responses": responses})
+    assert r.status_code == 200
+    check_answer(r.json(), new_exp, new.model_version)
+
 
 def test_model_version_counts_epochs_from_one(rm_dir, tmp_path):
     """trainer_state.json's epoch is 0-based; model_version says "epoch1" after one epoch, as the logs do."""

@@ -413,8 +413,17 @@ def build_http_app(server: RewardModelServer) -> FastAPI:
 def check_checkpoint(checkpoint_dir: str | Path) -> Path:
     """Fail fast in the driver (a replica that cannot load would be retried by Serve)."""
     path = Path(checkpoint_dir).resolve()
-    if not (path / "config.json").is_file() or not list(path.glob("model*.safetensors")):
+    files = sorted(path.glob("model*.safetensors"))
+    if not (path / "config.json").is_file() or not files:
         raise FileNotFoundError(f"{path}: not an RM directory (config.json and model*.safetensors expected)")
+    from safetensors import safe_open
+
+    for f in files:  # the header only: a damaged or truncated file fails here, not in every replica
+        try:
+            with safe_open(str(f), "np") as st:
+                st.keys()
+        except Exception as e:
+            raise ValueError(f"{f}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     return path
 
 
