@@ -347,8 +347,13 @@ class RolloutWorker:
                 raise ValueError(f"update_weights: {len(missing)} weight(s) missing, e.g. "
                                  f"{sorted(missing)[:5]}; got e.g. {sorted(names)[:5]}")
         nbytes = bucket_nbytes(buckets)
-        payload = buckets if self.in_process else [bucket_to_bytes(b) for b in buckets]
-        loaded = self.llm.collective_rpc("load_buckets", args=(payload,))[0]
+        if self.in_process:
+            loaded = self.llm.collective_rpc("load_buckets", args=(buckets,))[0]
+        elif self.weight_sync_mode == "in_place":  # one bucket's bytes at a time, not the whole model's
+            for i, b in enumerate(buckets):
+                loaded = self.llm.collective_rpc("load_buckets", args=([bucket_to_bytes(b)], i == len(buckets) - 1))[0]
+        else:  # "reload" must see every weight in one call
+            loaded = self.llm.collective_rpc("load_buckets", args=([bucket_to_bytes(b) for b in buckets],))[0]
         self._reset_prefix_cache()
         self._version = int(version)
         return {"version": self._version, "seconds": time.perf_counter() - t0,

@@ -17,6 +17,7 @@ Two ways in, chosen once per engine by :func:`plain_weights`:
   (fresh parameters, load, post-load repacking). It must see every weight of the model in one call: a
   layer whose weights are missing keeps its old values, and one whose weights arrive half in one
   call and half in another is processed half empty. Hence one RPC per update, with all buckets in it.
+  ("in_place" engines in another process take one bucket per RPC instead: see ``load_buckets``.)
 
 A third way, for engines on the learner's node: ``shared_attach`` points the parameters at shared
 memory that the learner writes, and ``shared_use_slot`` switches between its two slots
@@ -67,9 +68,12 @@ class WeightSyncExtension:
             self._rlhf_sync_mode = mode
         return mode
 
-    def load_buckets(self, buckets: list) -> dict:
-        """Load all weights from ``buckets`` (dicts name -> array, or safetensors bytes, in HF
-        checkpoint names). Returns {"bytes": bytes loaded, "mode": how}."""
+    def load_buckets(self, buckets: list, last: bool = True) -> dict:
+        """Load weights from ``buckets`` (dicts name -> array, or safetensors bytes, in HF checkpoint
+        names). Returns {"bytes": bytes loaded, "mode": how}. In "in_place" mode an update may come in
+        several calls (``last=False`` on all but the final one, so that an engine in another process
+        never holds the whole model as bytes at once); the final call checks that every parameter got
+        a weight since the update began. "reload" needs every weight in one call."""
         nbytes = 0
 
         def tensors():
@@ -88,12 +92,17 @@ class WeightSyncExtension:
             model = self.model_runner.get_model()
             with torch.no_grad():
                 loaded = model.load_weights(tensors())
-            if loaded is not None:
-                missed = {n for n, _ in model.named_parameters()} - set(loaded)
+            so_far = getattr(self, "_rlhf_loaded", set())
+            so_far = None if loaded is None or so_far is None else so_far | set(loaded)
+            self._rlhf_loaded = set() if last else so_far
+            if last and so_far is not None:
+                missed = {n for n, _ in model.named_parameters()} - so_far
                 if missed:
                     raise RuntimeError(f"load_buckets: {len(missed)} engine parameter(s) got no weight, "
                                        f"e.g. {sorted(missed)[:5]}: the engine now mixes old and new weights")
         else:
+            if not last:
+                raise ValueError("load_buckets: a 'reload' engine takes every weight in one call (last=True)")
             self.reload_weights(weights_iterator=tensors(), is_checkpoint_format=True)
         return {"bytes": nbytes, "mode": mode}
 
