@@ -90,3 +90,22 @@ def test_cli_ppo_without_rm_checkpoint_says_what_to_do(tmp_path, capsys):
     assert main(["ppo", f"output_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "--rm-checkpoint" in err and "rlhf-ray train-rm" in err
+
+
+def test_cli_make_data_writes_the_records_and_prints_the_ceiling(tmp_path, capsys):
+    """`rlhf-ray make-data`: the synthetic train/eval files at the configured sizes, K within
+    data.min_k..max_k, and the printed ceiling is the gold reward's top-1 accuracy on the eval file."""
+    from rlhf_ray.data import synthetic
+    from rlhf_ray.data.preferences import read_jsonl
+
+    assert main(["make-data", f"output_dir={tmp_path}", "data.num_train=30", "data.num_eval=12"]) == 0
+    out = capsys.readouterr().out
+    train, evals = (read_jsonl(next((tmp_path / "data").glob(f"prefs_{s}.jsonl"))) for s in ("train", "eval"))
+    assert (len(train), len(evals)) == (30, 12)
+    cfg = load_config(None, [])
+    assert all(cfg.data.min_k <= len(r["responses"]) <= cfg.data.max_k and 0 <= r["best"] < len(r["responses"])
+               for r in train + evals)
+    assert f"(ceiling): {synthetic.gold_top1_accuracy(evals):.3f}" in out
+    # Run again: the same files (deterministic from data.seed), not appended to.
+    assert main(["make-data", f"output_dir={tmp_path}", "data.num_train=30", "data.num_eval=12"]) == 0
+    assert read_jsonl(tmp_path / "data" / "prefs_train.jsonl") == train
