@@ -549,6 +549,46 @@ def test_every_stop_token_of_the_generation_config_ends_a_response(policy_dir, t
     assert by_stop >= 4  # most reviews end in it now
 
 
+def test_a_model_with_tied_embeddings_syncs_once_per_weight(policy_dir, test_config, tmp_path):
+    """tie_word_embeddings (Qwen2.5-0.5B, Llama-3.2-1B): the learner exports the shared embedding once
+    (lm_head.weight is the same tensor; its saved files and vLLM tie it themselves), and a sync still
+    lands every weight in the engine: logprobs match the learner's after training moved them."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from rlhf_ray.ppo.learner import Learner
+    from rlhf_ray.ppo.rollout import RolloutWorker
+
+    base = LlamaConfig.from_pretrained(policy_dir)
+    cfg = LlamaConfig(**{**base.to_dict(), "tie_word_embeddings": True, "num_hidden_layers": 2})
+    torch.manual_seed(0)
+    tied = tmp_path / "tied"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tied)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (policy_dir / f).exists():
+            shutil.copy(policy_dir / f, tied / f)
+    learner = Learner(tied, test_config.ppo, device="cpu")
+    exported = learner.state_dict()
+    assert "lm_head.weight" not in exported and "model.embed_tokens.weight" in exported
+    assert set(learner.weight_shapes()) == set(exported)
+    with torch.no_grad():  # stands in for a PPO step: every weight moves, the tie holds
+        for p in learner.policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert learner.policy.lm_head.weight.data_ptr() == learner.policy.model.embed_tokens.weight.data_ptr()
+    threads = torch.get_num_threads()
+    w = RolloutWorker(str(tied), test_config.rollout, worker_id=6, seed=0)
+    try:
+        r = w.generate(synthetic.prompts(4, seed=1), 6, 1.0, 1.0, seed=0)
+        info = w.update_weights(learner.weight_buckets(64 << 10), version=1)
+        assert info["bytes"] == sum(a.nbytes for a in learner.state_dict().values())
+        lp = w.logprobs_of(r.input_ids, r.attention_mask, r.response_mask)
+    finally:
+        w.shutdown()
+        torch.set_num_threads(threads)
+    assert logprob_drift(lp, learner.logprobs(r.input_ids, r.attention_mask), r.response_mask) < TOL
+
+
 # ---- Ray ------------------------------------------------------------------------------------------
 
 def test_ray_copies_returned_views_before_the_next_task(ray_cluster):

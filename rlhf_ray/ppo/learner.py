@@ -180,9 +180,21 @@ class Learner:
     def get_version(self) -> int:
         return self.version
 
+    def _exported(self) -> dict[str, torch.Tensor]:
+        """The policy's state dict as the engines take it: a tensor tied to an earlier one (lm_head.weight
+        with tie_word_embeddings) is left out, as in the model's saved files; vLLM ties it itself."""
+        seen, out = set(), {}
+        for k, v in self.policy.state_dict().items():
+            key = (v.data_ptr(), v.dtype, tuple(v.shape), v.stride(), v.device)
+            if key not in seen or v.numel() == 0:
+                seen.add(key)
+                out[k] = v
+        return out
+
     def state_dict(self) -> dict[str, np.ndarray]:
-        """The policy's weights (HF names, float32 numpy on CPU); the value head is not included."""
-        return {k: v.detach().to("cpu", torch.float32).numpy() for k, v in self.policy.state_dict().items()}
+        """The policy's weights for the engines (HF names, float32 numpy on CPU, tied copies left out);
+        the value head is not included."""
+        return {k: v.detach().to("cpu", torch.float32).numpy() for k, v in self._exported().items()}
 
     def weight_buckets(self, bucket_bytes: int, copy: bool = True) -> list[dict[str, np.ndarray]]:
         """The policy's weights split into buckets of about ``bucket_bytes`` (for the engines).
@@ -196,13 +208,13 @@ class Learner:
         """How many buckets :meth:`weight_buckets` returns, from the tensors' sizes (no export)."""
         from rlhf_ray.ppo.weights import bucket_names
 
-        return len(bucket_names(self.policy.state_dict(), bucket_bytes))
+        return len(bucket_names(self._exported(), bucket_bytes))
 
     def weight_shapes(self) -> dict[str, list[int]]:
         """Name -> shape of every weight sent to the engines (HF names)."""
         from rlhf_ray.ppo.weights import exported_entries
 
-        return {k: list(v.shape) for k, v in exported_entries(self.policy.state_dict())}
+        return {k: list(v.shape) for k, v in exported_entries(self._exported())}
 
     def write_shared_weights(self, spec: dict, slot: int, *after) -> dict:
         """Write the policy into slot ``slot`` of the engines' shared weights
@@ -216,7 +228,7 @@ class Learner:
         if slots is None or slots.spec["paths"] != spec["paths"]:
             slots = self._shared_slots = SharedSlots(spec)
         with torch.no_grad():
-            nbytes = slots.write(slot, self.policy.state_dict().items())
+            nbytes = slots.write(slot, self._exported().items())
         return {"slot": slot, "bytes": nbytes, "seconds": time.perf_counter() - start, "version": self.version}
 
     def close_shared_weights(self, spec: dict) -> None:
