@@ -715,6 +715,39 @@ def test_ppo_on_ray(ray_cluster, test_config, policy_dir, rm_dir, tmp_path, monk
     assert (result.policy_dir / "model.safetensors").exists()
 
 
+def test_ppo_deploys_the_rm_app_it_needs_and_removes_it(ray_cluster, test_config, policy_dir, rm_dir, tmp_path):
+    """ppo.rm_scoring=serve with no app "rm" on the cluster: PPO deploys one from the RM directory for
+    the run, scores through it exactly as in process (same metrics as an in-process run), and removes
+    it at the end."""
+    import socket
+
+    from ray import serve
+
+    from rlhf_ray.ppo.driver import run_ppo
+    from rlhf_ray.reward.serve import shutdown_rm
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ppo = ppo_cfg(test_config, iterations=2, prompts_per_iteration=8, max_new_tokens=8, minibatch_size=8,
+                  checkpoint_every=0)
+    cfg = dataclasses.replace(test_config, ppo=ppo,
+                              serve=dataclasses.replace(test_config.serve, port=port, num_cpus=0.25),
+                              rollout=dataclasses.replace(test_config.rollout, num_workers=1))
+    lines = []
+    try:
+        via = run_ppo(dataclasses.replace(cfg, ppo=dataclasses.replace(ppo, rm_scoring="serve")), policy_dir,
+                      rm_dir, tmp_path / "serve", log=lines.append, eval_every=0)
+        assert "rm" not in serve.status().applications
+    finally:
+        shutdown_rm()  # Serve itself, so that later tests start it on their own port
+    said = [x for x in lines if "Serve app 'rm'" in x]
+    assert said == [f"[ppo] RM scores through the Serve app 'rm': deployed at http://127.0.0.1:{port}"], lines
+    local = run_ppo(cfg, policy_dir, rm_dir, tmp_path / "local", log=lambda *_: None, eval_every=0)
+    for hv, hl in zip(via.history, local.history):
+        assert hv["rm_score"] == pytest.approx(hl["rm_score"], abs=1e-5)
+
+
 def test_ppo_raises_the_gold_reward(ray_cluster, test_config, policy_dir, rm_dir, tmp_path):
     """What PPO is for: 10 iterations of the test-size RM's reward lift the held-out GOLD reward (the
     synthetic task's hidden score, never seen in training) of samples clearly above the SFT policy's,
