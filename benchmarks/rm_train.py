@@ -59,7 +59,8 @@ def main() -> None:
     print(f"{'setup':34s} {'Ray Train':>10s} {'in-process':>11s} {'ratio':>7s} {'overhead':>9s} {'fit() wall':>11s}")
     for workers, cpus, ray_rate, base, wall in rows:
         label = f"{workers} worker(s) x {cpus:g} CPU vs 2 threads"
-        print(f"{label:34s} {ray_rate:10.1f} {base:11.1f} {ray_rate / base:7.2f} {1 - ray_rate / base:9.1%} {wall:10.1f}s")
+        ratio = ray_rate / base
+        print(f"{label:34s} {ray_rate:10.1f} {base:11.1f} {ratio:7.2f} {1 - ratio:9.1%} {wall:10.1f}s")
 
 
 if __name__ == "__main__":

@@ -84,8 +84,8 @@ def train_rm(rm: RMConfig, init_dir: str | Path, train_path: Path, eval_path: Pa
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError(f"RM training {name} produced no checkpoint (rm.epochs already done?)")
-    dest = (Path(metrics_path).resolve().parent if metrics_path else Path(storage_path or "runs/rm").resolve()) \
-        / "downloaded" / name
+    # A remote checkpoint is downloaded beside the metrics (<output_dir>/rm), else under ./runs/rm.
+    dest = (Path(metrics_path).resolve().parent if metrics_path else Path("runs/rm").resolve()) / "downloaded" / name
     return RMTrainResult(local_checkpoint_dir(result.checkpoint, dest), dict(result.metrics or {}),
                          Path(result.path))
 
