@@ -496,11 +496,6 @@ def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None,
         raise ConfigError(f"rollout.num_workers={rc.num_workers} x rollout.cpus_per_worker={rc.cpus_per_worker} "
                           f"+ learner + scorer + advantage: PPO needs {need} CPUs, the Ray cluster has {have}")
     num_workers = _workers_at_start(control_file, rc.num_workers, bool(resumed) or restarted, log)
-    if actors.cpus_needed(num_workers, rc) > have:
-        log(f"[ppo] not starting {num_workers} rollout workers ({control_file}): they would need "
-            f"{actors.cpus_needed(num_workers, rc)} CPUs, the Ray cluster has {have}; "
-            f"rollout.num_workers={rc.num_workers} instead")
-        num_workers = rc.num_workers
     # metrics.jsonl holds this run: fresh, or the checkpoint's lines (a failed run's later lines go);
     # TensorBoard likewise drops what earlier runs in this directory logged from that step on.
     (out_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in resumed["lines"])
@@ -542,7 +537,14 @@ def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None,
             if ppo.adaptive_kl:  # a fixed coefficient comes from the config, as set now
                 advantage.set_kl_coef.remote(resumed["kl_coef"])
             log(f"[ppo] resuming from {resume_dir}: iteration {start_it}, policy version {version}")
-        pool.set_num_workers(num_workers)
+        try:
+            pool.set_num_workers(num_workers)
+        except ValueError as e:  # the control file's count does not fit the cluster (the config's does)
+            if num_workers == rc.num_workers:
+                raise
+            log(f"[ppo] not starting {num_workers} rollout workers ({control_file}): {e}; "
+                f"rollout.num_workers={rc.num_workers} instead")
+            pool.set_num_workers(rc.num_workers)
         n_buckets = _get_small(learner.num_buckets.remote(bucket_bytes))
         pool.wait_ready()
         log(f"[ppo] {len(pool.workers)} rollout workers, learner, scorer and advantage actors up "

@@ -176,7 +176,6 @@ class RolloutWorker:
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
-        self.eos_id = self.tokenizer.eos_token_id
         self._expected_names = _checkpoint_names(self.model_path)
 
         kwargs = {**engine_args(self.model_path, rollout_cfg, worker_id, seed, device), **(engine_kwargs or {})}

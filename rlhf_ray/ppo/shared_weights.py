@@ -156,20 +156,17 @@ class SharedSlots:
             if free_bytes(directory) < 2 * nbytes + (64 << 20):
                 raise OSError(f"{directory}: {free_bytes(directory) >> 20} MiB free, two slots need "
                               f"{2 * nbytes >> 20} MiB")
-            created = []
-            try:
-                for path in spec["paths"]:
-                    with open(path, "xb") as f:
-                        created.append(path)
-                        f.truncate(nbytes)
-                self.flat = [torch.from_file(p, shared=True, size=spec["numel"], dtype=torch.float32)
-                             for p in spec["paths"]]
-            except BaseException:  # nobody else knows the files yet: do not leave them behind
-                unlink_slots({"paths": created})
-                raise
-        else:
+        created = []
+        try:
+            for path in spec["paths"] if create else ():
+                with open(path, "xb") as f:
+                    created.append(path)
+                    f.truncate(nbytes)
             self.flat = [torch.from_file(p, shared=True, size=spec["numel"], dtype=torch.float32)
                          for p in spec["paths"]]
+        except BaseException:  # files made here are known to nobody else yet: do not leave them behind
+            unlink_slots({"paths": created})
+            raise
         self._views: dict[int, dict[str, torch.Tensor]] = {}
 
     def views(self, slot: int) -> dict[str, torch.Tensor]:
