@@ -175,19 +175,26 @@ class RolloutConfig:
     # (vLLM's gpu_memory_utilization; the KV cache gets what is left). Lower it when something else
     # shares the engine's GPU.
     gpu_memory_utilization: float = 0.9
+    # The dtype the engines compute in: "auto" = float32 on CPU, vLLM's choice on GPUs (the checkpoint's
+    # 16-bit dtype, float16 for a float32 checkpoint). A 16-bit engine takes its weight syncs in its
+    # own dtype (half the bytes of float32; the same weights once it has rounded them).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Weight sync: the policy goes to the engines in buckets of at most this size (one object each).
     weight_bucket_mib: int = 64
     # Max logprob drift (vLLM vs learner, max |difference| over a probe's response tokens) tolerated
-    # after a weight sync before failing loudly. For float32 engines (CPU: ~1e-6 measured); 16-bit GPU
-    # engines differ from the float32 learner by more even with the same weights: raise it there.
-    max_logprob_drift: float = 1e-3
+    # after a weight sync before failing loudly; 0 = by the engines' dtype: 1e-3 for float32 (they
+    # agree to ~1e-6), 0.05 for float16, 0.5 for bfloat16 (~10x the largest drift measured with the
+    # learner's own weights: 4.5e-3 and 5.1e-2 on CPU at 2-28M parameters; raise it where a larger
+    # 16-bit model differs from the float32 learner by more).
+    max_logprob_drift: float = 0.0
     async_one_step_off: bool = False
     # CPU engines: keep vLLM's linear layers on plain weights (torch.nn.functional.linear) so that a
     # weight sync copies into them in place (~1.5x a memcpy) instead of replaying vLLM's loader and
     # repacking every matrix for oneDNN (~5x or more). vLLM's packed GEMMs are faster (0-25 % faster
     # generation measured on a 2-core AVX2 machine at 28M parameters): set false where rollout, not
-    # weight sync, bounds an iteration. No effect on GPUs (their weights are always plain) or on an
-    # engine in another process (VLLM_ENABLE_V1_MULTIPROCESSING=1).
+    # weight sync, bounds an iteration. No effect on GPUs (their weights are always plain), on an
+    # engine in another process (VLLM_ENABLE_V1_MULTIPROCESSING=1), or on 16-bit engines on CPUs with
+    # AMX (vLLM packs their weights for its AMX kernels; syncs then take the reloading path).
     cpu_plain_weights: bool = True
     # How new weights reach the engines. "shared_memory": engines on the learner's node read their
     # weights from two /dev/shm files the learner writes (one copy per sync, whatever the number of
@@ -225,11 +232,11 @@ _NONNEG = {
     "ppo.entropy_coef", "ppo.kl_coef",
     "ppo.truncation_penalty", "serve.num_gpus", "rollout.gpus_per_worker", "rm.weight_decay",
     "ppo.value_clip_eps", "ppo.behaviour_weight_cap", "rm.cpus_per_worker", "serve.num_cpus", "rollout.cpus_per_worker",
-    "serve.batch_wait_timeout_s",
+    "serve.batch_wait_timeout_s", "rollout.max_logprob_drift",
 }
 _POSITIVE_FLOAT = {
     "sft.lr", "rm.lr", "ppo.lr", "ppo.clip_eps", "ppo.temperature", "data.label_temperature",
-    "ppo.max_grad_norm", "rollout.max_logprob_drift", "ppo.target_kl", "serve.target_ongoing_requests",
+    "ppo.max_grad_norm", "ppo.target_kl", "serve.target_ongoing_requests",
 }
 _UNIT = {"ppo.gamma", "ppo.lam"}
 _FRACTION = {"ppo.top_p", "rollout.gpu_memory_utilization"}  # 0 would keep no tokens / no memory

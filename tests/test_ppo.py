@@ -690,11 +690,11 @@ def test_ppo_on_ray(ray_cluster, test_config, policy_dir, rm_dir, tmp_path, monk
     assert [s["version"] for s in seen] == [1, 2, 3]
     for s in seen:  # every engine holds the learner's latest weights
         assert s["versions"] == [s["version"]] * len(s["versions"])
-        assert max(s["drift"]) <= cfg.rollout.max_logprob_drift
+        assert max(s["drift"]) <= 1e-3  # float32 engines (they agree with the learner to ~1e-6)
         assert min(s["moved"]) > 1e-3
     assert len(seen[2]["versions"]) == 2  # the worker added after iteration 2 was synced too
     for i, h in enumerate(result.history):
-        assert h["data_version"] == i and h["version_lag"] == 0 and h["drift"] <= cfg.rollout.max_logprob_drift
+        assert h["data_version"] == i and h["version_lag"] == 0 and h["drift"] <= h["drift_limit"] == 1e-3
         assert h["batch_size"] == 16 and np.isfinite([h["gold"], h["rm_score"], h["kl_ref"], h["eval_gold"]]).all()
     assert result.history[0]["sync_seconds"] > 0 and np.isfinite(result.gold_before) and np.isfinite(result.gold_after)
     # rollout.weight_sync=auto on one node: the engines read shared memory, removed at the end.
@@ -793,7 +793,7 @@ def test_ppo_one_step_off_on_ray(ray_cluster, test_config, policy_dir, rm_dir, t
     assert gaps[0] < 1e-4 and min(gaps[1:]) > 10 * max(gaps[0], 1e-5), gaps
     assert result.history[0]["behaviour_weight"] == pytest.approx(1.0, abs=1e-4)
     assert all(h["behaviour_weight"] != pytest.approx(1.0, abs=1e-6) for h in result.history[1:])
-    assert all(h["drift"] <= cfg.rollout.max_logprob_drift for h in result.history)
+    assert all(h["drift"] <= h["drift_limit"] == 1e-3 for h in result.history)
     assert "eval_gold" not in result.history[0] and np.isfinite(result.gold_after)
 
 
@@ -924,6 +924,30 @@ def test_engines_resumed_at_an_odd_version_read_the_slot_the_next_write_spares(r
             ray.get(learner.close_shared_weights.remote(pool.shared), timeout=120)
         pool.shutdown()
         ray.kill(learner)
+
+
+def test_ppo_with_bfloat16_engines(ray_cluster, test_config, policy_dir, rm_dir, tmp_path):
+    """rollout.dtype=bfloat16 (what GPU engines run by default): syncs go through the object store in
+    bfloat16, half the float32 bytes, and the drift check uses the bfloat16 limit (0.5), since such an
+    engine differs from the float32 learner by more than float32's 1e-3 even with the same weights."""
+    from rlhf_ray.ppo.driver import run_ppo
+    from rlhf_ray.ppo.learner import Learner
+
+    cfg = dataclasses.replace(
+        test_config,
+        ppo=ppo_cfg(test_config, iterations=2, prompts_per_iteration=8, max_new_tokens=8, minibatch_size=8,
+                    checkpoint_every=0),
+        rollout=dataclasses.replace(test_config.rollout, num_workers=1, dtype="bfloat16"))
+    lines = []
+    result = run_ppo(cfg, policy_dir, rm_dir, tmp_path, log=lines.append, eval_every=0)
+    float32_bytes = sum(a.nbytes for a in Learner(policy_dir, cfg.ppo, device="cpu").state_dict().values())
+    said = [x for x in lines if "weight sync:" in x]
+    assert said == ["[ppo] weight sync: object store (the engines compute in bfloat16 (shared memory holds float32 "
+                    "weights)), bfloat16 weights; drift limit 0.5 (bfloat16 engines)"], said
+    for h in result.history:
+        assert h["sync_bytes"] * 2 == float32_bytes
+        assert 1e-3 < h["drift"] <= h["drift_limit"] == 0.5
+    assert [h["policy_version"] for h in result.history] == [1, 2] and np.isfinite(result.gold_after)
 
 
 def test_drift_past_the_threshold_stops_the_run_loudly(ray_cluster, test_config, policy_dir, rm_dir, tmp_path):

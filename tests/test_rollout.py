@@ -78,6 +78,8 @@ def test_engine_arguments_per_device(test_config):
     assert not {"kv_cache_memory_bytes", "dtype", "enforce_eager", "block_size"} & set(gpu)  # vLLM's defaults
     assert cpu["seed"] == gpu["seed"] != engine_args("m", rc, worker_id=2, seed=5, device="cpu")["seed"]
     assert cpu["worker_extension_cls"] == gpu["worker_extension_cls"] == EXTENSION
+    half = dataclasses.replace(rc, dtype="bfloat16")  # rollout.dtype set: both devices take it
+    assert engine_args("m", half, 1, 5, "cpu")["dtype"] == engine_args("m", half, 1, 5, "cuda")["dtype"] == "bfloat16"
 
 
 # ---- fixtures -------------------------------------------------------------------------------------
@@ -139,6 +141,41 @@ def test_state_dict_buckets_bounds_order_and_copies():
     assert [list(b) for b in views] == [list(b) for b in buckets]
     assert np.shares_memory(views[0]["a"], sd["a"].numpy())  # float32 on CPU: the live parameter
     assert not np.shares_memory(views[0]["b"], sd["b"].numpy())  # float64 had to be converted
+
+
+def test_buckets_in_a_16_bit_wire_dtype():
+    """Floats travel in the engines' dtype: float16 as such, bfloat16 as its bit pattern in uint16 (numpy
+    has none), turned back by as_torch into exactly what rounding the float32 weight gives; integers keep
+    theirs; bucket sizes count 2 bytes per float."""
+    from rlhf_ray.ppo.weights import as_torch, bucket_from_bytes, bucket_to_bytes
+
+    g = torch.Generator().manual_seed(0)
+    sd = {"w": torch.randn(6, 5, generator=g), "v": torch.randn(7, generator=g).double(),
+          "n": np.random.default_rng(0).standard_normal(4).astype(np.float32), "i": torch.arange(3)}
+    for dtype, np_dtype, t_dtype in (("bfloat16", np.uint16, torch.bfloat16), ("float16", np.float16, torch.float16)):
+        (bucket,) = state_dict_buckets(sd, 1 << 20, dtype=dtype)
+        assert {k: a.dtype for k, a in bucket.items()} == {"w": np_dtype, "v": np_dtype, "n": np_dtype, "i": np.int64}
+        for k in ("w", "v", "n"):
+            back = as_torch(bucket[k])
+            assert back.dtype == t_dtype and torch.equal(back, torch.as_tensor(sd[k]).to(t_dtype))
+        assert torch.equal(as_torch(bucket["i"]), torch.arange(3))
+        # the safetensors bytes form (engines in another process) keeps the bits
+        assert all(np.array_equal(a, bucket[k]) and a.dtype == bucket[k].dtype
+                   for k, a in bucket_from_bytes(bucket_to_bytes(bucket)).items())
+        assert sum(a.nbytes for a in bucket.values()) == (30 + 7 + 4) * 2 + 3 * 8
+    assert [list(b) for b in state_dict_buckets(sd, 64, dtype="bfloat16")] == [["w"], ["v", "n", "i"]]
+    assert [list(b) for b in state_dict_buckets(sd, 64)] == [["w"], ["v", "n"], ["i"]]  # float32: 120, 28+16, 24
+    with pytest.raises(ValueError, match="weight dtype: expected one of"):
+        state_dict_buckets(sd, 64, dtype="int8")
+
+
+def test_drift_limit_by_engine_dtype():
+    from rlhf_ray.ppo.weights import drift_limit
+
+    assert drift_limit(0.0, {"float32"}) == 1e-3
+    assert drift_limit(0.0, {"float32", "float16"}) == 5e-2  # the loosest of a mixed pool
+    assert drift_limit(0.0, {"bfloat16"}) == drift_limit(0.0, {"float8_e4m3fn"}) == 0.5
+    assert drift_limit(2e-2, {"bfloat16"}) == 2e-2  # a configured limit wins
 
 
 def test_expected_weight_names_follow_the_safetensors_index(tmp_path):
@@ -587,6 +624,43 @@ def test_a_model_with_tied_embeddings_syncs_once_per_weight(policy_dir, test_con
         w.shutdown()
         torch.set_num_threads(threads)
     assert logprob_drift(lp, learner.logprobs(r.input_ids, r.attention_mask), r.response_mask) < TOL
+
+
+def test_a_16_bit_engine_takes_weights_in_its_own_dtype(policy_dir, test_config, rollout):
+    """rollout.dtype=bfloat16: the engine asks for bfloat16 weights (wire_dtype), and a sync in
+    bfloat16 (half the bytes) leaves it computing exactly what a float32 sync does, since the engine
+    rounds float32 to bfloat16 as it loads; also through safetensors bytes, the form an engine in another
+    process gets. Its logprobs then differ from the float32 learner's by bfloat16 noise only, far below
+    the default limit for bfloat16 engines and far below a stale engine's drift. (On this CPU vLLM packs
+    bfloat16 linear weights, so the engine's readable parameters are not the whole model: the logprobs
+    are compared instead.)"""
+    from rlhf_ray.ppo.rollout import RolloutWorker
+    from rlhf_ray.ppo.weights import bucket_to_bytes, drift_limit
+
+    args = rollout.input_ids, rollout.attention_mask, rollout.response_mask
+    new, sft = hf_model(policy_dir, noise=0.05, seed=7), hf_model(policy_dir)
+    threads = torch.get_num_threads()
+    w = RolloutWorker(str(policy_dir), dataclasses.replace(test_config.rollout, dtype="bfloat16"), worker_id=7, seed=0)
+    try:
+        assert w.wire_dtype == "bfloat16" and w.sync_info()["dtype"] == "bfloat16"
+        f32 = w.update_weights(state_dict_buckets(new.state_dict(), 64 << 10), version=1)
+        lp = w.logprobs_of(*args)
+        w.update_weights(state_dict_buckets(sft.state_dict(), 64 << 10), version=2)
+        assert not np.array_equal(w.logprobs_of(*args), lp)
+        bf16 = w.update_weights(state_dict_buckets(new.state_dict(), 64 << 10, dtype="bfloat16"), version=3)
+        assert bf16["bytes"] * 2 == f32["bytes"]
+        assert np.array_equal(w.logprobs_of(*args), lp)
+        w.update_weights(state_dict_buckets(sft.state_dict(), 64 << 10), version=4)
+        as_bytes = [bucket_to_bytes(b) for b in state_dict_buckets(new.state_dict(), 64 << 10, dtype="bfloat16")]
+        w.llm.collective_rpc("load_buckets", args=(as_bytes,))
+        w._reset_prefix_cache()
+        assert np.array_equal(w.logprobs_of(*args), lp)
+    finally:
+        w.shutdown()
+        torch.set_num_threads(threads)
+    noise = logprob_drift(lp, hf_logprobs(new, rollout.input_ids, rollout.attention_mask), rollout.response_mask)
+    stale = logprob_drift(lp, hf_logprobs(sft, rollout.input_ids, rollout.attention_mask), rollout.response_mask)
+    assert 1e-3 < noise < drift_limit(0.0, {"bfloat16"}) / 5 and stale > 5 * noise, (noise, stale)  # 0.045, 8.4
 
 
 # ---- Ray ------------------------------------------------------------------------------------------

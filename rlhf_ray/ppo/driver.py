@@ -149,6 +149,8 @@ class RolloutPool:
             why = "a rollout worker runs on another node than the learner"
         elif any(i["device"] != "cpu" for i in infos):
             why = "the engines run on GPUs"
+        elif any(i["dtype"] != "float32" for i in infos):
+            why = f"the engines compute in {infos[0]['dtype']} (shared memory holds float32 weights)"
         elif any(i["mode"] != "in_place" for i in infos):
             why = ("the engines keep packed weights (rollout.cpu_plain_weights=false, or engines in their own "
                    "process: VLLM_ENABLE_V1_MULTIPROCESSING=1)")
@@ -443,7 +445,7 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
     (``policy_dir`` stays the reference policy). ``eval_every``: held-out evaluation period in
     iterations (the last iteration is always evaluated; 0 = only before and after). Raises
     WeightSyncError when an engine's logprobs drift from the learner's by more than
-    ``rollout.max_logprob_drift`` after a sync.
+    ``rollout.max_logprob_drift`` (0: by the engines' dtype, ``weights.drift_limit``) after a sync.
 
     When an actor or node dies (``_system_failure``), the run's actors are stopped and started again
     from its newest checkpoint (else from where it began), at most ``ppo.max_failures`` times (-1: no
@@ -477,7 +479,7 @@ def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None,
 
     from rlhf_ray.ppo import actors
     from rlhf_ray.ppo.plots import plot_ppo
-    from rlhf_ray.ppo.weights import logprob_drift
+    from rlhf_ray.ppo.weights import drift_limit, logprob_drift
 
     ppo, rc = cfg.ppo, cfg.rollout
     bucket_bytes = bucket_bytes or rc.weight_bucket_mib << 20
@@ -545,17 +547,24 @@ def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None,
             log(f"[ppo] not starting {num_workers} rollout workers ({control_file}): {e}; "
                 f"rollout.num_workers={rc.num_workers} instead")
             pool.set_num_workers(rc.num_workers)
-        n_buckets = _get_small(learner.num_buckets.remote(bucket_bytes))
         pool.wait_ready()
+        engines = _get_small([w.sync_info.remote() for w in pool.workers])
+        # The engines' 16-bit dtype if they share one (they would round float32 to it: half the bytes).
+        wire_dtypes = {i["wire_dtype"] for i in engines}
+        wire_dtype = wire_dtypes.pop() if len(wire_dtypes) == 1 else "float32"
+        n_buckets = _get_small(learner.num_buckets.remote(bucket_bytes, wire_dtype))
+        max_drift = drift_limit(rc.max_logprob_drift, {i["dtype"] for i in engines})
         log(f"[ppo] {len(pool.workers)} rollout workers, learner, scorer and advantage actors up "
             f"in {time.perf_counter() - start:.1f}s")
+        why = "rollout.weight_sync=object_store"
         if rc.weight_sync != "object_store":
             why = pool.attach_shared_weights(learner, required=rc.weight_sync == "shared_memory")
-            log("[ppo] weight sync: " + (f"object store ({why})" if why else
-                                        f"shared memory, 2 x {pool.shared['numel'] * 4 >> 20} MiB in "
-                                        f"{pool.shared['paths'][0][:-1]}{{0,1}}"))
-            if pool.shared is not None and pool.shared.get("stale_removed"):
-                log(f"[ppo] removed {len(pool.shared['stale_removed'])} slot file(s) left by killed jobs")
+        log("[ppo] weight sync: " + (f"object store ({why}), {wire_dtype} weights" if why else
+                                    f"shared memory, 2 x {pool.shared['numel'] * 4 >> 20} MiB in "
+                                    f"{pool.shared['paths'][0][:-1]}{{0,1}}")
+            + f"; drift limit {max_drift:g} ({'/'.join(sorted({i['dtype'] for i in engines}))} engines)")
+        if pool.shared is not None and pool.shared.get("stale_removed"):
+            log(f"[ppo] removed {len(pool.shared['stale_removed'])} slot file(s) left by killed jobs")
 
         held_out = synthetic.prompts(ppo.eval_prompts, seed=EVAL_SEED)
 
@@ -627,7 +636,8 @@ def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None,
                 synced = pool.sync_shared(learner.write_shared_weights.remote(pool.shared, slot, *synced),
                                           version, slot)
             else:
-                buckets = learner.weight_buckets.options(num_returns=n_buckets).remote(bucket_bytes, copy=False)
+                buckets = learner.weight_buckets.options(num_returns=n_buckets).remote(bucket_bytes, copy=False,
+                                                                                       dtype=wire_dtype)
                 synced = pool.sync(buckets, version)
             checked = it % len(pool.workers)
             saving = None  # the learner's part of a checkpoint: before it trains on (one-step-off)
@@ -657,13 +667,13 @@ def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None,
             drift = logprob_drift(*_get_small([engine_lp, learner_lp, resp]))  # one-step-off: after generate
             if any(info["version"] != version for info in infos):
                 raise WeightSyncError(f"engines report versions {[i['version'] for i in infos]}, expected {version}")
-            if not drift <= rc.max_logprob_drift:
+            if not drift <= max_drift:
                 dtype = _get_small(pool.workers[checked].sync_info.remote()).get("dtype", "float32")
                 hint = ("" if dtype == "float32" else f" (the engine computes in {dtype}: even with the learner's "
-                        f"weights its logprobs differ from the float32 learner's, ~2.5e-2 measured for bfloat16 "
-                        f"on CPU; set rollout.max_logprob_drift above that noise)")
+                        f"weights its logprobs differ from the float32 learner's; if this is that noise, not "
+                        f"wrong weights, set rollout.max_logprob_drift above it)")
                 raise WeightSyncError(f"iteration {it + 1}: rollout worker {checked} logprobs differ from the "
-                                      f"learner's by {drift:.3g} > rollout.max_logprob_drift={rc.max_logprob_drift} "
+                                      f"learner's by {drift:.3g} > rollout.max_logprob_drift={max_drift:g} "
                                       f"after syncing version {version}{hint}")
 
             # ---- held-out evaluation of the new weights
@@ -682,7 +692,7 @@ def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None,
                 "sync_seconds": max(i["seconds"] for i in infos), "sync_wall_seconds": sync_wall,
                 "sync_bytes": sync_bytes, "sync_mode": infos[0]["mode"],
                 "sync_gb_per_s": sync_bytes / 1e9 / max(sync_busy, 1e-9),
-                "drift": drift, "drift_worker": checked,
+                "drift": drift, "drift_limit": max_drift, "drift_worker": checked,
                 "rollout_tokens_per_s": stats["gen_tokens"] / max(stats["gen_seconds"], 1e-9),
                 "score_tokens_per_s": stats["total_tokens"] / max(stats["score_seconds"], 1e-9),
                 "evaluate_tokens_per_s": stats["total_tokens"] / max(stats["evaluate_seconds"], 1e-9),

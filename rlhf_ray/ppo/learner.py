@@ -196,19 +196,22 @@ class Learner:
         the value head is not included."""
         return {k: v.detach().to("cpu", torch.float32).numpy() for k, v in self._exported().items()}
 
-    def weight_buckets(self, bucket_bytes: int, copy: bool = True) -> list[dict[str, np.ndarray]]:
-        """The policy's weights split into buckets of about ``bucket_bytes`` (for the engines).
-        ``copy=False`` (the Ray driver: the return values are copied into the object store as the
-        method returns) skips the extra copy on CPU; see ``weights.state_dict_buckets``."""
+    def weight_buckets(self, bucket_bytes: int, copy: bool = True,
+                       dtype: str = "float32") -> list[dict[str, np.ndarray]]:
+        """The policy's weights split into buckets of about ``bucket_bytes`` (for the engines), floats
+        in ``dtype`` (the engines' ``wire_dtype``). ``copy=False`` (the Ray driver: the return values
+        are copied into the object store as the method returns) skips the extra copy of CPU weights
+        already in ``dtype``; see ``weights.state_dict_buckets``."""
         from rlhf_ray.ppo.weights import state_dict_buckets
 
-        return state_dict_buckets(self.state_dict(), bucket_bytes, copy=copy)
+        with torch.no_grad():
+            return state_dict_buckets(self._exported(), bucket_bytes, copy=copy, dtype=dtype)
 
-    def num_buckets(self, bucket_bytes: int) -> int:
+    def num_buckets(self, bucket_bytes: int, dtype: str = "float32") -> int:
         """How many buckets :meth:`weight_buckets` returns, from the tensors' sizes (no export)."""
         from rlhf_ray.ppo.weights import bucket_names
 
-        return len(bucket_names(self._exported(), bucket_bytes))
+        return len(bucket_names(self._exported(), bucket_bytes, dtype=dtype))
 
     def weight_shapes(self) -> dict[str, list[int]]:
         """Name -> shape of every weight sent to the engines (HF names)."""

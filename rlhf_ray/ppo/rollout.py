@@ -134,10 +134,12 @@ def engine_args(model_path: str, rollout_cfg: RolloutConfig, worker_id: int, see
         # block_size: vLLM's CPU default is 128, so a prompt shorter than 128 tokens never hits the
         # prefix cache and a short sequence reserves 128 tokens of KV; 32 (the CPU kernel needs a
         # multiple of 32) measured as fast or faster.
-        args.update(dtype="float32", enforce_eager=True, block_size=32,
-                    kv_cache_memory_bytes=int(rollout_cfg.kv_cache_mib) << 20)
+        args.update(dtype="float32" if rollout_cfg.dtype == "auto" else rollout_cfg.dtype, enforce_eager=True,
+                    block_size=32, kv_cache_memory_bytes=int(rollout_cfg.kv_cache_mib) << 20)
     else:  # a fixed KV size would override this and starve a real model (64 MiB: ~128 tokens of a 7B)
         args.update(gpu_memory_utilization=float(rollout_cfg.gpu_memory_utilization))
+        if rollout_cfg.dtype != "auto":
+            args.update(dtype=rollout_cfg.dtype)
     return args
 
 
@@ -146,9 +148,9 @@ class RolloutWorker:
     :meth:`logprobs_of` given sequences (the drift check after a sync).
 
     ``seed`` and ``worker_id`` together seed the engine, so workers sample differently.
-    ``device``: "cpu" (float32, eager; logprobs then match a float32 transformers forward within
-    ~1e-5) or "cuda" (dtype from the model config). ``engine_kwargs`` override any ``vllm.LLM``
-    argument (e.g. ``block_size``, ``max_model_len``, ``dtype``).
+    ``device``: "cpu" (float32 unless ``rollout.dtype`` says otherwise, eager; float32 logprobs match a
+    float32 transformers forward within ~1e-5) or "cuda" (vLLM's dtype unless ``rollout.dtype`` is
+    set). ``engine_kwargs`` override any ``vllm.LLM`` argument (e.g. ``block_size``, ``max_model_len``).
 
     On CPU the engine runs in this process unless ``VLLM_ENABLE_V1_MULTIPROCESSING=1`` is set explicitly
     (in-process starts in 3-10 s instead of 25-40 s and uses ~1 GiB less memory); on GPU vLLM's
@@ -191,6 +193,8 @@ class RolloutWorker:
         # "in_place" (weights copied where the kernels read them) or "reload" (vLLM's full loading
         # path, repacking included); see rlhf_ray/ppo/vllm_ext.py.
         self.weight_sync_mode = self.llm.collective_rpc("weight_sync_mode")[0]
+        # The dtype update_weights' floats should come in (float32, or this engine's 16-bit dtype).
+        self.wire_dtype = self.llm.collective_rpc("weight_wire_dtype")[0]
         self.shared_weights: dict | None = None  # the spec, once attached to shared memory
 
     # ---- state -------------------------------------------------------------------------------
@@ -327,8 +331,9 @@ class RolloutWorker:
         """Load a full set of policy weights and stamp ``version`` on later rollouts.
 
         ``buckets``: what :func:`rlhf_ray.ppo.weights.state_dict_buckets` returns (a list of dicts
-        name -> float32 array in Hugging Face checkpoint names), a single dict, or a list of Ray
-        object refs to buckets (fetched here; a ref passed as the argument itself is resolved by Ray).
+        name -> array in Hugging Face checkpoint names; floats in any of its dtypes, best in
+        :attr:`wire_dtype`), a single dict, or a list of Ray object refs to buckets (fetched here; a
+        ref passed as the argument itself is resolved by Ray).
         Every weight of the model must be present: vLLM would silently keep old values for the rest.
         Returns {"version", "seconds", "fetch_seconds" (getting nested refs from the object store),
         "bytes", "mode"} (mode: :attr:`weight_sync_mode`).
@@ -364,7 +369,8 @@ class RolloutWorker:
 
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
-        return {"node_id": node, "device": self.device, "mode": self.weight_sync_mode, "dtype": dtype}
+        return {"node_id": node, "device": self.device, "mode": self.weight_sync_mode, "dtype": dtype,
+                "wire_dtype": self.wire_dtype}
 
     def attach_shared_weights(self, spec: dict | None, hf_shapes: dict | None, slot: int, version: int,
                               directory: str = "/dev/shm") -> dict:

@@ -30,13 +30,11 @@ for untyped RPC arguments: there the caller sends each bucket as safetensors byt
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 
 from rlhf_ray.ppo.shared_weights import SharedSlots, check_order, find_placements, new_spec, order_pattern
-from rlhf_ray.ppo.weights import iter_named_arrays
+from rlhf_ray.ppo.weights import as_torch, iter_named_arrays
 
 
 def plain_weights(model: torch.nn.Module) -> bool:
@@ -68,6 +66,16 @@ class WeightSyncExtension:
             self._rlhf_sync_mode = mode
         return mode
 
+    def weight_wire_dtype(self) -> str:
+        """The dtype new weights should travel in (``rlhf_ray.ppo.weights``): this engine's parameter
+        dtype when every floating parameter has the same 16-bit one (it would round float32 weights to
+        it as it loads them), else float32 (also for quantised engines, whose loader wants full precision)."""
+        if getattr(self.model_runner.model_config, "quantization", None) is not None:
+            return "float32"
+        dtypes = {p.dtype for p in self._rlhf_params().values() if p.is_floating_point()}
+        dtype = dtypes.pop() if len(dtypes) == 1 else None
+        return {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
+
     def load_buckets(self, buckets: list, last: bool = True) -> dict:
         """Load weights from ``buckets`` (dicts name -> array, or safetensors bytes, in HF checkpoint
         names). Returns {"bytes": bytes loaded, "mode": how}. In "in_place" mode an update may come in
@@ -80,12 +88,7 @@ class WeightSyncExtension:
             nonlocal nbytes
             for name, arr in iter_named_arrays(buckets):
                 nbytes += arr.nbytes
-                if isinstance(arr, np.ndarray):
-                    # Ray hands over read-only views; the loaders only read them (copy into the params).
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore", UserWarning)
-                        arr = torch.from_numpy(arr)
-                yield name, arr
+                yield name, as_torch(arr)
 
         mode = self.weight_sync_mode()
         if mode == "in_place":

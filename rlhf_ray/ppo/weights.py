@@ -1,11 +1,17 @@
 """Weight-sync helpers: the learner's state dict cut into size-bounded buckets of numpy arrays, the
 safetensors-bytes form used across process boundaries, and the post-sync logprob drift.
 
-Buckets are plain ``dict[str, np.ndarray]`` (float32, C-contiguous) so that ``ray.put`` stores them
-zero-copy and every rollout worker reads the same shared-memory copy. Names stay in Hugging Face
-``LlamaForCausalLM`` form (``model.layers.0.self_attn.q_proj.weight``, ``lm_head.weight``): vLLM's
-``load_weights`` maps them to its fused layout (qkv_proj, gate_up_proj) itself when reloading with
-``is_checkpoint_format=True``, so no renaming is needed (checked in tests/test_rollout.py).
+Buckets are plain ``dict[str, np.ndarray]`` (C-contiguous) so that ``ray.put`` stores them zero-copy
+and every rollout worker reads the same shared-memory copy. Floating weights travel in a "wire dtype":
+float32 by default, or the 16-bit dtype a vLLM engine computes in (it rounds float32 weights to that
+dtype as it loads them, so sending them already rounded gives it the same bits for half the bytes).
+numpy has no bfloat16: a bfloat16 weight travels as its bit pattern in a ``uint16`` array, and
+:func:`as_torch` turns it back (no LLM checkpoint has uint16 weights of its own).
+
+Names stay in Hugging Face ``LlamaForCausalLM`` form (``model.layers.0.self_attn.q_proj.weight``,
+``lm_head.weight``): vLLM's ``load_weights`` maps them to its fused layout (qkv_proj, gate_up_proj)
+itself when reloading with ``is_checkpoint_format=True``, so no renaming is needed (checked in
+tests/test_rollout.py).
 
 Keep the state dict's order (parameters of one decoder layer together): vLLM buffers a layer's
 weights until all of them have arrived, so interleaving layers costs memory.
@@ -13,26 +19,53 @@ weights until all of them have arrived, so interleaving layers costs memory.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 
 # Buffers that HF state dicts may carry but that are not checkpoint weights vLLM expects.
 SKIP_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+WIRE_DTYPES = ("float32", "bfloat16", "float16")
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def _to_numpy(value, copy: bool = True) -> np.ndarray:
+def _check_wire_dtype(dtype: str) -> None:
+    if dtype not in WIRE_DTYPES:
+        raise ValueError(f"weight dtype: expected one of {WIRE_DTYPES}, got {dtype!r}")
+
+
+def _to_numpy(value, copy: bool = True, dtype: str = "float32") -> np.ndarray:
     """A torch tensor (any device/dtype) or array -> a C-contiguous numpy array; floats become
-    float32. ``copy=False`` returns a view of a CPU float32 contiguous input instead of a copy."""
-    if hasattr(value, "detach"):  # torch.Tensor
-        import torch
+    ``dtype`` (a name in WIRE_DTYPES; bfloat16 as its uint16 bit pattern). ``copy=False`` returns a
+    view of a CPU contiguous input already in ``dtype`` instead of a copy."""
+    import torch
 
-        t = value.detach()
-        dtype = torch.float32 if t.is_floating_point() else t.dtype
-        return t.to(device="cpu", dtype=dtype, copy=copy).contiguous().numpy()
-    arr = np.asarray(value)
-    dtype = np.float32 if arr.dtype.kind == "f" else arr.dtype
-    return np.array(arr, dtype=dtype, order="C", copy=True if copy else None)
+    _check_wire_dtype(dtype)
+    t = value.detach() if hasattr(value, "detach") else None
+    if t is None:
+        arr = np.asarray(value)
+        if arr.dtype.kind != "f":
+            return np.array(arr, order="C", copy=True if copy else None)
+        if dtype != "bfloat16":
+            return np.array(arr, dtype=dtype, order="C", copy=True if copy else None)
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    if not t.is_floating_point():
+        return t.to(device="cpu", copy=copy).contiguous().numpy()
+    t = t.to(device="cpu", dtype=getattr(torch, dtype), copy=copy).contiguous()
+    return (t.view(torch.uint16) if dtype == "bfloat16" else t).numpy()
+
+
+def as_torch(arr):
+    """A bucket's array as a torch tensor sharing its memory (a uint16 array is a bfloat16 weight)."""
+    import torch
+
+    if not isinstance(arr, np.ndarray):
+        return arr
+    with warnings.catch_warnings():  # Ray hands over read-only views; the loaders only read them
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(arr)
+    return t.view(torch.bfloat16) if arr.dtype == np.uint16 else t
 
 
 def exported_entries(state_dict: Mapping, strip_prefix: str = ""):
@@ -47,24 +80,26 @@ def exported_entries(state_dict: Mapping, strip_prefix: str = ""):
             yield name, value
 
 
-def _exported_nbytes(value) -> int:
-    """Bytes of ``value`` once exported (floats as float32), without converting it."""
+def _exported_nbytes(value, dtype: str = "float32") -> int:
+    """Bytes of ``value`` once exported (floats as ``dtype``), without converting it."""
     if hasattr(value, "detach"):
-        return value.numel() * (4 if value.is_floating_point() else value.element_size())
+        return value.numel() * (_ITEMSIZE[dtype] if value.is_floating_point() else value.element_size())
     arr = np.asarray(value)
-    return arr.size * (4 if arr.dtype.kind == "f" else arr.itemsize)
+    return arr.size * (_ITEMSIZE[dtype] if arr.dtype.kind == "f" else arr.itemsize)
 
 
-def bucket_names(state_dict: Mapping, bucket_bytes: int, strip_prefix: str = "") -> list[list[str]]:
+def bucket_names(state_dict: Mapping, bucket_bytes: int, strip_prefix: str = "",
+                 dtype: str = "float32") -> list[list[str]]:
     """The names (prefix stripped) of each bucket :func:`state_dict_buckets` would make, from the
     sizes alone (nothing is copied)."""
+    _check_wire_dtype(dtype)
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
     out: list[list[str]] = []
     current: list[str] = []
     size = 0
     for name, value in exported_entries(state_dict, strip_prefix):
-        n = _exported_nbytes(value)
+        n = _exported_nbytes(value, dtype)
         if current and size + n > bucket_bytes:
             out.append(current)
             current, size = [], 0
@@ -75,23 +110,24 @@ def bucket_names(state_dict: Mapping, bucket_bytes: int, strip_prefix: str = "")
     return out
 
 
-def state_dict_buckets(state_dict: Mapping, bucket_bytes: int = 256 << 20,
-                       strip_prefix: str = "", copy: bool = True) -> list[dict[str, np.ndarray]]:
-    """Split ``state_dict`` (name -> torch tensor or array) into buckets of float32 numpy arrays.
+def state_dict_buckets(state_dict: Mapping, bucket_bytes: int = 256 << 20, strip_prefix: str = "",
+                       copy: bool = True, dtype: str = "float32") -> list[dict[str, np.ndarray]]:
+    """Split ``state_dict`` (name -> torch tensor or array) into buckets of numpy arrays, floats in
+    ``dtype`` (see the module docstring).
 
     ``strip_prefix``: when the causal LM sits inside a wrapper (``policy.model.layers...``), only
     entries under this prefix are kept, with the prefix removed (so a value head is left out).
     Order is kept; a bucket is closed before it would exceed ``bucket_bytes``, so no bucket is larger
     than ``bucket_bytes`` unless it holds a single tensor that is larger by itself (see
     :func:`bucket_names`). By default the arrays are copies, detached from the learner's parameters
-    (the learner may keep training while they ship). ``copy=False`` leaves CPU float32 tensors as
-    views of the live parameters: only for a caller that hands the buckets over before the weights
+    (the learner may keep training while they ship). ``copy=False`` leaves CPU tensors already in
+    ``dtype`` as views of the live parameters: only for a caller that hands the buckets over before the weights
     change again, e.g. a Ray actor method returning them (Ray copies return values into the object
     store when the method returns), which saves one full copy of the model per sync.
     """
-    names = bucket_names(state_dict, bucket_bytes, strip_prefix)
+    names = bucket_names(state_dict, bucket_bytes, strip_prefix, dtype)
     entries = dict(exported_entries(state_dict, strip_prefix))
-    return [{n: _to_numpy(entries[n], copy) for n in bucket} for bucket in names]
+    return [{n: _to_numpy(entries[n], copy, dtype) for n in bucket} for bucket in names]
 
 
 def bucket_nbytes(buckets: Iterable[Mapping[str, np.ndarray]]) -> int:
@@ -117,6 +153,18 @@ def iter_named_arrays(buckets: Iterable) -> Iterator[tuple[str, np.ndarray]]:
         if isinstance(bucket, (bytes, bytearray, memoryview)):
             bucket = bucket_from_bytes(bucket)
         yield from bucket.items()
+
+
+# rollout.max_logprob_drift = 0: the limit for engines computing in each dtype (see the config).
+DRIFT_LIMITS = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 0.5}
+
+
+def drift_limit(configured: float, engine_dtypes: Iterable[str]) -> float:
+    """The drift past which a sync fails: ``configured`` if > 0, else the loosest of DRIFT_LIMITS over
+    the engines' dtypes (bfloat16's for a dtype not in it)."""
+    if configured > 0:
+        return float(configured)
+    return max(DRIFT_LIMITS.get(d, DRIFT_LIMITS["bfloat16"]) for d in engine_dtypes)
 
 
 def logprob_drift(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
