@@ -432,6 +432,42 @@ def test_ppo_objective_is_sum_of_parts(with_entropy):
     assert (logp.grad[~mask] == 0).all() and (V.grad[~mask] == 0).all()
 
 
+def test_ppo_objective_hand_computed_with_every_term():
+    """One sequence, every term of L = w·L_clip - beta·KL_k3 - c1·L_V + c_H·H active, each token taking a
+    different branch: token 1 clipped above (A > 0, ratio e^0.2 > 1.2), token 2 clipped below (A < 0,
+    ratio e^-0.4 < 0.8), token 3 unclipped (ratio 1); value clipping active on tokens 1 and 3. Position 0
+    (prompt) is masked out and holds values that would change every term. Gradients by hand too."""
+    mask = torch.tensor([[False, True, True, True]])
+    old = torch.tensor([[5.0, -1.0, -0.5, -2.0]], dtype=D)
+    logp = torch.tensor([[0.0, -0.8, -0.9, -2.0]], dtype=D, requires_grad=True)
+    A = torch.tensor([[9.0, 1.0, -2.0, 0.5]], dtype=D)
+    w = torch.tensor([[9.0, 1.0, 0.5, 2.0]], dtype=D)
+    V_old = torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=D)
+    V = torch.tensor([[7.0, 0.5, -0.1, 1.5]], dtype=D, requires_grad=True)
+    R = torch.tensor([[-7.0, 1.0, 0.0, 2.0]], dtype=D)
+    H = torch.tensor([[9.0, 1.0, 0.5, 1.5]], dtype=D)
+    beta, c1, c_h = 0.1, 0.5, 0.01
+    loss, st = ppo_objective(logp, old, A, V, V_old, R, mask, clip_eps=0.2, beta=beta, c1=c1, value_clip_eps=0.2,
+                             entropy=H, entropy_coef=c_h, weights=w)
+    # surrogates: min(r·A, clip(r)·A)·w = 1.2·1·1, 0.8·(-2)·0.5, 1·0.5·2
+    l_clip = (1.2 - 0.8 + 1.0) / 3
+    kl = ((math.exp(0.2) - 1 - 0.2) + (math.exp(-0.4) - 1 + 0.4) + 0.0) / 3  # k3 = r - 1 - log r
+    # value errors max((V - R)^2, (V_old + clip(V - V_old, ±0.2) - R)^2): max(.25, .64), .01, max(.25, .64)
+    l_v = 0.5 * (0.64 + 0.01 + 0.64) / 3
+    h = (1.0 + 0.5 + 1.5) / 3
+    objective = l_clip - beta * kl - c1 * l_v + c_h * h
+    assert objective == pytest.approx(0.366109, abs=1e-6)
+    for got, want in zip(st, (objective, l_clip, kl, l_v, 2 / 3, h)):
+        assert float(got) == pytest.approx(want, rel=1e-12)
+    assert float(loss.detach()) == pytest.approx(-objective, rel=1e-12)
+    loss.backward()
+    # d(-L)/d logp: clipped tokens only feel the KL term, beta·(r - 1)/3; token 3 only the surrogate, -w·r·A/3
+    want_logp = [0.0, beta * (math.exp(0.2) - 1) / 3, beta * (math.exp(-0.4) - 1) / 3, -(2.0 * 1.0 * 0.5) / 3]
+    assert logp.grad[0].tolist() == pytest.approx(want_logp, rel=1e-12, abs=1e-15)
+    # d(-L)/dV: the clipped value branch is flat in V (tokens 1, 3); token 2: c1·0.5·2(V - R)/3
+    assert V.grad[0].tolist() == pytest.approx([0.0, 0.0, c1 * 0.5 * 2 * (-0.1 - 0.0) / 3, 0.0], rel=1e-12, abs=1e-15)
+
+
 # ----------------------------------------------------------------------------- KL control / rewards
 
 def test_adaptive_kl_controller_hand_computed():
