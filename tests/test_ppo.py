@@ -973,3 +973,35 @@ def test_drift_past_the_threshold_stops_the_run_loudly(ray_cluster, test_config,
     slots = [m.group(1) for x in lines for m in [re.search(r"in (/dev/shm/\S+)slot\{0,1\}", x)] if m]
     assert len(slots) == 1 and not glob.glob(slots[0] + "*")
     assert not any(x.startswith("[ppo] it ") for x in lines)  # no iteration was reported as done
+
+
+def test_cli_ppo_runs_and_resumes(ray_cluster, policy_dir, rm_dir, tmp_path, capsys):
+    """`rlhf-ray ppo` as a user types it: the stage runs from the CLI's overrides, prints the before/after
+    table, writes metrics, plot and a policy that transformers loads; the same command with a higher
+    ppo.iterations and ppo.resume_from=<output_dir>/ppo goes on from its checkpoint. A wrong
+    --rm-checkpoint is refused by name before Ray work starts."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_ray.cli import main
+
+    args = ["ppo", "--policy", str(policy_dir), "--rm-checkpoint", str(rm_dir), f"output_dir={tmp_path}",
+            "ppo.prompts_per_iteration=8", "ppo.max_new_tokens=8", "ppo.minibatch_size=8", "ppo.eval_prompts=8",
+            "ppo.checkpoint_every=1", "rollout.num_workers=1"]
+    assert main([*args, "ppo.iterations=2"]) == 0
+    out = capsys.readouterr().out
+    assert "gold reward (hidden)" in out and f"policy saved to {tmp_path / 'ppo' / 'policy'}" in out
+    rows = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows if "iteration" in r] == [1, 2]
+    assert (tmp_path / "ppo" / "ppo.png").stat().st_size > 10_000
+    AutoModelForCausalLM.from_pretrained(tmp_path / "ppo" / "policy")
+
+    assert main([*args, "ppo.iterations=3", f"ppo.resume_from={tmp_path / 'ppo'}"]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming from {tmp_path / 'ppo' / 'checkpoints' / 'iter_000002'}: iteration 2" in out
+    rows = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows if "iteration" in r] == [1, 2, 3]
+
+    assert main([*args, "--rm-checkpoint", str(tmp_path / "nope")]) == 2
+    assert f"--rm-checkpoint: {tmp_path / 'nope'} is not an RM directory" in capsys.readouterr().err
