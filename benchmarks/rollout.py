@@ -4,6 +4,7 @@ sampling settings; and weight-sync cost against a plain memory copy of the same 
     .venv/bin/python benchmarks/rollout.py                      # both models, the demo's batch
     .venv/bin/python benchmarks/rollout.py --models big --repeats 5 --new-tokens 48
     .venv/bin/python benchmarks/rollout.py --models big --profile   # + where a decode step's time goes, bound
+    .venv/bin/python benchmarks/rollout.py --models big --dtype bfloat16   # both backends in bfloat16
 
 Two workloads on each model, batch ``--batch`` (default 64, the demo's ppo.prompts_per_iteration):
 
@@ -19,10 +20,12 @@ Each backend runs in its own subprocess with the same thread count (``--threads`
 rollout actor with ``cpus_per_worker=1`` gets), because in-process vLLM rebinds the host's torch
 threads and memory; ``--rounds`` (default 2) interleaves the backends' processes, because this
 shared VM's speed drifts by up to ~30 % over minutes, and takes the best run of all rounds.
-Temperature 1, top_p 1 throughout. vLLM runs twice: with plain weights (the default
-``rollout.cpu_plain_weights``: weight syncs copy in place) and with vLLM's packed oneDNN weights
-(syncs replay vLLM's loader). Models are random-weight Llamas with the embedded tokenizer:
-"big" (~28M parameters) and "tiny" (the demo's default shape).
+Temperature 1, top_p 1 throughout. ``--dtype`` (default float32) is the dtype both backends compute
+in (HF loads the model in it; vLLM gets it as ``rollout.dtype``). vLLM runs twice: with plain weights
+(the default ``rollout.cpu_plain_weights``: weight syncs copy in place) and with vLLM's packed oneDNN
+weights (syncs replay vLLM's loader; in 16 bits on a CPU with AMX, smaller matrices are packed for
+vLLM's AMX kernels instead); weight syncs send the engine's ``wire_dtype``. Models are random-weight
+Llamas with the embedded tokenizer: "big" (~28M parameters) and "tiny" (the demo's default shape).
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ def demo_lengths(batch: int, new_tokens: int, cache_dir: str) -> list[int]:
     return [int(n) for n in r.response_mask.sum(1)]
 
 
-GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "_C::onednn_mm")
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "_C::onednn_mm", "_C::weight_packed_linear")
 
 
 def profiled(fn) -> dict:
@@ -100,7 +103,7 @@ def profiled(fn) -> dict:
 
 
 def run_vllm(model_dir: str, lengths: list[int], new_tokens: int, repeats: int, plain: bool,
-             profile: bool = False) -> dict:
+             profile: bool = False, dtype: str = "float32") -> dict:
     import numpy as np
 
     from rlhf_ray.config import RolloutConfig
@@ -108,7 +111,7 @@ def run_vllm(model_dir: str, lengths: list[int], new_tokens: int, repeats: int, 
     from rlhf_ray.ppo.weights import state_dict_buckets
 
     t0 = time.perf_counter()
-    worker = RolloutWorker(model_dir, RolloutConfig(kv_cache_mib=512, cpu_plain_weights=plain), seed=0)
+    worker = RolloutWorker(model_dir, RolloutConfig(kv_cache_mib=512, cpu_plain_weights=plain, dtype=dtype), seed=0)
     start_s = time.perf_counter() - t0
     ps = prompts(len(lengths))
     worker.generate(ps[:8], 8, 1.0, 1.0, seed=0)  # warm-up
@@ -129,7 +132,7 @@ def run_vllm(model_dir: str, lengths: list[int], new_tokens: int, repeats: int, 
     sd = {}
     for f in sorted(Path(model_dir).glob("*.safetensors")):
         sd.update(load_file(f))
-    buckets = state_dict_buckets(sd, 64 << 20)
+    buckets = state_dict_buckets(sd, 64 << 20, dtype=worker.wire_dtype)
     dst = [{k: np.empty_like(v) for k, v in b.items()} for b in buckets]
     sync, copy = [], []
     for i in range(repeats):
@@ -145,13 +148,14 @@ def run_vllm(model_dir: str, lengths: list[int], new_tokens: int, repeats: int, 
                 copy_s=min(copy))
 
 
-def run_hf(model_dir: str, lengths: list[int], new_tokens: int, repeats: int, profile: bool = False) -> dict:
+def run_hf(model_dir: str, lengths: list[int], new_tokens: int, repeats: int, profile: bool = False,
+           dtype: str = "float32") -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"  # batched generation continues from the last column
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     enc = tok(prompts(len(lengths)), return_tensors="pt", padding=True)
     kw = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, pad_token_id=tok.pad_token_id)
     res = {}
@@ -179,10 +183,12 @@ def child(args) -> None:
     if args.backend == "lengths":
         out = demo_lengths(args.batch, args.new_tokens, args.cache_dir)
     elif args.backend == "hf":
-        out = run_hf(args.model_dir, json.loads(args.lengths), args.new_tokens, args.repeats, args.profile)
+        out = run_hf(args.model_dir, json.loads(args.lengths), args.new_tokens, args.repeats, args.profile,
+                     args.dtype)
     else:
         out = run_vllm(args.model_dir, json.loads(args.lengths), args.new_tokens, args.repeats,
-                       plain=args.backend == "vllm", profile=args.profile and args.backend == "vllm")
+                       plain=args.backend == "vllm", profile=args.profile and args.backend == "vllm",
+                       dtype=args.dtype)
     print("RESULT " + json.dumps(out))
 
 
@@ -207,6 +213,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2, help="each backend's process this many times, interleaved")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                    help="what both backends compute in")
     ap.add_argument("--cache-dir", default=".cache/rlhf_ray")
     ap.add_argument("--profile", action="store_true",
                     help="also profile one fixed-workload generate of HF and vLLM (plain weights): "
@@ -237,7 +245,7 @@ def main() -> None:
                 for backend in ("hf", "vllm", "vllm-packed"):
                     extra = {"profile": ""} if args.profile and r == 0 else {}
                     out = run_child(env, backend=backend, model_dir=model_dir, lengths=json.dumps(lengths),
-                                    **common, **extra)
+                                    dtype=args.dtype, **common, **extra)
                     if backend in res:
                         for workload in ("fixed", "demo"):
                             res[backend][workload] += out[workload]
@@ -245,7 +253,8 @@ def main() -> None:
                         res[backend] = out
             rows.append((name, n_params, res))
 
-    print(f"\nbatch {args.batch}, temperature 1, top_p 1, {args.threads} thread(s), best of {args.rounds} x "
+    print(f"\n{args.dtype}, batch {args.batch}, temperature 1, top_p 1, {args.threads} thread(s), "
+          f"best of {args.rounds} x "
           f"{args.repeats} runs (the least disturbed on a shared machine), response tokens/s")
     print(f"demo lengths (SFT policy, <= {args.new_tokens}): mean {np.mean(lengths):.1f}, max {max(lengths)}, "
           f"{sum(n == args.new_tokens for n in lengths)} of {len(lengths)} at the limit")

@@ -192,9 +192,9 @@ class RolloutConfig:
     # weight sync copies into them in place (~1.5x a memcpy) instead of replaying vLLM's loader and
     # repacking every matrix for oneDNN (~5x or more). vLLM's packed GEMMs are faster (0-25 % faster
     # generation measured on a 2-core AVX2 machine at 28M parameters): set false where rollout, not
-    # weight sync, bounds an iteration. No effect on GPUs (their weights are always plain), on an
-    # engine in another process (VLLM_ENABLE_V1_MULTIPROCESSING=1), or on 16-bit engines on CPUs with
-    # AMX (vLLM packs their weights for its AMX kernels; syncs then take the reloading path).
+    # weight sync, bounds an iteration. Also keeps 16-bit engines on CPUs with AMX off vLLM's AMX
+    # packing. No effect on GPUs (their weights are always plain) or on an engine in another process
+    # (VLLM_ENABLE_V1_MULTIPROCESSING=1).
     cpu_plain_weights: bool = True
     # How new weights reach the engines. "shared_memory": engines on the learner's node read their
     # weights from two /dev/shm files the learner writes (one copy per sync, whatever the number of

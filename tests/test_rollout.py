@@ -626,33 +626,36 @@ def test_a_model_with_tied_embeddings_syncs_once_per_weight(policy_dir, test_con
     assert logprob_drift(lp, learner.logprobs(r.input_ids, r.attention_mask), r.response_mask) < TOL
 
 
-def test_a_16_bit_engine_takes_weights_in_its_own_dtype(policy_dir, test_config, rollout):
+@pytest.mark.parametrize("plain,mode", [(True, "in_place"), (False, "reload")])
+def test_a_16_bit_engine_takes_weights_in_its_own_dtype(policy_dir, test_config, rollout, plain, mode):
     """rollout.dtype=bfloat16: the engine asks for bfloat16 weights (wire_dtype), and a sync in
     bfloat16 (half the bytes) leaves it computing exactly what a float32 sync does, since the engine
     rounds float32 to bfloat16 as it loads; also through safetensors bytes, the form an engine in another
     process gets. Its logprobs then differ from the float32 learner's by bfloat16 noise only, far below
-    the default limit for bfloat16 engines and far below a stale engine's drift. (On this CPU vLLM packs
-    bfloat16 linear weights, so the engine's readable parameters are not the whole model: the logprobs
-    are compared instead.)"""
-    from rlhf_ray.ppo.rollout import RolloutWorker
+    the default limit for bfloat16 engines and far below a stale engine's drift. With plain weights
+    (rollout.cpu_plain_weights) syncs copy in place; with vLLM's packed ones (oneDNN, and on CPUs with
+    AMX its AMX kernels for smaller matrices) they replay its loader."""
+    from rlhf_ray.ppo.rollout import RolloutWorker, _plain_cpu_linear
     from rlhf_ray.ppo.weights import bucket_to_bytes, drift_limit
 
     args = rollout.input_ids, rollout.attention_mask, rollout.response_mask
     new, sft = hf_model(policy_dir, noise=0.05, seed=7), hf_model(policy_dir)
     threads = torch.get_num_threads()
-    w = RolloutWorker(str(policy_dir), dataclasses.replace(test_config.rollout, dtype="bfloat16"), worker_id=7, seed=0)
+    cfg = dataclasses.replace(test_config.rollout, dtype="bfloat16", cpu_plain_weights=plain)
+    w = RolloutWorker(str(policy_dir), cfg, worker_id=7, seed=0)
     try:
-        assert w.wire_dtype == "bfloat16" and w.sync_info()["dtype"] == "bfloat16"
+        assert w.wire_dtype == "bfloat16" and w.sync_info()["dtype"] == "bfloat16" and w.weight_sync_mode == mode
         f32 = w.update_weights(state_dict_buckets(new.state_dict(), 64 << 10), version=1)
         lp = w.logprobs_of(*args)
         w.update_weights(state_dict_buckets(sft.state_dict(), 64 << 10), version=2)
         assert not np.array_equal(w.logprobs_of(*args), lp)
         bf16 = w.update_weights(state_dict_buckets(new.state_dict(), 64 << 10, dtype="bfloat16"), version=3)
-        assert bf16["bytes"] * 2 == f32["bytes"]
+        assert bf16["bytes"] * 2 == f32["bytes"] and bf16["mode"] == f32["mode"] == mode
         assert np.array_equal(w.logprobs_of(*args), lp)
         w.update_weights(state_dict_buckets(sft.state_dict(), 64 << 10), version=4)
         as_bytes = [bucket_to_bytes(b) for b in state_dict_buckets(new.state_dict(), 64 << 10, dtype="bfloat16")]
-        w.llm.collective_rpc("load_buckets", args=(as_bytes,))
+        with _plain_cpu_linear(plain):
+            w.llm.collective_rpc("load_buckets", args=(as_bytes,))
         w._reset_prefix_cache()
         assert np.array_equal(w.logprobs_of(*args), lp)
     finally:

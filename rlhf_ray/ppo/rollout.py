@@ -80,23 +80,29 @@ def _chosen_logprobs(lps, token_ids, first: int = 0) -> list[float]:
 def _plain_cpu_linear(enabled: bool):
     """While vLLM builds an engine in this process, keep its CPU linear layers on plain weights.
 
-    vLLM 0.32 packs each CPU linear weight into a oneDNN handle when ``_custom_ops._supports_onednn``
-    is true and falls back to ``torch.nn.functional.linear`` on the parameter otherwise; the flag is
-    read when the model's weights are processed after loading. Turning it off for the engine's
-    construction lets weight syncs copy in place (see ``vllm_ext``). If a vLLM version moves this,
-    the extension notices (``weight_sync_mode()`` == "reload") and syncs still work, only slower.
+    vLLM 0.32 packs each CPU linear weight when the model's weights are processed after loading: a
+    16-bit one below a size limit for its AMX kernels where the CPU has AMX
+    (``layers.utils.check_cpu_sgl_kernel``), else into a oneDNN handle where
+    ``_custom_ops._supports_onednn``; otherwise the layer calls ``torch.nn.functional.linear`` on the
+    parameter. Turning both off for the engine's construction lets weight syncs copy in place (see
+    ``vllm_ext``). If a vLLM version packs some other way, the extension notices
+    (``weight_sync_mode()`` == "reload") and syncs still work, only slower; that reloading must run
+    under this context too, or it would process the layers differently from the engine's build.
     """
     from vllm import _custom_ops as ops
+    from vllm.model_executor.layers import utils as layer_utils
 
-    if not enabled or not hasattr(ops, "_supports_onednn"):
-        yield
-        return
-    saved = ops._supports_onednn
-    ops._supports_onednn = False
+    patches = [(mod, name, value) for mod, name, value in ((ops, "_supports_onednn", False),
+                                                           (layer_utils, "check_cpu_sgl_kernel", lambda *a: False))
+               if enabled and hasattr(mod, name)]
+    saved = [getattr(mod, name) for mod, name, _ in patches]
     try:
+        for mod, name, value in patches:
+            setattr(mod, name, value)
         yield
     finally:
-        ops._supports_onednn = saved
+        for (mod, name, _), value in zip(patches, saved):
+            setattr(mod, name, value)
 
 
 def _checkpoint_names(model_path: str) -> set[str] | None:
@@ -351,8 +357,9 @@ class RolloutWorker:
                 raise ValueError(f"update_weights: {len(missing)} weight(s) missing, e.g. "
                                  f"{sorted(missing)[:5]}; got e.g. {sorted(names)[:5]}")
         nbytes = bucket_nbytes(buckets)
-        if self.in_process:
-            loaded = self.llm.collective_rpc("load_buckets", args=(buckets,))[0]
+        if self.in_process:  # "reload" processes the layers again: as when the engine was built
+            with _plain_cpu_linear(self.device == "cpu" and self.cfg.cpu_plain_weights):
+                loaded = self.llm.collective_rpc("load_buckets", args=(buckets,))[0]
         elif self.weight_sync_mode == "in_place":  # one bucket's bytes at a time, not the whole model's
             for i, b in enumerate(buckets):
                 loaded = self.llm.collective_rpc("load_buckets", args=([bucket_to_bytes(b)], i == len(buckets) - 1))[0]
