@@ -106,6 +106,36 @@ def test_http_and_handle_agree_with_in_process_scorer(service, scorer, groups):
     assert "/score_batch" in requests.get(f"{service.url}/openapi.json", timeout=10).json()["paths"]
 
 
+def test_serve_run_app_builder_without_batching(service, scorer, groups):
+    """What `serve run rlhf_ray.reward.serve:app_builder checkpoint=... batching=false serve.<field>=...`
+    deploys, here beside the module's app on its own route: it scores one request per forward pass
+    (no merging, /version says so) with the same rewards, and takes ServeConfig fields as arguments."""
+    from ray import serve
+
+    from rlhf_ray.reward.serve import app_builder
+
+    with pytest.raises(ValueError, match="checkpoint=<RM directory> is required"):
+        app_builder({})
+    app = app_builder({"checkpoint": str(scorer.model_dir), "max_length": "64", "batching": "false",
+                       "max_responses": "2", "num_cpus": "0.25"})
+    handle = serve.run(app, name="rm_unbatched", route_prefix="/unbatched")
+    try:
+        url = service.url + "/unbatched"
+        version = requests.get(f"{url}/version", timeout=30).json()
+        assert version["batching"] is False and version["limits"]["max_responses"] == 2
+        prompt, responses = groups[0]
+        pending = [handle.score.remote(prompt, responses[:2]) for _ in range(6)]
+        exp = scorer.score_groups([(prompt, responses[:2])])[0]
+        for p in pending:
+            check_answer(p.result(timeout_s=60), exp, scorer.model_version)
+        stats = handle.get_stats.remote().result(timeout_s=30)
+        assert stats["requests"] == stats["batches"] == 6  # one forward per request
+        r = _post(f"{url}/score", {"prompt": prompt, "responses": responses[:3]})
+        assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "responses", r.text
+    finally:
+        serve.delete("rm_unbatched")
+
+
 def test_concurrent_requests_share_forward_passes(service, scorer, groups):
     service.handle.get_stats.remote(reset=True).result(timeout_s=30)
     prompt, responses = groups[0]
