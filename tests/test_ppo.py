@@ -947,6 +947,7 @@ def test_ppo_with_bfloat16_engines(ray_cluster, test_config, policy_dir, rm_dir,
     for h in result.history:
         assert h["sync_bytes"] * 2 == float32_bytes
         assert 1e-3 < h["drift"] <= h["drift_limit"] == 0.5
+        assert h["behaviour_logprob_gap"] > 1e-4  # bfloat16 samples are off-policy for the float32 learner
     assert [h["policy_version"] for h in result.history] == [1, 2] and np.isfinite(result.gold_after)
 
 
