@@ -76,26 +76,31 @@ def sync_benchmark(cfg, hidden: int, layers: int, workers: int, repeats: int = 5
     pool = driver.RolloutPool(model_dir, cfg.rollout, seed=0)
     pool.set_num_workers(workers)
     pool.wait_ready()
-    n = ray.get(learner.num_buckets.remote(cfg.rollout.weight_bucket_mib << 20), timeout=600)
+    engine_info = ray.get(pool.workers[0].sync_info.remote(), timeout=600)
+    dtype = engine_info["wire_dtype"]  # as run_ppo sends them
+    n = ray.get(learner.num_buckets.remote(cfg.rollout.weight_bucket_mib << 20, dtype), timeout=600)
     walls, engine, fetch = [], [], []
     for v in range(1, repeats + 1):
         t = time.perf_counter()
-        refs = learner.weight_buckets.options(num_returns=n).remote(cfg.rollout.weight_bucket_mib << 20, copy=False)
+        refs = learner.weight_buckets.options(num_returns=n).remote(cfg.rollout.weight_bucket_mib << 20, copy=False,
+                                                                    dtype=dtype)
         infos = ray.get(pool.sync(refs, v), timeout=600)
         walls.append(time.perf_counter() - t)
         engine.append(max(i["seconds"] for i in infos))
         fetch.append(max(i["fetch_seconds"] for i in infos))
         nbytes, mode = infos[0]["bytes"], infos[0]["mode"]
-    pool.attach_shared_weights(learner, required=True)
-    shm_walls, writes, synced = [], [], []
-    for v in range(repeats + 1, 2 * repeats + 1):
+    shm_walls, writes, synced, shm_bytes = [], [], [], 0
+    if engine_info["dtype"] == "float32":  # shared memory holds float32 weights
+        pool.attach_shared_weights(learner, required=True)
+    for v in range(repeats + 1, 2 * repeats + 1) if pool.shared is not None else ():
         t = time.perf_counter()
         synced = pool.sync_shared(learner.write_shared_weights.remote(pool.shared, v % 2, *synced), v, v % 2)
         infos = ray.get(synced, timeout=600)
         shm_walls.append(time.perf_counter() - t)
         writes.append(infos[0]["write_seconds"])
         shm_bytes = infos[0]["bytes"]
-    ray.get(learner.close_shared_weights.remote(pool.shared), timeout=60)
+    if pool.shared is not None:
+        ray.get(learner.close_shared_weights.remote(pool.shared), timeout=60)
     pool.shutdown()
     ray.kill(learner)
     src = np.ones(nbytes // 4, np.float32)
@@ -108,9 +113,9 @@ def sync_benchmark(cfg, hidden: int, layers: int, workers: int, repeats: int = 5
     gb = nbytes / 1e9
     return {"model_mib": nbytes / 2**20, "buckets": n, "workers": workers,
             "sync_wall_s_per_gb": min(walls) / gb, "engine_load_s_per_gb": min(engine) / gb,
-            "fetch_s_per_gb": min(fetch) / gb, "mode": mode,
-            "shm_wall_s_per_gb": min(shm_walls) / (shm_bytes / 1e9),
-            "shm_write_s_per_gb": min(writes) / (shm_bytes / 1e9),
+            "fetch_s_per_gb": min(fetch) / gb, "mode": mode, "dtype": dtype,
+            "shm_wall_s_per_gb": min(shm_walls) / (shm_bytes / 1e9) if shm_bytes else None,
+            "shm_write_s_per_gb": min(writes) / (shm_bytes / 1e9) if shm_bytes else None,
             "memcpy_s_per_gb": min(copies) / gb}
 
 
@@ -173,7 +178,11 @@ def main(argv=None) -> int:
               f"engine(s): {s['sync_wall_s_per_gb']:.2f} s/GB end to end (export + object store + reload), "
               f"engine reload {s['engine_load_s_per_gb']:.2f} s/GB; memcpy {s['memcpy_s_per_gb']:.3f} s/GB "
               f"({s['sync_wall_s_per_gb'] / s['memcpy_s_per_gb']:.1f}x; of which the engine's wait for "
-              f"the learner's export + object store {s['fetch_s_per_gb']:.2f} s/GB), sync mode {s['mode']}")
+              f"the learner's export + object store {s['fetch_s_per_gb']:.2f} s/GB), sync mode {s['mode']}, "
+              f"{s['dtype']} weights")
+        if s["shm_wall_s_per_gb"] is None:
+            print(f"weight sync through shared memory: not for {s['dtype']} engines (it holds float32 weights)")
+            return 0
         print(f"weight sync through shared memory, same policy -> {s['workers']} engine(s): "
               f"{s['shm_wall_s_per_gb']:.3f} s/GB end to end (learner's write {s['shm_write_s_per_gb']:.3f} s/GB + "
               f"every engine's switch of slot); memcpy {s['memcpy_s_per_gb']:.3f} s/GB "

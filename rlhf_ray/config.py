@@ -176,8 +176,9 @@ class RolloutConfig:
     # shares the engine's GPU.
     gpu_memory_utilization: float = 0.9
     # The dtype the engines compute in: "auto" = float32 on CPU, vLLM's choice on GPUs (the checkpoint's
-    # 16-bit dtype, float16 for a float32 checkpoint). A 16-bit engine takes its weight syncs in its
-    # own dtype (half the bytes of float32; the same weights once it has rounded them).
+    # 16-bit dtype; for a float32 checkpoint bfloat16 on Ampere and newer GPUs, float16 on older ones).
+    # A 16-bit engine takes its weight syncs in its own dtype (half the bytes of float32; the same
+    # weights once it has rounded them).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Weight sync: the policy goes to the engines in buckets of at most this size (one object each).
     weight_bucket_mib: int = 64
@@ -185,7 +186,8 @@ class RolloutConfig:
     # after a weight sync before failing loudly; 0 = by the engines' dtype: 1e-3 for float32 (they
     # agree to ~1e-6), 0.05 for float16, 0.5 for bfloat16 (~10x the largest drift measured with the
     # learner's own weights: 4.5e-3 and 5.1e-2 on CPU at 2-28M parameters; raise it where a larger
-    # 16-bit model differs from the float32 learner by more).
+    # 16-bit model differs from the float32 learner by more). In 16 bits the check catches wrong or
+    # unloaded weights, not an engine a version or a few behind (the version stamps catch a missed sync).
     max_logprob_drift: float = 0.0
     async_one_step_off: bool = False
     # CPU engines: keep vLLM's linear layers on plain weights (torch.nn.functional.linear) so that a

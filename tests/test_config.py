@@ -37,6 +37,8 @@ def test_defaults_and_overrides(tmp_path):
     ("serve.batch_wait_timeout_s=-1", "serve.batch_wait_timeout_s: must be >= 0, got -1.0"),
     ("serve.target_ongoing_requests=0", "serve.target_ongoing_requests: must be > 0, got 0.0"),
     ("rollout.cpus_per_worker=-1", "rollout.cpus_per_worker: must be >= 0, got -1.0"),
+    ("rollout.max_logprob_drift=-1e-3", "rollout.max_logprob_drift: must be >= 0, got -0.001"),
+    ("rollout.dtype=fp8", "rollout.dtype: 'fp8' is not one of ['auto', 'float32', 'bfloat16', 'float16']"),
     ("rm.max_length=129", "rm.max_length: 129 tokens exceed the embedded model's model.max_positions=128"),
     ("rollout.gpus_per_worker=0.5", "rollout.gpu_memory_utilization: 0.9 of a GPU per engine, but "
                                     "rollout.gpus_per_worker=0.5"),
@@ -45,6 +47,13 @@ def test_errors_name_the_field(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert needle in str(e.value)
+
+
+def test_rollout_dtype_and_drift_limit_defaults():
+    rc = load_config(None, []).rollout
+    assert (rc.dtype, rc.max_logprob_drift) == ("auto", 0.0)  # 0: the limit follows the engines' dtype
+    rc = load_config(None, ["rollout.dtype=bfloat16", "rollout.max_logprob_drift=0.2"]).rollout
+    assert (rc.dtype, rc.max_logprob_drift) == ("bfloat16", 0.2)
 
 
 def test_rm_max_length_is_only_bounded_for_the_embedded_model():

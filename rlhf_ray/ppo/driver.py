@@ -150,7 +150,8 @@ class RolloutPool:
         elif any(i["device"] != "cpu" for i in infos):
             why = "the engines run on GPUs"
         elif any(i["dtype"] != "float32" for i in infos):
-            why = f"the engines compute in {infos[0]['dtype']} (shared memory holds float32 weights)"
+            dtypes = "/".join(sorted({i["dtype"] for i in infos} - {"float32"}))
+            why = f"the engines compute in {dtypes} (shared memory holds float32 weights)"
         elif any(i["mode"] != "in_place" for i in infos):
             why = ("the engines keep packed weights (rollout.cpu_plain_weights=false, or engines in their own "
                    "process: VLLM_ENABLE_V1_MULTIPROCESSING=1)")
@@ -672,9 +673,10 @@ def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None,
                 hint = ("" if dtype == "float32" else f" (the engine computes in {dtype}: even with the learner's "
                         f"weights its logprobs differ from the float32 learner's; if this is that noise, not "
                         f"wrong weights, set rollout.max_logprob_drift above it)")
+                limit = (f"rollout.max_logprob_drift={max_drift:g}" if rc.max_logprob_drift > 0 else
+                         f"{max_drift:g} (rollout.max_logprob_drift=0: the limit for {dtype} engines)")
                 raise WeightSyncError(f"iteration {it + 1}: rollout worker {checked} logprobs differ from the "
-                                      f"learner's by {drift:.3g} > rollout.max_logprob_drift={max_drift:g} "
-                                      f"after syncing version {version}{hint}")
+                                      f"learner's by {drift:.3g} > {limit} after syncing version {version}{hint}")
 
             # ---- held-out evaluation of the new weights
             evaluation = evaluate() if last or (eval_every and (it + 1) % eval_every == 0) else {}

@@ -4,7 +4,9 @@ safetensors-bytes form used across process boundaries, and the post-sync logprob
 Buckets are plain ``dict[str, np.ndarray]`` (C-contiguous) so that ``ray.put`` stores them zero-copy
 and every rollout worker reads the same shared-memory copy. Floating weights travel in a "wire dtype":
 float32 by default, or the 16-bit dtype a vLLM engine computes in (it rounds float32 weights to that
-dtype as it loads them, so sending them already rounded gives it the same bits for half the bytes).
+dtype as it loads them, so sending them already rounded gives it the same bits for half the bytes; this
+holds where its loader copies weights, as for Llama-style models; an engine keeping some parameters
+in float32, e.g. a Mamba layer's A_log, asks for float32, see ``vllm_ext.weight_wire_dtype``).
 numpy has no bfloat16: a bfloat16 weight travels as its bit pattern in a ``uint16`` array, and
 :func:`as_torch` turns it back (no LLM checkpoint has uint16 weights of its own).
 
