@@ -57,6 +57,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
         kwargs["address"] = address
     else:
         kwargs.update({k: v for k, v in (("num_cpus", num_cpus), ("num_gpus", num_gpus)) if v is not None})
+        # A local cluster started here has no dashboard to show metrics, so Ray's metrics pipeline
+        # stays off. Its exporter thread once crashed a vLLM actor during start-up here (SIGSEGV in
+        # opentelemetry's metric collection); Ray has known races between that thread and processes
+        # that set environment variables, as vLLM does (ray-project/ray#61281, #62028).
+        kwargs["_system_config"] = {"enable_metrics_collection": False}
     if quiet:
         kwargs["logging_level"] = "warning"
     ray.init(**kwargs)
