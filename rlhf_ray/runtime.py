@@ -29,7 +29,8 @@ def quiet_libraries() -> None:
 # Loggers of Ray internals that only produce noise in a dashboard-less cluster: Ray Train's placement
 # group cleaner asks the State API (served by the dashboard) whether the controller lives, once a
 # second, and warns on every failure; without the dashboard it fails every time.
-_QUIET_WORKER_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+_QUIET_WORKER_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
+                         "ray.data")  # Ray Data: "execution finished", "progress bars disabled" per dataset read
 
 
 def worker_setup() -> None:

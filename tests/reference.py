@@ -15,3 +15,9 @@ def rm_rewards(model, tokenizer, prompts: list[str], responses: list[str], max_l
         ids, mask, _ = encode_texts(tokenizer, [rm_text(p, r)], max_length)
         out.append(float(model(input_ids=ids, attention_mask=mask).logits[0, 0]))
     return out
+
+
+# A chat template for the embedded tokenizer (which has none) that writes BOS itself and ends every turn
+# with EOS, as many real templates do (Llama-2's writes BOS, ChatML ends turns with its EOS <|im_end|>).
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }}{{ eos_token }}\n"
+                 "{% endfor %}{% if add_generation_prompt %}assistant :{% endif %}")

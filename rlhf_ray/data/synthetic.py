@@ -45,10 +45,27 @@ def make_prompt(product: str) -> str:
     return f"review of the {product} :"
 
 
-def product_of(prompt: str) -> str | None:
-    for word in prompt.split():
-        if word in PRODUCTS:
-            return word
+def chat_prompt(product: str) -> list[dict]:
+    """The task's prompt for a chat model: one user message."""
+    return [{"role": "user", "content": f"Write a short review of the {product}."}]
+
+
+def as_chat(record: dict) -> dict:
+    """A plain preference record ``{"prompt", "responses", "best"}`` as a chat record: the prompt as a
+    user message, each response as the assistant's turn (a string)."""
+    return {**record, "prompt": chat_prompt(product_of(record["prompt"]))}
+
+
+def _text(x) -> str:
+    """Plain text, or the contents of a chat's messages."""
+    return x if isinstance(x, str) else " ".join(m.get("content", "") for m in x)
+
+
+def product_of(prompt) -> str | None:
+    """The product a prompt (text or chat) asks about."""
+    for word in _text(prompt).replace(".", " ").replace(":", " ").replace("?", " ").split():
+        if word.lower() in PRODUCTS:
+            return word.lower()
     return None
 
 
@@ -81,6 +98,12 @@ def gold_breakdown(prompt: str, response: str) -> GoldBreakdown:
 
 def gold_reward(prompt: str, response: str) -> float:
     return gold_breakdown(prompt, response).score
+
+
+def gold(prompts: list, completions: list, **kwargs) -> list[float]:
+    """The gold reward as a reward function (TRL's convention: prompts and completions as text or
+    messages, extra columns ignored). PPO evaluates the synthetic task's held-out samples with it."""
+    return [gold_reward(_text(p), _text(c)) for p, c in zip(prompts, completions)]
 
 
 def sample_response(rng: random.Random, product: str, p_positive: float | None = None,

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from rlhf_ray.config import ConfigError, RMConfig
+from rlhf_ray.data.files import DataError
 from rlhf_ray.reward.train import STATE_FILE, ray_train_loop
 
 
@@ -44,9 +45,38 @@ def rm_resume_point(rm: RMConfig) -> tuple[Path | None, dict | None]:
     return ckpt, state
 
 
+def check_renderable(records: list[dict], tokenizer_dir: str | Path, chat_template: str, where: str) -> None:
+    """Fail on the driver (DataError naming ``where``) when the first chat record cannot be rendered:
+    no chat template for it."""
+    from transformers import AutoTokenizer
+
+    from rlhf_ray.data.chat import ChatRenderer, is_chat
+
+    first = next((r for r in records if is_chat(r["prompt"])), None)
+    if first is None:
+        return
+    try:
+        ChatRenderer(AutoTokenizer.from_pretrained(str(tokenizer_dir)), chat_template).pair_text(
+            first["prompt"], first["responses"][0])
+    except ValueError as e:
+        raise DataError(f"{where}: {e}") from None
+
+
+def record_datasets(records: dict[str, list[dict]]) -> dict:
+    """Ray Data datasets of validated records (name -> records), one JSON string per row, in order.
+    Ray Train hands them to every worker whole (``get_dataset_shard``), so no worker reads a path:
+    the output directory needs no shared storage, and each worker takes its share of every epoch."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()  # the datasets carry it to the workers
+    ctx.enable_progress_bars = ctx.enable_operator_progress_bars = ctx.print_on_execution_start = False
+    return {name: ray.data.from_items([{"record": json.dumps(r)} for r in recs]) for name, recs in records.items()}
+
+
 def train_rm(rm: RMConfig, init_dir: str | Path, train_path: Path, eval_path: Path,
              metrics_path: Path | None = None, name: str | None = None,
-             storage_path: str | None = None) -> RMTrainResult:
+             storage_path: str | None = None, chat_template: str = "auto") -> RMTrainResult:
+    """``chat_template``: ``auto``, ``none`` or Jinja source (``rlhf_ray.data.chat.resolve_chat_template``)."""
     resume_dir, _ = rm_resume_point(rm)  # before Ray: a bad rm.resume_from fails here, naming the field
     rm = replace(rm, resume_from=str(resume_dir or ""))
 
@@ -67,13 +97,26 @@ def train_rm(rm: RMConfig, init_dir: str | Path, train_path: Path, eval_path: Pa
     storage = storage_path or rm.storage_path or "runs/rm"
     if "://" not in storage:
         storage = str(Path(storage).resolve())
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
+
+    from rlhf_ray.data.preferences import read_preferences
+
+    # Local files are read here, remote URIs (s3://, gs://, ...) with Ray Data; both checked record by record.
+    records = {"train": read_preferences(str(train_path)), "eval": read_preferences(str(eval_path))}
+    init = str(Path(init_dir).resolve()) if Path(init_dir).exists() else str(init_dir)
+    for split, path in (("train", train_path), ("eval", eval_path)):
+        check_renderable(records[split], resume_dir or init, chat_template, str(path))
+    datasets = record_datasets(records)
     trainer = TorchTrainer(
         ray_train_loop,
         train_loop_config={
-            "rm": asdict(rm), "init_dir": str(Path(init_dir).resolve()) if Path(init_dir).exists() else str(init_dir),
-            "train_path": str(Path(train_path).resolve()), "eval_path": str(Path(eval_path).resolve()),
+            "rm": asdict(rm), "init_dir": init, "chat_template": chat_template,
             "metrics_path": str(Path(metrics_path).resolve()) if metrics_path else None,
         },
+        # Not split by Ray Data: streaming_split(equal=True) would drop a remainder of records.
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
         scaling_config=ScalingConfig(num_workers=rm.num_workers, use_gpu=rm.use_gpu,
                                      resources_per_worker={"CPU": rm.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=storage,

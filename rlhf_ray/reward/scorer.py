@@ -1,8 +1,9 @@
 """Scoring with a saved reward model, in-process (no Ray): what the RM service and PPO call.
 
 For a prompt x with candidates y_1..y_K the RM gives rewards R(x, y_i) and the listwise model
-P(y_i | x) = softmax_i R(x, y_i) (``rlhf_ray.ops.listwise_probs``). Inputs longer than
-``max_length`` tokens are cut by the training rule (``encode_texts``: BOS, then the last tokens,
+P(y_i | x) = softmax_i R(x, y_i) (``rlhf_ray.ops.listwise_probs``). A prompt is text or a chat
+(messages), rendered as in training (``rlhf_ray.data.chat``: the same token ids). Inputs longer than
+``max_length`` tokens are cut by the training rule (``pad_sequences``: BOS, then the last tokens,
 which end in EOS: the response is kept, the start of the prompt goes) and flagged as truncated.
 """
 
@@ -16,10 +17,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from rlhf_ray.data.preferences import encode_texts, rm_text
+from rlhf_ray.data.chat import ChatRenderer, Completion, Prompt
+from rlhf_ray.data.preferences import pad_sequences
 from rlhf_ray.ops import listwise_probs
 
-Group = tuple[str, list[str]]  # (prompt, candidate responses)
+Group = tuple[Prompt, list[Completion]]  # (prompt, candidate responses)
 
 
 class GroupScore(NamedTuple):
@@ -85,18 +87,20 @@ def group_scores(rewards: np.ndarray, truncated: np.ndarray, sizes: list[int]) -
 
 
 class RewardScorer:
-    """A saved RM directory (HF format or a Ray Train checkpoint), ready to score text.
+    """A saved RM directory (HF format or a Ray Train checkpoint), ready to score text and chats.
 
-    Loads safetensors only. Not thread-safe: call it from one thread at a time.
+    ``chat_template``: ``auto`` (the checkpoint tokenizer's, which training stored), ``none``, or Jinja
+    source. Loads safetensors only. Not thread-safe: call it from one thread at a time.
     """
 
     def __init__(self, model_dir: str | Path, max_length: int = 64, batch_size: int = 256,
-                 device: str | None = None):
+                 device: str | None = None, chat_template: str = "auto"):
         from rlhf_ray.models.reward import load_reward_model
 
         self.model_dir = Path(model_dir).resolve()
         self.model_version = model_version(self.model_dir)
         self.model, self.tokenizer = load_reward_model(self.model_dir)
+        self.renderer = ChatRenderer(self.tokenizer, chat_template)
         context = getattr(self.model.config, "max_position_embeddings", None)
         if max_length < 2 or (context is not None and max_length > context):
             raise ValueError(f"max_length={max_length}: must be in [2, {context}] (the model's context)")
@@ -104,26 +108,35 @@ class RewardScorer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
 
-    def score_flat(self, prompts: list[str], responses: list[str]) -> FlatScores:
+    def score_flat(self, prompts: list[Prompt], responses: list[Completion]) -> FlatScores:
         """R(x_i, y_i) for aligned lists, and which inputs were truncated."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        texts = [rm_text(p, r) for p, r in zip(prompts, responses)]
-        rewards = np.zeros(len(texts), dtype=np.float32)
-        truncated = np.zeros(len(texts), dtype=bool)
-        # Similar lengths share a forward pass (less padding); characters are a cheap proxy for tokens.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        texts = [self.renderer.pair_text(p, r) for p, r in zip(prompts, responses)]
+        return self.score_ids(self.renderer.texts_ids(texts), [len(t) for t in texts])
+
+    def score_texts(self, texts: list[str]) -> FlatScores:
+        """R of texts already rendered (prompt and response in one string, e.g. from OpenRLHF): tokenized
+        with BOS unless the text holds it, EOS unless it ends in it."""
+        return self.score_ids(self.renderer.texts_ids(list(texts)), [len(t) for t in texts])
+
+    def score_ids(self, seqs: list[list[int]], sizes: list[int] | None = None) -> FlatScores:
+        """R of token id lists (each ending in EOS), cut to max_length by the training rule. Inputs of
+        similar ``sizes`` (default: token counts; the callers pass characters) share a forward pass."""
+        rewards = np.zeros(len(seqs), dtype=np.float32)
+        truncated = np.zeros(len(seqs), dtype=bool)
+        sizes = sizes or [len(s) for s in seqs]
+        order = sorted(range(len(seqs)), key=lambda i: sizes[i])
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
-                chunk = [texts[i] for i in idx]
-                ids, mask, cut = encode_texts(self.tokenizer, chunk, self.max_length)  # (n, L), (n,)
+                ids, mask, cut = pad_sequences([seqs[i] for i in idx], self.renderer, self.max_length)  # (n, L), (n,)
                 logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
                 rewards[idx] = logits[:, 0].float().cpu().numpy()
                 truncated[idx] = cut.numpy()
         return FlatScores(rewards, truncated)
 
-    def score_pairs(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+    def score_pairs(self, prompts: list[Prompt], responses: list[Completion]) -> np.ndarray:
         """Flat rewards, float32 [N], for aligned (prompt, response) lists (PPO's reward)."""
         return self.score_flat(prompts, responses).rewards
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from rlhf_ray.config import RMConfig
-from rlhf_ray.data.preferences import collate, read_jsonl
+from rlhf_ray.data.chat import ChatRenderer
+from rlhf_ray.data.preferences import as_renderer, collate
 from rlhf_ray.models.reward import batch_rewards, init_reward_model, load_reward_model
 from rlhf_ray.ops import expected_calibration_error, listwise_probs, listwise_rm_loss
 
@@ -37,12 +38,14 @@ class EvalMetrics:
 
 @torch.no_grad()
 def evaluate(model, tokenizer, records: list[dict], max_length: int, batch_size: int = 64) -> EvalMetrics:
+    """Held-out metrics; ``tokenizer``: a tokenizer or a ChatRenderer (how chat records render)."""
     was_training, device = model.training, next(model.parameters()).device
+    renderer = as_renderer(tokenizer)
     model.eval()
     losses, hits, pair_hits, pairs, probs_all, labels_all = [], 0, 0, 0, [], []
     for i in range(0, len(records), batch_size):
         chunk = records[i:i + batch_size]
-        batch = collate(chunk, tokenizer, max_length)
+        batch = collate(chunk, renderer, max_length)
         rewards = batch_rewards(model, batch.to(device)).float().cpu()  # (B, Kmax); metrics on CPU
         losses.append(listwise_rm_loss(rewards, batch.valid, batch.best).item() * len(chunk))
         masked = rewards.masked_fill(~batch.valid, -math.inf)
@@ -165,7 +168,8 @@ def rank_loss_scale(world: int, step_records: int) -> float:
 class RMTrainLoop:
     """The listwise RM training loop over one worker's shard; DDP-agnostic.
 
-    ``model`` may be DDP-wrapped (Ray Train) or plain (in-process); ``rank``/``world`` pick the shard.
+    ``model`` may be DDP-wrapped (Ray Train) or plain (in-process); ``rank``/``world`` pick the shard;
+    ``tokenizer`` may be a ChatRenderer (how chat records render; a tokenizer renders with its own template).
     Every record is used once per epoch: rank r's shard is every ``world``-th record of the epoch's
     permutation from r, and every rank takes ceil(largest shard / batch_size) steps (DDP all-reduces on
     each backward, so all ranks must join every step); a shard's last batch may be short or empty.
@@ -173,7 +177,7 @@ class RMTrainLoop:
 
     def __init__(self, cfg: RMConfig, model, tokenizer, train_records: list[dict], rank: int = 0,
                  world: int = 1, log=print):
-        self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
+        self.cfg, self.model, self.renderer = cfg, model, as_renderer(tokenizer)
         self.records, self.rank, self.world, self.log = train_records, rank, world, log
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         if not train_records:
@@ -196,7 +200,7 @@ class RMTrainLoop:
         bs = self.cfg.batch_size
         chunk = shard[step * bs:(step + 1) * bs]
         step_records = sum(step_sizes(self.shard_sizes, bs, step))
-        batch = collate(chunk or self.records[:1], self.tokenizer, self.cfg.max_length).to(device)
+        batch = collate(chunk or self.records[:1], self.renderer, self.cfg.max_length).to(device)
         mean = listwise_rm_loss(batch_rewards(self.model, batch), batch.valid, batch.best)
         if not chunk:
             return mean * 0.0, 0.0, 0
@@ -243,8 +247,19 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
+def dataset_records(name: str) -> list[dict]:
+    """The records Ray Train hands this worker as dataset ``name`` (``get_dataset_shard``): the whole
+    set, in order (see ``launch.record_datasets``); each row holds one record as JSON."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard(name)
+    return [json.loads(row["record"]) for row in shard.iter_rows()]
+
+
 def ray_train_loop(loop_config: dict) -> None:
-    """Per-worker entry point for ``TorchTrainer``: DDP, per-epoch eval, checkpoint, resume."""
+    """Per-worker entry point for ``TorchTrainer``: DDP, per-epoch eval, checkpoint, resume.
+    Records come from Ray Data (datasets "train" and "eval", unsplit: :class:`RMTrainLoop` takes this
+    rank's share, every record once per epoch)."""
     import ray.train
     import ray.train.torch
 
@@ -264,10 +279,12 @@ def ray_train_loop(loop_config: dict) -> None:
     else:
         model, tokenizer = init_reward_model(loop_config["init_dir"], seed=cfg.seed)
         state = {"epoch": -1}
+    renderer = ChatRenderer(tokenizer, loop_config.get("chat_template", "auto"))
+    renderer.apply_to()  # a Jinja template goes into the checkpoint's tokenizer: served the same way
     model = ray.train.torch.prepare_model(model)
-    train_records = read_jsonl(loop_config["train_path"])
-    eval_records = read_jsonl(loop_config["eval_path"]) if rank == 0 else []
-    loop = RMTrainLoop(cfg, model, tokenizer, train_records, rank, world)
+    train_records = dataset_records("train")
+    eval_records = dataset_records("eval") if rank == 0 else []
+    loop = RMTrainLoop(cfg, model, renderer, train_records, rank, world)
     if resume_dir is not None and (resume_dir / OPTIM_FILE).exists():
         loop.optimizer.load_state_dict(torch.load(resume_dir / OPTIM_FILE, weights_only=True))
         if rank == 0:
@@ -280,7 +297,7 @@ def ray_train_loop(loop_config: dict) -> None:
         train_stats = loop.train_epoch(epoch)
         metrics = {"epoch": epoch + 1, **train_stats}
         if rank == 0:
-            ev = evaluate(_unwrap(model), tokenizer, eval_records, cfg.max_length)
+            ev = evaluate(_unwrap(model), renderer, eval_records, cfg.max_length)
             metrics.update({f"eval_{k}": v for k, v in asdict(ev).items()})
             history.append(metrics_log.write(epoch + 1, metrics))
             print(f"[rm] epoch {epoch + 1}/{cfg.epochs} eval loss {ev.loss:.4f} top1 {ev.top1:.3f} "
