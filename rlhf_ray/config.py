@@ -49,9 +49,19 @@ class SFTConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    # Synthetic preference task (see rlhf_ray.data.synthetic) or JSONL files.
-    train_path: str = ""  # empty: generate the synthetic task
+    # Preference data: JSONL, JSON or Parquet files (local, or s3://... / gs://... read with Ray Data), in
+    # the listwise form {prompt, responses, best} or TRL's pairwise ones ({prompt, chosen, rejected},
+    # {chosen, rejected}), plain text or chats. Empty: generate the synthetic task.
+    train_path: str = ""
     eval_path: str = ""
+    # How chat records (lists of {"role", "content"} messages) become text, everywhere: the rollout
+    # engines' prompts, the RM in training, in the service and in PPO scoring. "auto": the tokenizer's
+    # chat template; "none": no template (chat records are refused); or a Jinja template file. Plain-text
+    # records are used as they are.
+    chat_template: str = "auto"
+    # The synthetic task written as chats (the prompt as a user message, each response as the assistant's
+    # turn), for chat models; false: plain text, as the embedded model is trained on.
+    synthetic_chat: bool = False
     num_train: int = 4000
     num_eval: int = 400
     min_k: int = 2
@@ -106,10 +116,37 @@ class ServeConfig:
 
 
 @dataclass(frozen=True)
+class RewardFunctionConfig:
+    # "module:function" in TRL's reward-function convention: called as f(prompts=..., completions=...,
+    # completion_ids=..., **columns) -> list of floats (None: not applicable to that sample).
+    name: str = ""
+    # Weight of its values in the reward (added to the RM score); 0 = computed and logged only.
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class PPOConfig:
     iterations: int = 150
     prompts_per_iteration: int = 64
     max_new_tokens: int = 16
+    # Prompts: a JSONL, JSON or Parquet file (local, or s3://... / gs://... read with Ray Data) of TRL
+    # prompt-only records, {"prompt": text or [messages]} ("messages" is accepted too); other fields
+    # reach the reward functions as columns. Empty: the built-in synthetic task.
+    prompts_path: str = ""
+    # Held-out prompts for evaluation (its first ppo.eval_prompts records; all when 0). Empty with a
+    # prompts_path: the last ppo.eval_prompts prompts of that file are held out (at most a fifth of it).
+    eval_prompts_path: str = ""
+    # Prompts longer than this many tokens (after the chat template) are skipped (and counted in the
+    # log). The engines are sized for max_prompt_tokens + max_new_tokens tokens per sequence.
+    max_prompt_tokens: int = 64
+    # Programmatic rewards added to the RM score: a list of {name: "module:function", weight: w} (TRL's
+    # reward-function convention; a bare "module:function" has weight 1). A module in the working
+    # directory reaches the Ray workers.
+    reward_functions: tuple[RewardFunctionConfig, ...] = ()
+    # A "module:function" (same convention) that scores held-out samples only, logged as eval_reward
+    # beside eval_rm_score. "auto": the synthetic task's gold reward when the prompts are synthetic,
+    # else none; "" = none.
+    eval_reward: str = "auto"
     # Sampling (the exploration knobs). PPO optimises the tempered policy softmax(logits / temperature)
     # that the engines sample from; top_p < 1 truncates sampling to the nucleus, which the learner
     # does not model (the rollout is then slightly off-policy: see behaviour_logprob_gap).
@@ -139,8 +176,9 @@ class PPOConfig:
     whiten_advantages: bool = True
     # Reward for responses cut at max_new_tokens without EOS is the RM score minus this penalty.
     truncation_penalty: float = 0.0
-    # Held-out evaluation (gold and RM reward of samples on a fixed prompt set): every N iterations
-    # (0 = only before and after PPO), on this many prompts. It blocks the iteration it runs in.
+    # Held-out evaluation (eval reward and RM reward of samples on a fixed prompt set): every N
+    # iterations (0 = only before and after PPO), on this many prompts (0 = the whole eval_prompts_path).
+    # It blocks the iteration it runs in.
     eval_every: int = 1
     eval_prompts: int = 64
     # Where PPO's RM scores come from: "in_process" (the scorer actor loads the RM) or "serve" (the
@@ -224,13 +262,13 @@ _POSITIVE = {
     "rm.max_length", "serve.num_replicas", "serve.max_replicas", "serve.max_batch_size",
     "serve.max_responses", "serve.max_chars", "serve.max_prompts", "ppo.iterations",
     "ppo.prompts_per_iteration", "ppo.max_new_tokens", "ppo.epochs", "ppo.minibatch_size",
-    "rollout.num_workers", "rollout.weight_bucket_mib", "ppo.eval_prompts", "model.hidden_size",
+    "rollout.num_workers", "rollout.weight_bucket_mib", "ppo.max_prompt_tokens", "model.hidden_size",
     "model.num_layers", "model.num_heads",
     "model.vocab_size", "model.max_positions", "model.intermediate_size", "rollout.kv_cache_mib",
     "ppo.kl_horizon",
 }
 _NONNEG = {
-    "rm.num_workers", "ppo.eval_every", "ppo.checkpoint_every", "serve.min_replicas", "ppo.beta", "ppo.c1",
+    "rm.num_workers", "ppo.eval_every", "ppo.eval_prompts", "ppo.checkpoint_every", "serve.min_replicas", "ppo.beta", "ppo.c1",
     "ppo.entropy_coef", "ppo.kl_coef",
     "ppo.truncation_penalty", "serve.num_gpus", "rollout.gpus_per_worker", "rm.weight_decay",
     "ppo.value_clip_eps", "ppo.behaviour_weight_cap", "rm.cpus_per_worker", "serve.num_cpus", "rollout.cpus_per_worker",
@@ -299,9 +337,27 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
         typ = hints[key]
         if dataclasses.is_dataclass(typ):
             kwargs[key] = _build(typ, value or {}, name)
+        elif typing.get_origin(typ) is tuple:
+            kwargs[key] = _build_items(typing.get_args(typ)[0], value, name)
         else:
             kwargs[key] = _coerce(name, value, typ)
     return cls(**kwargs)
+
+
+def _build_items(item: type, value: Any, name: str) -> tuple:
+    """A list field of ``item`` dataclasses: each entry a mapping, or a bare string for its first field."""
+    if value in (None, ""):
+        return ()
+    if not isinstance(value, (list, tuple)):
+        value = [value]
+    first = dataclasses.fields(item)[0].name
+    return tuple(_build(item, {first: v} if isinstance(v, str) else v, f"{name}[{i}]") for i, v in enumerate(value))
+
+
+def _check_function_name(field_name: str, value: str) -> None:
+    module, _, function = value.partition(":")
+    if not module or not function.isidentifier():
+        raise ConfigError(f"{field_name}: expected 'module:function' (e.g. 'my_rewards:length_penalty'), got {value!r}")
 
 
 def _check_ranges(cfg: Config) -> None:
@@ -336,6 +392,14 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"rollout.gpu_memory_utilization: {ro.gpu_memory_utilization} of a GPU per engine, but "
                           f"rollout.gpus_per_worker={ro.gpus_per_worker} lets Ray put engines and other actors on "
                           f"one GPU; set it <= {ro.gpus_per_worker}")
+    for i, fn in enumerate(cfg.ppo.reward_functions):
+        _check_function_name(f"ppo.reward_functions[{i}].name", fn.name)
+    if cfg.ppo.eval_reward not in ("", "auto"):
+        _check_function_name("ppo.eval_reward", cfg.ppo.eval_reward)
+    if cfg.model.name_or_path == "embedded" and cfg.ppo.max_prompt_tokens + cfg.ppo.max_new_tokens >= cfg.model.max_positions:
+        raise ConfigError(f"ppo.max_prompt_tokens + ppo.max_new_tokens: {cfg.ppo.max_prompt_tokens} + "
+                          f"{cfg.ppo.max_new_tokens} tokens do not fit the embedded model's "
+                          f"model.max_positions={cfg.model.max_positions} (one token is kept for scoring)")
     for name, v in (("rm.max_failures", cfg.rm.max_failures), ("ppo.max_failures", cfg.ppo.max_failures)):
         if v < -1:
             raise ConfigError(f"{name}: must be >= 0, or -1 for no limit, got {v}")

@@ -9,10 +9,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf_ray.config import Config
+from rlhf_ray.config import Config, ConfigError
 from rlhf_ray.data import synthetic
+from rlhf_ray.data.chat import resolve_chat_template
 from rlhf_ray.data.prepare import prepare_preference_data
-from rlhf_ray.data.preferences import read_jsonl
+from rlhf_ray.data.preferences import read_preferences
 from rlhf_ray.models.embedded import resolve_model
 
 
@@ -35,13 +36,18 @@ def rm_stage(cfg: Config, policy_dir: Path | str, log=print) -> RMStageResult:
 
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    train_path, eval_path = prepare_preference_data(cfg.data, out / "data")
+    try:
+        template = resolve_chat_template(cfg.data.chat_template)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    train_path, eval_path = prepare_preference_data(cfg.data, out / "data", check=False)  # train_rm reads them
     metrics_path = out / "rm" / "metrics.jsonl"
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     log(f"[rm] training on {train_path} ({cfg.rm.num_workers} Ray Train workers, {cfg.rm.epochs} epochs)")
     storage = cfg.rm.storage_path or str(out / "rm" / "ray_runs")
-    result = train_rm(cfg.rm, policy_dir, train_path, eval_path, metrics_path=metrics_path, storage_path=storage)
-    ceiling = synthetic.gold_top1_accuracy(read_jsonl(eval_path)) if not cfg.data.train_path else None
+    result = train_rm(cfg.rm, policy_dir, train_path, eval_path, metrics_path=metrics_path, storage_path=storage,
+                      chat_template=template)
+    ceiling = synthetic.gold_top1_accuracy(read_preferences(eval_path)) if not cfg.data.train_path else None
     summary = {"checkpoint": str(result.checkpoint_dir), **result.metrics, "gold_ceiling_top1": ceiling}
     (out / "rm" / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "rm" / "latest").unlink(missing_ok=True)
@@ -103,13 +109,17 @@ def demo_serve_query(url: str, token_env: str) -> str:
 
 
 def ppo_table(res) -> str:
-    """Held-out gold and RM reward of the policy before and after PPO (res: rlhf_ray.ppo.driver.PPOResult)."""
+    """Held-out eval reward (``ppo.eval_reward``; the synthetic task's gold reward by default) and RM
+    reward of the policy before and after PPO (res: rlhf_ray.ppo.driver.PPOResult)."""
     b, a = res.before, res.after
     last = res.history[-1] if res.history else {}
-    lines = [f"{'held-out prompts':30s} {'before PPO':>11s} {'after PPO':>10s}",
-             f"{'gold reward (hidden)':30s} {b['eval_gold']:+11.3f} {a['eval_gold']:+10.3f}",
-             f"{'RM reward':30s} {b['eval_rm_score']:+11.3f} {a['eval_rm_score']:+10.3f}"]
+    name = f"eval reward ({res.eval_reward_name})" if res.eval_reward_name else ""
+    width = max(30, len(name))
+    lines = [f"{'held-out prompts':{width}s} {'before PPO':>11s} {'after PPO':>10s}"]
+    if name:
+        lines.append(f"{name:{width}s} {b['eval_reward']:+11.3f} {a['eval_reward']:+10.3f}")
+    lines.append(f"{'RM reward':{width}s} {b['eval_rm_score']:+11.3f} {a['eval_rm_score']:+10.3f}")
     if "kl_ref" in last:
-        lines.append(f"{'KL to reference (last batch)':30s} {0.0:11.3f} {last['kl_ref']:10.3f}")
+        lines.append(f"{'KL to reference (last batch)':{width}s} {0.0:11.3f} {last['kl_ref']:10.3f}")
     lines.append(f"PPO took {res.seconds:.0f} s; policy saved to {res.policy_dir}")
     return "\n".join(lines)

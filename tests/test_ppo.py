@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from rlhf_ray.data import synthetic
+from rlhf_ray.data.prompts import load_prompt_task
 from rlhf_ray.ppo.types import Rollout, ScoredRollout
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -63,9 +64,7 @@ def tokenizer(policy_dir):
 def scored(tokenizer):
     ro = make_rollout(tokenizer, PROMPTS, RESPONSES, TRUNCATED)
     scores = np.array([1.0, -0.5, 0.25, 2.0], np.float32)
-    from rlhf_ray.ppo.scoring import gold_rewards
-
-    return ScoredRollout(ro, scores, gold_rewards(ro.prompts, ro.responses), 0.01)
+    return ScoredRollout(ro, scores, scores, 0.01)
 
 
 def ppo_cfg(test_config, **kw):
@@ -90,20 +89,91 @@ def test_merge_pads_to_longest_chunk_and_keeps_oldest_version(tokenizer):
         assert not m.attention_mask[rows, t:].any()
 
 
-def test_scorer_scores_with_the_rm_and_gold_only_for_synthetic_prompts(tokenizer, rm_dir):
+def test_scorer_adds_weighted_reward_functions_to_the_rm_and_evaluates_with_its_own(tokenizer, rm_dir):
+    """Sequence score = R + sum_f w_f f, a None leaving f out of that sample's sum (TRL's nansum); each
+    function's values are kept under rewards/<name>; the held-out summary uses the eval function only."""
     from reference import rm_rewards
 
+    from rlhf_ray.config import RewardFunctionConfig
     from rlhf_ray.models.reward import load_reward_model
     from rlhf_ray.ppo.scoring import RolloutScorer
+    from rlhf_ray.reward.functions import load_eval_function, load_reward_functions
 
     chunks = [make_rollout(tokenizer, PROMPTS[:2], RESPONSES[:2], TRUNCATED[:2]),
               make_rollout(tokenizer, PROMPTS[2:], RESPONSES[2:], TRUNCATED[2:])]
-    out = RolloutScorer(rm_dir).score(*chunks)
+    for c, products in zip(chunks, (["bulb", "blender"], [None, None])):
+        c.columns = [{"product": p} if p else {} for p in products]
+        c.sources = [f"p.jsonl:{i}" for i in range(len(products))]
+    fns = (RewardFunctionConfig("task_rewards:words", 0.5), RewardFunctionConfig("task_rewards:mentions", 2.0),
+           RewardFunctionConfig("task_rewards:token_count", 0.0))
+    scorer = RolloutScorer(rm_dir, reward_functions=load_reward_functions(fns),
+                           eval_function=load_eval_function("rlhf_ray.data.synthetic:gold"))
+    out = scorer.score(*chunks)
     model, tok = load_reward_model(rm_dir)
-    expected = rm_rewards(model, tok, PROMPTS, RESPONSES, max_length=64)
-    np.testing.assert_allclose(out.scores, expected, rtol=1e-5, atol=1e-5)
-    assert out.gold[:3].tolist() == pytest.approx([synthetic.gold_reward(p, r) for p, r in zip(PROMPTS[:3], RESPONSES)])
-    assert np.isnan(out.gold[3])
+    rm = np.array(rm_rewards(model, tok, PROMPTS, RESPONSES, max_length=64), np.float32)
+    np.testing.assert_allclose(out.rm_scores, rm, rtol=1e-5, atol=1e-5)
+    n_words = np.array([5, 10, 3, 2], np.float32)
+    mentions = np.array([1.0, 0.0, np.nan, np.nan], np.float32)  # the last two records have no product
+    np.testing.assert_array_equal(out.function_scores["rewards/words"], n_words)
+    np.testing.assert_array_equal(out.function_scores["rewards/mentions"], mentions)
+    np.testing.assert_array_equal(out.function_scores["rewards/token_count"],
+                                  chunks[0].response_mask.sum(1).tolist() + chunks[1].response_mask.sum(1).tolist())
+    np.testing.assert_allclose(out.scores, rm + 0.5 * n_words + 2.0 * np.nan_to_num(mentions), rtol=1e-6, atol=1e-5)
+    s = scorer.summary(*chunks)
+    gold = [synthetic.gold_reward(p, r) for p, r in zip(PROMPTS, RESPONSES)]
+    assert s["eval_reward"] == pytest.approx(np.mean(gold), abs=1e-9)
+    assert s["rm_score"] == pytest.approx(float(rm.mean()), abs=1e-5)
+    assert np.isnan(RolloutScorer(rm_dir).summary(*chunks)["eval_reward"])  # no eval function: NaN
+
+
+def test_reward_functions_are_called_as_trl_calls_them(tokenizer, rm_dir):
+    """By keyword: prompts, completions (text; an assistant message list for chats), completion_ids and
+    one list per extra column of the prompt records (None where a record lacks it)."""
+    import task_rewards
+
+    from rlhf_ray.ppo.scoring import completion_ids, completions, function_values
+    from rlhf_ray.reward.functions import RewardFunction
+
+    ro = make_rollout(tokenizer, PROMPTS[:2], RESPONSES[:2], TRUNCATED[:2])
+    chat = [{"role": "user", "content": "Write a review of the lamp."}]
+    ro.prompts = [PROMPTS[0], chat]
+    ro.columns, ro.sources = [{"product": "lamp", "id": 7}, {"product": "kettle"}], ["a:1", "a:2"]
+    assert completions(ro) == [RESPONSES[0], [{"role": "assistant", "content": RESPONSES[1]}]]
+    ids = completion_ids(ro)
+    assert ids[0] == tokenizer(" " + RESPONSES[0], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    task_rewards.seen_columns.calls.clear()
+    function_values(RewardFunction("task_rewards:seen_columns", 1.0, task_rewards.seen_columns), ro)
+    assert task_rewards.seen_columns.calls == [["id", "product"]]  # beside prompts, completions, completion_ids
+    got = {}
+
+    def spy(prompts, completions, completion_ids, **columns):
+        got.update(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        return [1.0, None]
+
+    values = function_values(RewardFunction("x:spy", 1.0, spy), ro)
+    assert got == {"prompts": [PROMPTS[0], chat], "completions": completions(ro), "completion_ids": ids,
+                   "product": ["lamp", "kettle"], "id": [7, None]}
+    assert values[0] == 1.0 and np.isnan(values[1])
+
+
+@pytest.mark.parametrize("name, message", [
+    ("fails_on_once", "reward function task_rewards:fails_on_once raised ValueError: cannot score stories on sample 3 "
+                      "(prompt record p.jsonl:4: 'tell me a story')"),
+    ("too_few", "reward function task_rewards:too_few returned 3 values for 4 samples"),
+    ("not_a_number", "reward function task_rewards:not_a_number returned 'high' for sample 0 (prompt record "
+                     "p.jsonl:1); expected a finite number or None"),
+])
+def test_a_failing_reward_function_names_itself_and_the_record(tokenizer, rm_dir, name, message):
+    from rlhf_ray.config import RewardFunctionConfig
+    from rlhf_ray.ppo.scoring import RolloutScorer
+    from rlhf_ray.reward.functions import RewardFunctionError, load_reward_functions
+
+    ro = make_rollout(tokenizer, PROMPTS, RESPONSES, TRUNCATED)
+    ro.sources = [f"p.jsonl:{i + 1}" for i in range(4)]
+    fns = load_reward_functions([RewardFunctionConfig(f"task_rewards:{name}")])
+    with pytest.raises(RewardFunctionError) as e:
+        RolloutScorer(rm_dir, reward_functions=fns).score(ro)
+    assert str(e.value) == message
 
 
 # ---- advantage ------------------------------------------------------------------------------------
@@ -443,7 +513,7 @@ def test_a_run_that_does_not_fit_the_cluster_is_a_config_error_that_changes_noth
     cfg = dataclasses.replace(test_config, rollout=dataclasses.replace(test_config.rollout, num_workers=64))
     with pytest.raises(ConfigError, match=r"^rollout.num_workers=64 x rollout.cpus_per_worker=1.0 .* the Ray "
                                           r"cluster has 4"):
-        run_ppo(cfg, "policy", "rm", tmp_path, log=lambda *_: None)
+        run_ppo(cfg, "policy", "rm", tmp_path, log=lambda *_: None, task=load_prompt_task(cfg.ppo))
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 0}\n'
     assert (tmp_path / "checkpoints" / "latest").is_symlink() and (tmp_path / "rollout_workers").exists()
     assert not (tmp_path / "tensorboard").exists()
@@ -457,7 +527,7 @@ def fake_checkpoint(root: Path, reference: Path, seed: int = 0, hidden_size: int
     LlamaConfig(vocab_size=64, hidden_size=hidden_size, num_hidden_layers=1, num_attention_heads=2,
                 intermediate_size=64).save_pretrained(ckpt / "policy")
     (ckpt / "trainer_state.json").write_text(json.dumps({
-        "iteration": 2, "policy_version": 2, "kl_coef": 0.1, "before": {"eval_gold": 0.0}, "seed": seed,
+        "iteration": 2, "policy_version": 2, "kl_coef": 0.1, "before": {"eval_reward": 0.0}, "seed": seed,
         "reference_policy": str(reference), "run_checkpoints": ["iter_000002"]}))
     (ckpt / "metrics.jsonl").write_text("".join(json.dumps({"step": i}) + "\n" for i in range(3)))
     (ckpt.parent / "latest").symlink_to(ckpt.name)
@@ -612,7 +682,8 @@ def test_restart_policy_of_max_failures(test_config, monkeypatch):
         calls.clear()
         attempt(script)
         ppo = dataclasses.replace(test_config.ppo, iterations=10, max_failures=max_failures, resume_from=resume_from)
-        return driver.run_ppo(dataclasses.replace(test_config, ppo=ppo), "p", "r", "o", log=lambda *_: None)
+        return driver.run_ppo(dataclasses.replace(test_config, ppo=ppo), "p", "r", "o", log=lambda *_: None,
+                              task=load_prompt_task(ppo))
 
     assert run_with(2, [2, 6, "done"]) == "done" and calls == ["", "ckpt2", "ckpt6"]
     assert run_with(-1, [1, 2, 3, 4, "done"]) == "done" and len(calls) == 5
@@ -695,8 +766,8 @@ def test_ppo_on_ray(ray_cluster, test_config, policy_dir, rm_dir, tmp_path, monk
     assert len(seen[2]["versions"]) == 2  # the worker added after iteration 2 was synced too
     for i, h in enumerate(result.history):
         assert h["data_version"] == i and h["version_lag"] == 0 and h["drift"] <= h["drift_limit"] == 1e-3
-        assert h["batch_size"] == 16 and np.isfinite([h["gold"], h["rm_score"], h["kl_ref"], h["eval_gold"]]).all()
-    assert result.history[0]["sync_seconds"] > 0 and np.isfinite(result.gold_before) and np.isfinite(result.gold_after)
+        assert h["batch_size"] == 16 and np.isfinite([h["reward"], h["rm_score"], h["kl_ref"], h["eval_reward"]]).all()
+    assert result.history[0]["sync_seconds"] > 0 and np.isfinite(result.eval_reward_before) and np.isfinite(result.eval_reward_after)
     # rollout.weight_sync=auto on one node: the engines read shared memory, removed at the end.
     assert {h["sync_mode"] for h in result.history} == {"shared_memory"}
     # One pair of slot files (the worker added mid-run attaches to it, awaited: its spec comes back).
@@ -759,7 +830,8 @@ def test_ppo_raises_the_gold_reward(ray_cluster, test_config, policy_dir, rm_dir
         rollout=dataclasses.replace(test_config.rollout, num_workers=1))
     result = run_ppo(cfg, policy_dir, rm_dir, tmp_path, log=lambda *_: None, eval_every=0)
     # Measured (seeded): +0.247 -> +0.488. A policy that does not learn stays within ~0.1 of where it began.
-    assert result.gold_after > result.gold_before + 0.15, (result.gold_before, result.gold_after)
+    assert result.eval_reward_after > result.eval_reward_before + 0.15, (result.eval_reward_before,
+                                                                       result.eval_reward_after)
     assert result.after["eval_rm_score"] > result.before["eval_rm_score"]
     assert result.history[-1]["kl_ref"] < 5.0
 
@@ -794,7 +866,7 @@ def test_ppo_one_step_off_on_ray(ray_cluster, test_config, policy_dir, rm_dir, t
     assert result.history[0]["behaviour_weight"] == pytest.approx(1.0, abs=1e-4)
     assert all(h["behaviour_weight"] != pytest.approx(1.0, abs=1e-6) for h in result.history[1:])
     assert all(h["drift"] <= h["drift_limit"] == 1e-3 for h in result.history)
-    assert "eval_gold" not in result.history[0] and np.isfinite(result.gold_after)
+    assert "eval_reward" not in result.history[0] and np.isfinite(result.eval_reward_after)
 
 
 def test_ppo_resumes_from_a_checkpoint_as_if_never_stopped(ray_cluster, test_config, policy_dir, rm_dir, tmp_path):
@@ -826,10 +898,10 @@ def test_ppo_resumes_from_a_checkpoint_as_if_never_stopped(ray_cluster, test_con
     assert [h["iteration"] for h in b.history] == [1, 2, 3, 4]
     assert [h["policy_version"] for h in b.history[2:]] == [3, 4]
     assert [h["data_version"] for h in b.history[2:]] == [2, 3]
-    assert b.gold_before == a.gold_before
+    assert b.eval_reward_before == a.eval_reward_before
     assert len({h["kl_coef"] for h in a.history}) == 4  # it moved at every batch
     for ha, hb in zip(a.history[2:], b.history[2:]):
-        for k in ("gold", "rm_score", "kl_ref", "kl_coef", "policy_loss", "value_loss", "entropy"):
+        for k in ("reward", "rm_score", "kl_ref", "kl_coef", "policy_loss", "value_loss", "entropy"):
             assert hb[k] == pytest.approx(ha[k], rel=1e-4, abs=1e-6), k
     wa, wb = (load_file(str(r.policy_dir / "model.safetensors")) for r in (a, b))
     assert max(float(np.abs(wa[k] - wb[k]).max()) for k in wa) < 1e-5
@@ -862,7 +934,7 @@ def test_ppo_resumes_from_a_checkpoint_as_if_never_stopped(ray_cluster, test_con
     assert any(x.startswith("[ppo] ActorDiedError (RolloutWorker): ") for x in lines), lines
     assert [h["iteration"] for h in c.history] == [1, 2, 3, 4]
     for ha, hc in zip(a.history, c.history):
-        for k in ("gold", "rm_score", "kl_ref", "kl_coef", "policy_loss", "value_loss", "entropy"):
+        for k in ("reward", "rm_score", "kl_ref", "kl_coef", "policy_loss", "value_loss", "entropy"):
             assert hc[k] == pytest.approx(ha[k], rel=1e-4, abs=1e-6), k
     wc = load_file(str(c.policy_dir / "model.safetensors"))
     assert max(float(np.abs(wa[k] - wc[k]).max()) for k in wa) < 1e-5
@@ -883,6 +955,94 @@ def test_ppo_resumes_from_a_checkpoint_as_if_never_stopped(ray_cluster, test_con
     with pytest.raises(ValueError, match=str(bad / "trainer_state.json") + ": not valid JSON"):
         run_ppo(dataclasses.replace(cfg, ppo=dataclasses.replace(ppo, resume_from=str(bad))),
                 policy_dir, rm_dir, tmp_path / "c")
+
+
+def test_ppo_on_a_users_prompt_file_with_chats_and_reward_functions(ray_cluster, test_config, policy_dir, rm_dir,
+                                                                    tmp_path):
+    """A user's task end to end on Ray: a JSONL prompt file (chats rendered by a Jinja template, and
+    plain text) with a column the reward functions read, a held-out file, programmatic rewards from a
+    module outside the package (shipped to the scorer actor), an eval function. The iterations draw
+    the prompt stream's batches; a run resumed from iteration 2's checkpoint draws the same prompts for
+    iterations 3 and 4 (none repeated or skipped) and the same metrics."""
+    import ray
+    from reference import CHAT_TEMPLATE
+
+    from rlhf_ray.config import RewardFunctionConfig
+    from rlhf_ray.data.prompts import PromptStream, read_prompts
+    from rlhf_ray.ppo.driver import run_ppo
+
+    products = sorted(synthetic.PRODUCTS)
+    lines = [json.dumps({"prompt": [{"role": "user", "content": synthetic.make_prompt(p)}] if i % 2 else
+                         synthetic.make_prompt(p), "product": synthetic.PRODUCTS[p][0]})
+             for i, p in enumerate(products + products[:4])]
+    (tmp_path / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "held.jsonl").write_text("\n".join(lines[:4]) + "\n")
+    (tmp_path / "chat.jinja").write_text(CHAT_TEMPLATE)
+    ppo = ppo_cfg(test_config, iterations=4, prompts_per_iteration=8, max_new_tokens=8, minibatch_size=8,
+                  checkpoint_every=2, eval_every=2, prompts_path=str(tmp_path / "prompts.jsonl"),
+                  eval_prompts_path=str(tmp_path / "held.jsonl"), eval_prompts=0,
+                  reward_functions=(RewardFunctionConfig("task_rewards:mentions", 1.0),
+                                    RewardFunctionConfig("task_rewards:words", 0.0)),
+                  eval_reward="rlhf_ray.data.synthetic:gold")
+    cfg = dataclasses.replace(test_config, ppo=ppo, data=dataclasses.replace(
+        test_config.data, chat_template=str(tmp_path / "chat.jinja")),
+        rollout=dataclasses.replace(test_config.rollout, num_workers=2))
+    seen: dict[str, list] = {"a": [], "b": []}
+
+    def recorder(run):
+        def on_iteration(m, ctx):
+            seen[run].append(ray.get(ctx.scored, timeout=60).rollout.prompts)
+        return on_iteration
+
+    log = []
+    a = run_ppo(cfg, policy_dir, rm_dir, tmp_path / "a", log=log.append, on_iteration=recorder("a"))
+    assert any(f"12 training prompts from {tmp_path / 'prompts.jsonl'} (6 chats), 4 held-out prompts" in x
+               for x in log), log
+    stream = PromptStream(read_prompts(str(tmp_path / "prompts.jsonl")), 8, ppo.seed)
+    assert seen["a"] == [[r.prompt for r in stream.batch(it)] for it in range(4)]
+    assert sorted(map(json.dumps, seen["a"][0] + seen["a"][1][:4])) == sorted(
+        json.dumps(json.loads(x)["prompt"]) for x in lines)  # the first epoch: every prompt once
+    for h in a.history:
+        assert set(h) >= {"rewards/mentions", "rewards/words"} and ("eval_reward" in h) == (h["iteration"] % 2 == 0)
+        assert 0.0 <= h["rewards/mentions"] <= 1.0 and 1.0 <= h["rewards/words"] <= 9.0
+        # reward = RM + 1.0 x mentions (every record has a product; words has weight 0)
+        assert h["reward"] == pytest.approx(h["rm_score"] + h["rewards/mentions"], abs=1e-5)
+    gold_before = a.eval_reward_before
+    assert a.eval_reward_name == "rlhf_ray.data.synthetic:gold" and -1.5 <= gold_before <= 1.5
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(a.policy_dir).chat_template == CHAT_TEMPLATE
+
+    resumed = dataclasses.replace(cfg, ppo=dataclasses.replace(
+        ppo, resume_from=str(tmp_path / "a" / "checkpoints" / "iter_000002")))
+    b = run_ppo(resumed, policy_dir, rm_dir, tmp_path / "b", log=lambda *_: None, on_iteration=recorder("b"))
+    assert seen["b"] == seen["a"][2:]
+    for ha, hb in zip(a.history[2:], b.history[2:]):
+        for k in ("reward", "rm_score", "rewards/mentions", "kl_ref", "policy_loss"):
+            assert hb[k] == pytest.approx(ha[k], rel=1e-4, abs=1e-6), k
+
+
+def test_a_bad_prompt_file_or_reward_function_stops_the_cli_before_ray(policy_dir, rm_dir, tmp_path, capsys):
+    """Checked in the driver before Ray starts, exit status 2, naming the file and line or the field."""
+    import time
+
+    from rlhf_ray.cli import main
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
+    base = [f"--policy={policy_dir}", f"--rm-checkpoint={rm_dir}", f"output_dir={tmp_path / 'out'}"]
+    t = time.perf_counter()
+    assert main(["ppo", *base, f"ppo.prompts_path={tmp_path / 'p.jsonl'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"rlhf-ray ppo: {tmp_path / 'p.jsonl'}:2: field 'prompt' must be a string or a non-empty list" in err
+    assert main(["ppo", *base, "ppo.reward_functions=[no_such_module:f]"]) == 2
+    err = capsys.readouterr().err
+    assert "ppo.reward_functions[0].name: cannot import module 'no_such_module'" in err
+    assert main(["ppo", *base, "ppo.reward_functions=[task_rewards:nope]"]) == 2
+    assert "has no function 'nope'" in capsys.readouterr().err
+    assert main(["ppo", *base, "ppo.max_prompt_tokens=120"]) == 2
+    assert "ppo.max_prompt_tokens + ppo.max_new_tokens: 120 + 16 tokens do not fit" in capsys.readouterr().err
+    assert time.perf_counter() - t < 30  # no Ray start (4-7 s each) among them
+    assert not (tmp_path / "out" / "ppo").exists()
 
 
 def test_engines_resumed_at_an_odd_version_read_the_slot_the_next_write_spares(ray_cluster, test_config, policy_dir):
@@ -948,7 +1108,7 @@ def test_ppo_with_bfloat16_engines(ray_cluster, test_config, policy_dir, rm_dir,
         assert h["sync_bytes"] * 2 == float32_bytes
         assert 1e-3 < h["drift"] <= h["drift_limit"] == 0.5
         assert h["behaviour_logprob_gap"] > 1e-4  # bfloat16 samples are off-policy for the float32 learner
-    assert [h["policy_version"] for h in result.history] == [1, 2] and np.isfinite(result.gold_after)
+    assert [h["policy_version"] for h in result.history] == [1, 2] and np.isfinite(result.eval_reward_after)
 
 
 def test_drift_past_the_threshold_stops_the_run_loudly(ray_cluster, test_config, policy_dir, rm_dir, tmp_path):
@@ -992,7 +1152,7 @@ def test_cli_ppo_runs_and_resumes(ray_cluster, policy_dir, rm_dir, tmp_path, cap
             "ppo.checkpoint_every=1", "rollout.num_workers=1"]
     assert main([*args, "ppo.iterations=2"]) == 0
     out = capsys.readouterr().out
-    assert "gold reward (hidden)" in out and f"policy saved to {tmp_path / 'ppo' / 'policy'}" in out
+    assert "eval reward (rlhf_ray.data.synthetic:gold)" in out and f"policy saved to {tmp_path / 'ppo' / 'policy'}" in out
     rows = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if "iteration" in r] == [1, 2]
     assert (tmp_path / "ppo" / "ppo.png").stat().st_size > 10_000

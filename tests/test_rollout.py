@@ -738,3 +738,80 @@ def test_two_ray_workers_one_object_ref(ray_cluster, policy_dir, test_config, sf
         for w in workers:
             ray.kill(w)
 
+
+
+# ---- engines sized by the job; chat prompts ---------------------------------------------------------
+
+SMOLLM2_SHAPE = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+                 "hidden_size": 576, "max_position_embeddings": 8192}
+
+
+def test_engines_are_sized_by_the_job_and_a_small_kv_cache_is_our_config_error(test_config):
+    """max_model_len = ppo.max_prompt_tokens + ppo.max_new_tokens (+1 for the drift check's scoring);
+    a CPU KV cache that cannot hold one such sequence (vLLM's own start-up check) is refused first,
+    naming rollout.kv_cache_mib and the size needed: SmolLM2-135M in float32 takes 2 x 30 layers x 3 KV
+    heads x 64 x 4 bytes = 46080 bytes per token."""
+    from rlhf_ray.config import ConfigError
+    from rlhf_ray.ppo.rollout import check_engine_fit, engine_args, kv_bytes_per_token
+
+    rc = test_config.rollout
+    assert kv_bytes_per_token(SMOLLM2_SHAPE) == 46080 and kv_bytes_per_token(SMOLLM2_SHAPE, "bfloat16") == 23040
+    assert check_engine_fit(SMOLLM2_SHAPE, 256, 64, rc, on_gpu=False) == 321  # 321 -> 11 blocks of 32: 15.5 MiB
+    with pytest.raises(ConfigError) as e:
+        check_engine_fit(SMOLLM2_SHAPE, 2048, 64, rc, on_gpu=False)
+    # 2113 tokens -> 67 blocks of 32 = 2144 tokens x 46080 bytes = 94.2 MiB
+    assert str(e.value) == ("rollout.kv_cache_mib=64: an engine needs at least 95 MiB of KV cache for one sequence "
+                            "of ppo.max_prompt_tokens + ppo.max_new_tokens = 2112 tokens (46080 bytes per token in "
+                            "float32); raise it, or lower those")
+    assert check_engine_fit(SMOLLM2_SHAPE, 2048, 64, dataclasses.replace(rc, kv_cache_mib=95), on_gpu=False) == 2113
+    assert check_engine_fit(SMOLLM2_SHAPE, 2048, 64, rc, on_gpu=True) == 2113  # GPUs: vLLM sizes its cache
+    with pytest.raises(ConfigError, match="8192 tokens"):
+        check_engine_fit(SMOLLM2_SHAPE, 8192, 64, rc, on_gpu=True)
+    assert engine_args("m", rc, 0, 0, "cpu", max_model_len=81)["max_model_len"] == 81
+    assert "max_model_len" not in engine_args("m", rc, 0, 0, "cpu")
+
+
+def test_chat_prompts_through_the_template_with_its_stop_token(policy_dir, test_config, sft_model):
+    """A rollout worker with a chat template: chat prompts are rendered with the generation prompt (one
+    BOS, from the template), plain and chat prompts mix in one chunk, columns and sources travel with
+    the rollout, a response ends at the template's end-of-turn token (here <pad>, neither EOS nor in
+    generation_config) and the engine's logprobs still match transformers'."""
+    from reference import CHAT_TEMPLATE
+
+    from rlhf_ray.data.chat import ChatRenderer
+    from rlhf_ray.data.prompts import PromptRecord
+    from rlhf_ray.ppo.rollout import RolloutWorker
+
+    template = CHAT_TEMPLATE.replace("{{ eos_token }}", "<pad>")
+    threads = torch.get_num_threads()
+    w = RolloutWorker(str(policy_dir), test_config.rollout, worker_id=1, seed=0, max_model_len=81,
+                      chat_template=template)
+    try:
+        assert w.max_model_len == 81 and w.stop_token_ids == [w.tokenizer.pad_token_id]
+        chat = [{"role": "user", "content": "review of the lamp :"}]
+        prompts = [PromptRecord(chat, {"product": "lamp"}, "p.jsonl:1"), "review of the kettle :",
+                   PromptRecord("review of the chair :", {}, "p.jsonl:3")]
+        ro = w.generate(prompts, max_new_tokens=12, temperature=1.0, top_p=1.0, seed=0)
+        renderer = ChatRenderer(w.tokenizer, template)
+        for b, p in enumerate([chat, "review of the kettle :", "review of the chair :"]):
+            want = renderer.prompt_ids(p)
+            assert ro.input_ids[b, :len(want)].tolist() == want and not ro.response_mask[b, :len(want)].any()
+        assert ro.prompts == [chat, "review of the kettle :", "review of the chair :"]
+        assert ro.columns == [{"product": "lamp"}, {}, {}] and ro.sources == ["p.jsonl:1", "", "p.jsonl:3"]
+        assert (ro.input_ids[0, :ro.attention_mask[0].sum()] == w.tokenizer.bos_token_id).sum() == 1
+        np.testing.assert_allclose(ro.rollout_logprobs, hf_logprobs(sft_model, ro.input_ids, ro.attention_mask)
+                                   * ro.response_mask, atol=2e-4)
+        # The end-of-turn token stops a response: sample until one ends with it (the SFT policy never
+        # writes <pad> by itself, so bias it there through the engine's weights).
+        state = {k: v.clone() for k, v in sft_model.state_dict().items()}
+        state["lm_head.weight"][w.tokenizer.pad_token_id] += 5.0 * state["lm_head.weight"][w.tokenizer.eos_token_id]
+        w.update_weights(state_dict_buckets(state, 1 << 20), version=1)
+        ro = w.generate([chat] * 8, max_new_tokens=12, temperature=1.0, top_p=1.0, seed=1)
+        ends = [ro.input_ids[b][ro.response_mask[b]][-1] for b in range(8)]
+        pad, eos = w.tokenizer.pad_token_id, w.tokenizer.eos_token_id
+        stopped = [b for b in range(8) if not ro.truncated[b]]
+        assert any(ends[b] == pad for b in stopped) and all(ends[b] in (pad, eos) for b in stopped), ends
+        assert all(ends[b] not in (pad, eos) for b in range(8) if ro.truncated[b])
+    finally:
+        w.shutdown()
+        torch.set_num_threads(threads)

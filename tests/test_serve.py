@@ -136,6 +136,69 @@ def test_serve_run_app_builder_without_batching(service, scorer, groups):
         serve.delete("rm_unbatched")
 
 
+def test_chat_prompts_are_rendered_as_in_training(service, rm_dir, groups, tmp_path):
+    """/score with a chat (a message list) as the prompt, on an app deployed the way `serve run ...
+    chat_template=FILE` does: the same rewards as the in-process scorer with that template (which
+    renders exactly as training does, tests/test_chat.py); a text prompt on the same app is unchanged."""
+    from ray import serve
+    from reference import CHAT_TEMPLATE
+
+    from rlhf_ray.reward.scorer import RewardScorer
+    from rlhf_ray.reward.serve import app_builder
+
+    template = tmp_path / "chat.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    handle = serve.run(app_builder({"checkpoint": str(rm_dir), "chat_template": str(template), "num_cpus": "0.25"}),
+                       name="rm_chat", route_prefix="/chat")
+    try:
+        local = RewardScorer(rm_dir, max_length=64, chat_template=CHAT_TEMPLATE)
+        prompt, responses = groups[0]
+        chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": prompt}]
+        exp = local.score_groups([(chat, responses)])[0]
+        r = _post(f"{service.url}/chat/score", {"prompt": chat, "responses": responses})
+        assert r.status_code == 200, r.text
+        check_answer(r.json(), exp, local.model_version)
+        check_answer(handle.score.remote(chat, responses).result(timeout_s=30), exp, local.model_version)
+        plain = _post(f"{service.url}/chat/score", {"prompt": prompt, "responses": responses}).json()
+        np.testing.assert_allclose(plain["rewards"], local.score_groups([(prompt, responses)])[0].rewards, atol=1e-5)
+        assert not np.allclose(plain["rewards"], exp.rewards, atol=1e-3)  # the template changes the input
+        bad = _post(f"{service.url}/chat/score", {"prompt": [{"role": "user"}], "responses": responses})
+        assert bad.status_code == 422 and bad.json()["error"]["fields"][0]["field"].startswith("prompt"), bad.text
+    finally:
+        serve.delete("rm_chat")
+    # The module's app has no template (the embedded tokenizer has none): a chat is refused, not a 5xx.
+    r = _post(f"{service.url}/score", {"prompt": [{"role": "user", "content": "hi"}], "responses": ["a"]})
+    assert r.status_code == 422 and "needs a chat template" in r.json()["error"]["message"], r.text
+
+
+def test_openrlhf_remote_rm_protocol(service, scorer, groups):
+    """POST /get_reward as OpenRLHF's --remote_rm_url client sends it: rendered queries, optional
+    prompts (a query that starts with its prompt is scored as that pair, else whole), labels ignored;
+    the rewards come back under "rewards" and "scores"."""
+    prompts = [p for p, rs in groups for _ in rs]
+    responses = [y for _, rs in groups for y in rs]
+    queries = [f"{p} {y}" for p, y in zip(prompts, responses)]
+    body = {"query": queries, "prompts": prompts, "labels": [None] * len(queries)}
+    r = _post(f"{service.url}/get_reward", body)
+    assert r.status_code == 200, r.text
+    want = scorer.score_pairs(prompts, responses)
+    np.testing.assert_allclose(r.json()["rewards"], want, rtol=0, atol=1e-5)
+    assert r.json()["scores"] == r.json()["rewards"] and r.json()["model_version"] == scorer.model_version
+    # The split matters for plain-text RMs: a response without its leading space still gets the one space.
+    glued = [p + y for p, y in zip(prompts, responses)]
+    split = _post(f"{service.url}/get_reward", {"query": glued, "prompts": prompts}).json()["rewards"]
+    np.testing.assert_allclose(split, want, rtol=0, atol=1e-5)
+    whole = _post(f"{service.url}/get_reward", {"query": glued}).json()["rewards"]
+    np.testing.assert_allclose(whole, scorer.score_texts(glued).rewards, rtol=0, atol=1e-5)
+    assert not np.allclose(whole, want, atol=1e-3)
+    other = _post(f"{service.url}/get_reward", {"query": queries[:1], "prompts": ["not its prompt"]}).json()
+    np.testing.assert_allclose(other["rewards"], scorer.score_texts(queries[:1]).rewards, rtol=0, atol=1e-5)
+    via_handle = service.handle.get_reward.remote(queries, prompts).result(timeout_s=30)
+    np.testing.assert_allclose(via_handle["rewards"], want, rtol=0, atol=1e-5)
+    bad = _post(f"{service.url}/get_reward", {"query": queries[:2], "prompts": prompts[:1]})
+    assert bad.status_code == 422 and "2 queries but 1 prompts" in bad.json()["error"]["message"], bad.text
+
+
 def test_concurrent_requests_share_forward_passes(service, scorer, groups):
     service.handle.get_stats.remote(reset=True).result(timeout_s=30)
     prompt, responses = groups[0]

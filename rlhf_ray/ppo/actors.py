@@ -43,10 +43,10 @@ def cpus_needed(num_workers: int, rollout_cfg: RolloutConfig) -> float:
     return num_workers * rollout_cfg.cpus_per_worker + LEARNER_CPUS + 2 * SMALL_CPUS
 
 
-def start_learner(policy_path: str | Path, ppo_cfg: PPOConfig):
+def start_learner(policy_path: str | Path, ppo_cfg: PPOConfig, chat_template: str = "auto"):
     gpu = cluster_has_gpu()
     cls = ray.remote(num_cpus=LEARNER_CPUS, num_gpus=LEARNER_GPU if gpu else 0)(Learner)
-    return cls.remote(str(policy_path), ppo_cfg, device="cuda" if gpu else "cpu")
+    return cls.remote(str(policy_path), ppo_cfg, device="cuda" if gpu else "cpu", chat_template=chat_template)
 
 
 def start_advantage(ref_model_path: str | Path, ppo_cfg: PPOConfig):
@@ -55,16 +55,24 @@ def start_advantage(ref_model_path: str | Path, ppo_cfg: PPOConfig):
     return cls.remote(str(ref_model_path), ppo_cfg, device="cuda" if gpu else "cpu")
 
 
-def start_scorer(rm_dir: str | Path | None, max_length: int, handle=None, max_pairs: int = 4096):
+def start_scorer(rm_dir: str | Path | None, max_length: int, handle=None, max_pairs: int = 4096,
+                 reward_functions=(), eval_function=None, chat_template: str = "auto"):
+    """The scorer. ``reward_functions`` and ``eval_function`` are RewardFunctions, imported here; the
+    code of those whose module is not installed travels with them (``functions.ship_by_value``)."""
+    from rlhf_ray.reward.functions import ship_by_value
+
+    ship_by_value([*reward_functions, *([eval_function] if eval_function else [])])
     # In process, the RM runs on the GPU Ray assigns (RewardScorer picks CUDA when it sees one);
     # through a Serve handle, the deployment has its own resources (serve.num_gpus).
     gpu = handle is None and cluster_has_gpu()
     cls = ray.remote(num_cpus=SMALL_CPUS, num_gpus=SMALL_GPU if gpu else 0)(RolloutScorer)
-    return cls.remote(None if handle is not None else str(rm_dir), max_length, handle, max_pairs)
+    return cls.remote(None if handle is not None else str(rm_dir), max_length, handle, max_pairs,
+                      list(reward_functions), eval_function, chat_template)
 
 
 def start_rollout_worker(model_path: str | Path, rollout_cfg: RolloutConfig, worker_id: int, seed: int,
-                         version: int = 0):
+                         version: int = 0, **options):
+    """``options``: RolloutWorker's ``max_model_len`` and ``chat_template``."""
     on_gpu = rollout_cfg.gpus_per_worker > 0
     # vLLM logs every weight reload at INFO/WARNING; keep the driver's output to the progress lines.
     env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}
@@ -73,4 +81,4 @@ def start_rollout_worker(model_path: str | Path, rollout_cfg: RolloutConfig, wor
     cls = ray.remote(num_cpus=rollout_cfg.cpus_per_worker, num_gpus=rollout_cfg.gpus_per_worker,
                      runtime_env={"env_vars": env})(RolloutWorker)
     return cls.remote(str(model_path), rollout_cfg, worker_id=worker_id, seed=seed,
-                      device="cuda" if on_gpu else "cpu", version=version)
+                      device="cuda" if on_gpu else "cpu", version=version, **options)

@@ -3,7 +3,9 @@
 Reward rule (InstructGPT): every response token t gets -kl_coef * (log pi_old - log pi_ref)(t), and the
 LAST response token also gets the sequence reward
 
-    score = R(x, y) - truncation_penalty * [y was cut at max_new_tokens without EOS]
+    score = R(x, y) + sum_f w_f f(x, y) - truncation_penalty * [y was cut at max_new_tokens without EOS]
+
+(R the RM, f the reward functions of ``ppo.reward_functions``: ``ScoredRollout.scores``).
 
 The truncated response is still scored by the RM (it sees the text that was written); the penalty
 is what makes "ran out of tokens" worse than "finished". GAE (rlhf_ray.ops.gae) then runs over the
@@ -120,8 +122,9 @@ class AdvantageWorker:
         behaviour = torch.tensor(ro.rollout_logprobs, dtype=torch.float32)
         resp_len = ro.response_mask.sum(-1)
         stats = {
-            "rm_score": float(scored.scores.mean()),
-            "gold": scored.gold_mean,
+            "rm_score": float(scored.rm_scores.mean()),
+            **{k: float(np.nanmean(v)) if (~np.isnan(v)).any() else float("nan")
+               for k, v in scored.function_scores.items()},
             "reward": float(seq_reward.mean()),
             "kl_ref": float(kl_seq.mean()),
             "kl_ref_per_token": float(masked_mean(kl, mask)),

@@ -47,12 +47,11 @@ from typing import Callable
 import numpy as np
 
 from rlhf_ray.config import Config, ConfigError, PPOConfig, RolloutConfig
-from rlhf_ray.data import synthetic
+from rlhf_ray.data.prompts import EVAL_SEED, PromptTask
 from rlhf_ray.reward.train import MetricsLog
 
 SMALL_RESULT_BYTES = 256 << 10  # the most the driver may fetch in one ray.get
 GET_TIMEOUT_S = 900.0  # a stage that takes longer is stuck (e.g. an actor pending on resources)
-EVAL_SEED = 7919  # held-out prompt set and sampling seed (fixed: the same prompts every evaluation)
 DRIFT_PROBE_ROWS = 4
 CONTROL_FILE = "rollout_workers"
 CHECKPOINTS = "checkpoints"  # under the PPO output directory: iter_NNNNNN/ and latest -> the newest
@@ -80,9 +79,12 @@ def _get_small(refs, limit: int = SMALL_RESULT_BYTES):
 class RolloutPool:
     """The rollout workers of a job; resizable between iterations."""
 
-    def __init__(self, model_path: str | Path, rollout_cfg: RolloutConfig, seed: int, log=print, version: int = 0):
-        """``version``: the policy version of the weights in ``model_path`` (0 unless resuming)."""
+    def __init__(self, model_path: str | Path, rollout_cfg: RolloutConfig, seed: int, log=print, version: int = 0,
+                 **engine_options):
+        """``version``: the policy version of the weights in ``model_path`` (0 unless resuming);
+        ``engine_options``: RolloutWorker's ``max_model_len`` and ``chat_template``."""
         self.model_path, self.cfg, self.seed, self.log = str(model_path), rollout_cfg, seed, log
+        self.engine_options = engine_options
         self.version = version
         self.workers: list = []
         self._next_id = 0
@@ -106,7 +108,7 @@ class RolloutPool:
                              f"has {have}")
         while len(self.workers) < n:
             w = actors.start_rollout_worker(self.model_path, self.cfg, worker_id=self._next_id, seed=self.seed,
-                                            version=self.version)
+                                            version=self.version, **self.engine_options)
             self._next_id += 1
             # Actor tasks run in order: the weights arrive before any rollout.
             if self.shared is not None:
@@ -131,9 +133,12 @@ class RolloutPool:
     def wait_ready(self) -> None:
         _get_small([w.ready.remote() for w in self.workers])
 
-    def generate(self, prompts: list[str], ppo: PPOConfig, seed: int) -> list:
-        """Split the prompts across the workers; returns one Rollout ref per worker."""
-        parts = [list(p) for p in np.array_split(np.array(prompts, dtype=object), len(self.workers)) if len(p)]
+    def generate(self, prompts: list, ppo: PPOConfig, seed: int) -> list:
+        """Split the prompts (PromptRecords, text or chats) across the workers; returns one Rollout ref
+        per worker."""
+        sizes = [len(a) for a in np.array_split(np.arange(len(prompts)), len(self.workers))]
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        parts = [list(prompts[a:b]) for a, b in zip(starts[:-1], starts[1:]) if b > a]
         return [w.generate.remote(part, ppo.max_new_tokens, ppo.temperature, ppo.top_p, seed)
                 for w, part in zip(self.workers, parts)]
 
@@ -224,21 +229,22 @@ class IterationContext:
 
 @dataclass
 class PPOResult:
-    before: dict  # held-out evaluation of the initial policy (eval_gold, eval_rm_score, ...)
+    before: dict  # held-out evaluation of the initial policy (eval_reward, eval_rm_score, ...)
     after: dict  # held-out evaluation of the final policy
     history: list[dict] = field(default_factory=list)  # per-iteration metrics (as in metrics.jsonl)
     policy_dir: Path | None = None  # the trained policy, an ordinary HF directory
     metrics_path: Path | None = None
     plot_path: Path | None = None
     seconds: float = 0.0
+    eval_reward_name: str = ""  # the function behind eval_reward ("" = none: eval_reward is NaN)
 
     @property
-    def gold_before(self) -> float:
-        return self.before["eval_gold"]
+    def eval_reward_before(self) -> float:
+        return self.before["eval_reward"]
 
     @property
-    def gold_after(self) -> float:
-        return self.after["eval_gold"]
+    def eval_reward_after(self) -> float:
+        return self.after["eval_reward"]
 
 
 def _requested_workers(path: Path, log) -> int | None:
@@ -401,7 +407,8 @@ def _cleanup(log, what: str, step: Callable, *args) -> None:
 
 def _progress(m: dict, iterations: int) -> str:
     return (f"[ppo] it {m['iteration']}/{iterations} v{m['policy_version']} "
-            f"gold {m['gold']:+.3f} (held-out {m.get('eval_gold', math.nan):+.3f}) rm {m['rm_score']:+.3f} "
+            f"reward {m['reward']:+.3f} rm {m['rm_score']:+.3f} (held-out: eval {m.get('eval_reward', math.nan):+.3f} "
+            f"rm {m.get('eval_rm_score', math.nan):+.3f}) "
             f"kl_ref {m['kl_ref']:.3f} | pg {m['policy_loss']:+.4f} vf {m['value_loss']:.4f} "
             f"clip {m['clip_frac']:.3f} ent {m['entropy']:.2f} | gen {m['gen_seconds']:.2f}s "
             f"score {m['score_seconds']:.2f}s learn {m['learn_seconds']:.2f}s sync {m['sync_seconds']:.3f}s "
@@ -431,9 +438,37 @@ def _system_failure(e: BaseException) -> str | None:
     return None
 
 
+def prepare_task(cfg: Config, policy_dir: str | Path) -> PromptTask:
+    """The prompts, held-out prompts and evaluation function of ``cfg.ppo``, read and checked (local
+    files before Ray starts; remote URIs need a Ray cluster), and the engines' size checked against the
+    policy's config (``check_engine_fit``). Raises ConfigError or DataError naming the field or file."""
+    from transformers import AutoTokenizer
+
+    from rlhf_ray.data.chat import ChatRenderer, resolve_chat_template
+    from rlhf_ray.data.prompts import load_prompt_task
+    from rlhf_ray.ppo.rollout import check_engine_fit
+    from rlhf_ray.reward.functions import RewardFunctionError, load_eval_function, load_reward_functions
+
+    try:
+        template = resolve_chat_template(cfg.data.chat_template)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    model_config = _model_config(policy_dir, f"the policy ({policy_dir})")
+    check_engine_fit(model_config, cfg.ppo.max_prompt_tokens, cfg.ppo.max_new_tokens, cfg.rollout,
+                     on_gpu=cfg.rollout.gpus_per_worker > 0)
+    task = load_prompt_task(cfg.ppo, ChatRenderer(AutoTokenizer.from_pretrained(str(policy_dir)), template))
+    try:  # importable here (the driver's working directory); the scorer gets the same modules
+        load_reward_functions(cfg.ppo.reward_functions)
+        load_eval_function(task.eval_reward)
+    except RewardFunctionError as e:
+        raise ConfigError(str(e)) from None
+    return task
+
+
 def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_dir: str | Path, log=print, *,
             rm_handle=None, on_iteration: Callable[[dict, IterationContext], None] | None = None,
-            bucket_bytes: int | None = None, eval_every: int | None = None) -> PPOResult:
+            bucket_bytes: int | None = None, eval_every: int | None = None,
+            task: PromptTask | None = None) -> PPOResult:
     """PPO on Ray (joins the running Ray; see rlhf_ray.runtime.init_ray). Starts its actors, runs
     ``cfg.ppo.iterations`` iterations, saves the policy to ``out_dir/policy``, writes
     ``out_dir/metrics.jsonl`` (+ TensorBoard) and ``out_dir/ppo.png``, and stops its actors.
@@ -451,13 +486,18 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
     When an actor or node dies (``_system_failure``), the run's actors are stopped and started again
     from its newest checkpoint (else from where it began), at most ``ppo.max_failures`` times (-1: no
     limit); ``on_iteration`` then sees the resumed iterations again.
+
+    ``task``: what :func:`prepare_task` returns (the CLI calls it before starting Ray); None reads it here.
     """
+    task = task or prepare_task(cfg, policy_dir)
+    log(f"[ppo] prompts: {task.describe}; eval reward: {task.eval_reward or 'none'}")
     progress: dict = {}  # the attempt records its newest committed checkpoint here
     failures = 0
     while True:
         try:
             return _run_attempt(cfg, policy_dir, rm_dir, out_dir, log, progress, rm_handle=rm_handle,
-                                on_iteration=on_iteration, bucket_bytes=bucket_bytes, eval_every=eval_every)
+                                on_iteration=on_iteration, bucket_bytes=bucket_bytes, eval_every=eval_every,
+                                task=task)
         except Exception as e:
             died = _system_failure(e)
             if died is None or 0 <= cfg.ppo.max_failures <= failures:
@@ -474,13 +514,15 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
 
 
 def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_dir: str | Path, log,
-                 progress: dict, *, rm_handle, on_iteration, bucket_bytes, eval_every) -> PPOResult:
+                 progress: dict, *, rm_handle, on_iteration, bucket_bytes, eval_every, task: PromptTask) -> PPOResult:
     """One start of the PPO actors and the loop (see :func:`run_ppo`)."""
     import ray
 
     from rlhf_ray.ppo import actors
     from rlhf_ray.ppo.plots import plot_ppo
+    from rlhf_ray.ppo.rollout import engine_max_len
     from rlhf_ray.ppo.weights import drift_limit, logprob_drift
+    from rlhf_ray.reward.functions import load_eval_function, load_reward_functions
 
     ppo, rc = cfg.ppo, cfg.rollout
     bucket_bytes = bucket_bytes or rc.weight_bucket_mib << 20
@@ -517,18 +559,22 @@ def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None,
         from rlhf_ray.reward.serve import rm_service
 
         try:
-            url, rm_handle, deployed = rm_service(cfg.serve, rm_dir, cfg.rm.max_length)
+            url, rm_handle, deployed = rm_service(cfg.serve, rm_dir, cfg.rm.max_length, chat_template=task.chat_template)
         except ValueError as e:
             raise ConfigError(f"ppo.rm_scoring=serve: {e}") from None
         log(f"[ppo] RM scores through the Serve app 'rm': "
             f"{f'deployed at {url}' if deployed else 'already running'}")
     # A resumed run: learner and engines start from the checkpoint's policy, the reference stays.
     start_policy = resume_dir / "policy" if resumed else policy_dir
-    learner = actors.start_learner(start_policy, ppo)
+    learner = actors.start_learner(start_policy, ppo, chat_template=task.chat_template)
     advantage = actors.start_advantage(policy_dir, ppo)
     scorer = actors.start_scorer(rm_dir, cfg.rm.max_length, rm_handle,
-                                 max_pairs=cfg.serve.max_prompts * cfg.serve.max_responses)
-    pool = RolloutPool(start_policy, rc, seed=ppo.seed, log=log, version=resumed["policy_version"] if resumed else 0)
+                                 max_pairs=cfg.serve.max_prompts * cfg.serve.max_responses,
+                                 reward_functions=load_reward_functions(ppo.reward_functions),
+                                 eval_function=load_eval_function(task.eval_reward), chat_template=task.chat_template)
+    pool = RolloutPool(start_policy, rc, seed=ppo.seed, log=log, version=resumed["policy_version"] if resumed else 0,
+                       max_model_len=engine_max_len(ppo.max_prompt_tokens, ppo.max_new_tokens),
+                       chat_template=task.chat_template)
     metrics_log = None
     try:
         metrics_log = MetricsLog(out_dir / "metrics.jsonl", purge_step=start_it + 1 if resumed else 0)
@@ -567,23 +613,22 @@ def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None,
         if pool.shared is not None and pool.shared.get("stale_removed"):
             log(f"[ppo] removed {len(pool.shared['stale_removed'])} slot file(s) left by killed jobs")
 
-        held_out = synthetic.prompts(ppo.eval_prompts, seed=EVAL_SEED)
-
         def evaluate() -> dict:
-            """Mean gold and RM reward of samples on the held-out prompts (rollout worker 0)."""
+            """Mean eval reward (``ppo.eval_reward``) and RM reward of samples on the held-out prompts
+            (rollout worker 0)."""
             t = time.perf_counter()
-            ro = pool.workers[0].generate.remote(held_out, ppo.max_new_tokens, ppo.temperature, ppo.top_p,
+            ro = pool.workers[0].generate.remote(task.held_out, ppo.max_new_tokens, ppo.temperature, ppo.top_p,
                                                  EVAL_SEED)
             s = _get_small(scorer.summary.remote(ro))
-            return {"eval_gold": s["gold"], "eval_rm_score": s["rm_score"], "eval_response_len": s["response_len"],
+            return {"eval_reward": s["eval_reward"], "eval_rm_score": s["rm_score"],
+                    "eval_response_len": s["response_len"],
                     "eval_truncated_frac": s["truncated_frac"], "eval_policy_version": s["policy_version"],
                     "eval_examples": s["examples"], "eval_seconds": time.perf_counter() - t}
 
         def launch_rollout(it: int) -> tuple:
             """Rollout of iteration ``it``, its RM scoring and reference logprobs (each starts as soon as
             the chunks exist; none needs the learner); returns (ScoredRollout ref, reference ref)."""
-            prompts = synthetic.prompts(ppo.prompts_per_iteration, seed=ppo.seed * 1_000_003 + it)
-            scored = scorer.score.remote(*pool.generate(prompts, ppo, seed=ppo.seed * 1_000_003 + it))
+            scored = scorer.score.remote(*pool.generate(task.train.batch(it), ppo, seed=ppo.seed * 1_000_003 + it))
             return scored, advantage.reference.remote(scored)
 
         def prepare(launched: tuple) -> tuple:
@@ -597,7 +642,7 @@ def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None,
         else:
             before, history = evaluate(), []
             metrics_log.write(0, {k: v for k, v in before.items() if k != "eval_examples"})
-        log(f"[ppo] before: held-out gold {before['eval_gold']:+.3f} rm {before['eval_rm_score']:+.3f} "
+        log(f"[ppo] before: held-out eval reward {before['eval_reward']:+.3f} rm {before['eval_rm_score']:+.3f} "
             f"e.g. {before['eval_examples'][0]!r}")
         after = before
 
@@ -737,12 +782,13 @@ def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None,
                 pending = prepare(launch_rollout(it + 1))
 
         policy_out = Path(_get_small(learner.save.remote(str(out_dir / "policy"))))
-        plot = plot_ppo(history, out_dir / "ppo.png", before)
+        plot = plot_ppo(history, out_dir / "ppo.png", before, eval_name=task.eval_reward)
         seconds = time.perf_counter() - start
-        log(f"[ppo] done in {seconds:.0f}s: held-out gold {before['eval_gold']:+.3f} -> {after['eval_gold']:+.3f}, "
+        log(f"[ppo] done in {seconds:.0f}s: held-out eval reward {before['eval_reward']:+.3f} -> "
+            f"{after['eval_reward']:+.3f}, "
             f"rm {before['eval_rm_score']:+.3f} -> {after['eval_rm_score']:+.3f}, "
             f"kl_ref {history[-1]['kl_ref']:.3f}; policy {policy_out}, plot {plot}")
-        return PPOResult(before=before, after=after, history=history, policy_dir=policy_out,
+        return PPOResult(before=before, after=after, history=history, policy_dir=policy_out, eval_reward_name=task.eval_reward,
                          metrics_path=metrics_log.path, plot_path=plot, seconds=seconds)
     finally:
         def close_shared(spec: dict) -> None:

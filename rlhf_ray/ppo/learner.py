@@ -40,13 +40,19 @@ def default_device() -> str:
 class Learner:
     """Policy + value head; ``evaluate`` (pi_old logprobs, values), ``train`` (PPO epochs), weight export."""
 
-    def __init__(self, policy_path: str | Path, ppo_cfg: PPOConfig, device: str | None = None):
+    def __init__(self, policy_path: str | Path, ppo_cfg: PPOConfig, device: str | None = None,
+                 chat_template: str = "auto"):
+        """``chat_template``: Jinja source (``data.chat_template`` read) is stored in the saved policy's
+        tokenizer, so the trained policy renders chats as it was trained to."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from rlhf_ray.data.chat import ChatRenderer
 
         self.cfg, self.device = ppo_cfg, device or default_device()
         torch.manual_seed(ppo_cfg.seed)
         self.policy = AutoModelForCausalLM.from_pretrained(str(policy_path), dtype=torch.float32).to(self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(str(policy_path))
+        ChatRenderer(self.tokenizer, chat_template).apply_to()
         # Dropout off throughout: pi_old recomputed in evaluate() must equal the first train forward.
         self.policy.eval()
         self.value_head = nn.Linear(self.policy.config.hidden_size, 1).to(self.device)

@@ -6,10 +6,11 @@ import math
 from pathlib import Path
 
 
-def plot_ppo(history: list[dict], path: str | Path, before: dict | None = None) -> Path:
-    """Four panels from the per-iteration metrics: held-out gold and RM reward per iteration; the same
-    against KL(pi || pi_ref) (reward-vs-KL frontier, the RM over-optimisation view); losses; and
-    the time per stage. ``before``: the initial policy's held-out evaluation (drawn at x = 0, KL 0)."""
+def plot_ppo(history: list[dict], path: str | Path, before: dict | None = None, eval_name: str = "") -> Path:
+    """Four panels from the per-iteration metrics: held-out eval reward (``eval_name``, the
+    ``ppo.eval_reward`` function; none drawn without one) and RM reward per iteration; the same against
+    KL(pi || pi_ref) (reward-vs-KL frontier, the RM over-optimisation view); losses; and the time per
+    stage. ``before``: the initial policy's held-out evaluation (drawn at x = 0, KL 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,13 +20,14 @@ def plot_ppo(history: list[dict], path: str | Path, before: dict | None = None) 
         return [h.get(key, math.nan) for h in history]
 
     it = col("iteration")
+    label = f"eval: {eval_name.rpartition(':')[2]} (held-out)"
     fig, ax = plt.subplots(2, 2, figsize=(11, 8))
     a = ax[0][0]
-    x0, gold0, rm0 = ([0], [before["eval_gold"]], [before["eval_rm_score"]]) if before else ([], [], [])
-    a.plot(x0 + it, gold0 + col("eval_gold"), "o-", label="gold (held-out)")
+    x0, ev0, rm0 = ([0], [before["eval_reward"]], [before["eval_rm_score"]]) if before else ([], [], [])
+    if eval_name:
+        a.plot(x0 + it, ev0 + col("eval_reward"), "o-", label=label)
     a.plot(x0 + it, rm0 + col("eval_rm_score"), "s--", label="RM (held-out)")
-    a.plot(it, col("gold"), ":", alpha=0.6, label="gold (train batch)")
-    a.axhline(1.5, color="grey", lw=0.5)
+    a.plot(it, col("reward"), ":", alpha=0.6, label="reward (train batch)")
     a.set(xlabel="iteration", ylabel="reward", title="reward per iteration")
     a.legend(fontsize=8)
 
@@ -33,7 +35,8 @@ def plot_ppo(history: list[dict], path: str | Path, before: dict | None = None) 
     # Per-batch KL is noisy (k1 on one batch): points coloured by iteration, no connecting lines.
     kl = ([0.0] if before else []) + col("kl_ref")
     order = x0 + it
-    a.scatter(kl, gold0 + col("eval_gold"), c=order, cmap="Blues", marker="o", edgecolors="C0", label="gold (held-out)")
+    if eval_name:
+        a.scatter(kl, ev0 + col("eval_reward"), c=order, cmap="Blues", marker="o", edgecolors="C0", label=label)
     a.scatter(kl, rm0 + col("eval_rm_score"), c=order, cmap="Oranges", marker="s", edgecolors="C1",
               label="RM (held-out)")
     a.set(xlabel="KL(pi || pi_ref) per sequence, nats (train batch)", ylabel="reward",

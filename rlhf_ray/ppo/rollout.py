@@ -8,11 +8,15 @@ A plain class; Ray is applied at the edge (``rlhf_ray/ppo/actors.py``)::
 
 Conventions the learner relies on:
 
-* Prompt ids are ``tokenizer(prompt)["input_ids"]`` of the model directory's own tokenizer (BOS added
-  by its post-processor), fed to vLLM as token ids, so the learner recomputes exactly these ids.
+* Prompt ids are ``ChatRenderer.prompt_ids`` of the model directory's own tokenizer (plain text: the
+  tokenizer's encoding, BOS added by its post-processor; a chat: rendered by the chat template with
+  the generation prompt), fed to vLLM as token ids, so the learner recomputes exactly these ids.
+  Prompts come as text, messages, or :class:`rlhf_ray.data.prompts.PromptRecord` (whose other fields
+  travel with the rollout to the reward functions).
 * Response tokens are everything the engine sampled, EOS included when it was sampled (the EOS is
-  an action the policy took). ``truncated[b]`` is True when no stop token (the tokenizer's EOS, or
-  any of ``generation_config.eos_token_id``) came within ``max_new_tokens`` (or the length limit).
+  an action the policy took). ``truncated[b]`` is True when no stop token (the tokenizer's EOS, any of
+  ``generation_config.eos_token_id``, or the chat template's end-of-turn token) came within
+  ``max_new_tokens`` (or the length limit).
   ``responses[b]`` is ``tokenizer.decode(response ids but the stop token, skip_special_tokens=True)``,
   so it keeps the leading space of the first token.
 * Logprobs are those of the distribution the tokens were sampled from: log_softmax(logits / temperature),
@@ -40,6 +44,8 @@ from pathlib import Path
 import numpy as np
 
 from rlhf_ray.config import RolloutConfig
+from rlhf_ray.data.chat import ChatRenderer
+from rlhf_ray.data.prompts import PromptRecord
 from rlhf_ray.ppo.types import Rollout
 from rlhf_ray.ppo.weights import SKIP_SUFFIXES, bucket_nbytes, bucket_to_bytes
 
@@ -127,8 +133,10 @@ def _checkpoint_names(model_path: str) -> set[str] | None:
     return names
 
 
-def engine_args(model_path: str, rollout_cfg: RolloutConfig, worker_id: int, seed: int, device: str) -> dict:
-    """``vllm.LLM`` arguments of a rollout engine on ``device`` ("cpu" or "cuda")."""
+def engine_args(model_path: str, rollout_cfg: RolloutConfig, worker_id: int, seed: int, device: str,
+                max_model_len: int | None = None) -> dict:
+    """``vllm.LLM`` arguments of a rollout engine on ``device`` ("cpu" or "cuda"); ``max_model_len``:
+    the longest sequence the job needs (:func:`engine_max_len`; None: the model's context)."""
     args = dict(
         model=model_path,
         seed=int(np.random.SeedSequence([seed, worker_id]).generate_state(1)[0] & 0x7FFFFFFF),
@@ -136,6 +144,8 @@ def engine_args(model_path: str, rollout_cfg: RolloutConfig, worker_id: int, see
         worker_extension_cls=EXTENSION,
         logprobs_mode="processed_logprobs",  # after temperature and top-p: the sampling distribution
     )
+    if max_model_len:
+        args["max_model_len"] = int(max_model_len)
     if device == "cpu":
         # block_size: vLLM's CPU default is 128, so a prompt shorter than 128 tokens never hits the
         # prefix cache and a short sequence reserves 128 tokens of KV; 32 (the CPU kernel needs a
@@ -147,6 +157,48 @@ def engine_args(model_path: str, rollout_cfg: RolloutConfig, worker_id: int, see
         if rollout_cfg.dtype != "auto":
             args.update(dtype=rollout_cfg.dtype)
     return args
+
+
+CPU_BLOCK_SIZE = 32  # tokens per KV block of a CPU engine (engine_args)
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def engine_max_len(max_prompt_tokens: int, max_new_tokens: int) -> int:
+    """``max_model_len`` of the job's engines: the longest prompt, its response, and one more token, as
+    the drift check scores a whole sequence as a prompt (vLLM scores at most max_model_len - 1)."""
+    return max_prompt_tokens + max_new_tokens + 1
+
+
+def kv_bytes_per_token(model_config: dict, dtype: str = "float32") -> int:
+    """Bytes of KV cache one token takes in every layer: 2 (K, V) x layers x KV heads x head dim x dtype."""
+    heads = model_config["num_attention_heads"]
+    kv_heads = model_config.get("num_key_value_heads") or heads
+    head_dim = model_config.get("head_dim") or model_config["hidden_size"] // heads
+    return 2 * model_config["num_hidden_layers"] * kv_heads * head_dim * _DTYPE_BYTES[dtype]
+
+
+def check_engine_fit(model_config: dict, max_prompt_tokens: int, max_new_tokens: int,
+                     rollout_cfg: RolloutConfig, on_gpu: bool) -> int:
+    """The engines' ``max_model_len`` for this job, checked before any engine starts: it must fit the
+    model's context, and a CPU engine's KV cache (``rollout.kv_cache_mib``) must hold one sequence of
+    that length, which vLLM requires. Raises ConfigError naming the fields and the size needed."""
+    from rlhf_ray.config import ConfigError
+
+    length = engine_max_len(max_prompt_tokens, max_new_tokens)
+    context = model_config.get("max_position_embeddings")
+    if context and length > context:
+        raise ConfigError(f"ppo.max_prompt_tokens + ppo.max_new_tokens: {max_prompt_tokens} + {max_new_tokens} "
+                          f"(+1) tokens exceed the model's context of {context} tokens")
+    if not on_gpu:
+        dtype = "float32" if rollout_cfg.dtype == "auto" else rollout_cfg.dtype
+        per_token = kv_bytes_per_token(model_config, dtype)
+        need = -(-length // CPU_BLOCK_SIZE) * CPU_BLOCK_SIZE * per_token
+        if need > rollout_cfg.kv_cache_mib << 20:
+            raise ConfigError(f"rollout.kv_cache_mib={rollout_cfg.kv_cache_mib}: an engine needs at least "
+                              f"{-(-need // (1 << 20))} MiB of KV cache for one sequence of ppo.max_prompt_tokens + "
+                              f"ppo.max_new_tokens = {length - 1} tokens ({per_token} bytes per token in {dtype}); "
+                              f"raise it, or lower those")
+    return length
 
 
 class RolloutWorker:
@@ -166,7 +218,8 @@ class RolloutWorker:
     """
 
     def __init__(self, model_path: str, rollout_cfg: RolloutConfig, worker_id: int = 0, seed: int = 0,
-                 device: str = "cpu", engine_kwargs: dict | None = None, version: int = 0):
+                 device: str = "cpu", engine_kwargs: dict | None = None, version: int = 0,
+                 max_model_len: int | None = None, chat_template: str = "auto"):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
         if device == "cpu":
@@ -181,12 +234,16 @@ class RolloutWorker:
         self.device = device
         self._version = int(version)  # of the weights in model_path (a resumed run's checkpoint: > 0)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.renderer = ChatRenderer(self.tokenizer, chat_template)
+        # The template's end-of-turn token, where it is neither EOS nor in generation_config (vLLM's stops).
+        self.stop_token_ids = self.renderer.stop_token_ids()
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
         self._expected_names = _checkpoint_names(self.model_path)
 
-        kwargs = {**engine_args(self.model_path, rollout_cfg, worker_id, seed, device), **(engine_kwargs or {})}
+        kwargs = {**engine_args(self.model_path, rollout_cfg, worker_id, seed, device, max_model_len),
+                  **(engine_kwargs or {})}
         with _plain_cpu_linear(device == "cpu" and rollout_cfg.cpu_plain_weights):
             self.llm = LLM(**kwargs)
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
@@ -226,22 +283,27 @@ class RolloutWorker:
 
     # ---- generation --------------------------------------------------------------------------
 
-    def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
-        """Prompt ids exactly as the learner gets them: the tokenizer's encoding, BOS included."""
-        return [list(ids) for ids in self.tokenizer(list(prompts))["input_ids"]]
+    def encode_prompts(self, prompts: list) -> list[list[int]]:
+        """Prompt ids exactly as the learner gets them (``ChatRenderer.prompt_ids``)."""
+        plain = [p for p in prompts if isinstance(p, str)]
+        if len(plain) == len(prompts):  # one tokenizer call
+            return [list(ids) for ids in self.tokenizer(list(prompts))["input_ids"]]
+        return [self.renderer.prompt_ids(p) for p in prompts]
 
-    def generate(self, prompts: list[str], max_new_tokens: int | list[int], temperature: float, top_p: float,
+    def generate(self, prompts: list, max_new_tokens: int | list[int], temperature: float, top_p: float,
                  seed: int | None = None, *, ignore_eos: bool = False) -> Rollout:
-        """Sample one response per prompt. ``seed`` makes the chunk reproducible (each prompt gets
-        its own stream, derived from (seed, worker_id, index)); None uses the engine's RNG.
-        ``max_new_tokens``: one limit for all, or one per prompt. ``ignore_eos`` (benchmarks)
-        generates exactly ``max_new_tokens`` tokens."""
+        """Sample one response per prompt (text, messages or PromptRecord). ``seed`` makes the chunk
+        reproducible (each prompt gets its own stream, derived from (seed, worker_id, index)); None
+        uses the engine's RNG. ``max_new_tokens``: one limit for all, or one per prompt.
+        ``ignore_eos`` (benchmarks) generates exactly ``max_new_tokens`` tokens."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         if not prompts:
             raise ValueError("generate: no prompts")
         t0 = time.perf_counter()
+        records = [p if isinstance(p, PromptRecord) else PromptRecord(p, {}, "") for p in prompts]
+        prompts = [r.prompt for r in records]
         prompt_ids = self.encode_prompts(prompts)
         limits = [int(max_new_tokens)] * len(prompts) if np.ndim(max_new_tokens) == 0 else list(max_new_tokens)
         if len(limits) != len(prompts) or min(limits) < 1:
@@ -259,7 +321,8 @@ class RolloutWorker:
             params.append(SamplingParams(
                 max_tokens=min(limits[i], room), temperature=temperature, top_p=top_p,
                 seed=None if seeds[i] is None else int(seeds[i] & 0x7FFFFFFF), logprobs=0,
-                ignore_eos=ignore_eos, detokenize=False, flat_logprobs=True))
+                ignore_eos=ignore_eos, detokenize=False, flat_logprobs=True,
+                stop_token_ids=self.stop_token_ids or None))
         self._check_kv_capacity([len(ids) + p.max_tokens for ids, p in zip(prompt_ids, params)])
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
                                     use_tqdm=False)
@@ -287,7 +350,8 @@ class RolloutWorker:
             input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
             rollout_logprobs=logprobs, truncated=truncated, prompts=list(prompts), responses=texts,
             policy_version=self._version, worker_id=self.worker_id,
-            gen_seconds=time.perf_counter() - t0, num_tokens=int(response_mask.sum()))
+            gen_seconds=time.perf_counter() - t0, num_tokens=int(response_mask.sum()),
+            columns=[r.columns for r in records], sources=[r.source for r in records])
 
     def _check_kv_capacity(self, max_lengths: list[int]) -> None:
         """Warn (once) when the chunk does not fit the KV cache at once: vLLM then runs the

@@ -1,5 +1,7 @@
-"""Scoring rollouts for PPO: merge the chunks of N rollout workers into one batch and attach the RM
-score (and, for the synthetic task, the hidden gold reward, for evaluation only) to every response.
+"""Scoring rollouts for PPO: merge the chunks of N rollout workers into one batch and give every
+response its sequence score: the RM reward R(x, y) plus the weighted values of the reward functions
+(``ppo.reward_functions``, TRL's convention; see ``rlhf_ray.reward.functions``). Held-out samples
+are scored by the RM and by the evaluation function (``ppo.eval_reward``) alone.
 
 The RM is either in-process (``rlhf_ray.reward.scorer.RewardScorer``, the default) or the Ray Serve
 deployment (a handle from ``rlhf_ray.reward.serve.deploy_rm``; its ``score_pairs`` method).
@@ -7,14 +9,14 @@ deployment (a handle from ``rlhf_ray.reward.serve.deploy_rm``; its ``score_pairs
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 
-from rlhf_ray.data import synthetic
+from rlhf_ray.data.chat import is_chat
 from rlhf_ray.ppo.types import Rollout, ScoredRollout
+from rlhf_ray.reward.functions import RewardFunction, call_reward_function, column_lists
 
 
 def merge_rollouts(chunks: list[Rollout]) -> Rollout:
@@ -43,31 +45,51 @@ def merge_rollouts(chunks: list[Rollout]) -> Rollout:
         truncated=np.concatenate([c.truncated for c in chunks]),
         prompts=[p for c in chunks for p in c.prompts], responses=[r for c in chunks for r in c.responses],
         policy_version=min(c.policy_version for c in chunks), worker_id=-1,
-        gen_seconds=max(c.gen_seconds for c in chunks), num_tokens=sum(c.num_tokens for c in chunks))
+        gen_seconds=max(c.gen_seconds for c in chunks), num_tokens=sum(c.num_tokens for c in chunks),
+        columns=[x for c in chunks for x in (c.columns or [{}] * len(c.prompts))],
+        sources=[x for c in chunks for x in (c.sources or ["?"] * len(c.prompts))])
 
 
-def gold_rewards(prompts: list[str], responses: list[str]) -> np.ndarray:
-    """synthetic.gold_reward where the prompt is one of the synthetic task's, else NaN; float32 [B]."""
-    return np.array([synthetic.gold_reward(p, r) if synthetic.product_of(p) else math.nan
-                     for p, r in zip(prompts, responses)], dtype=np.float32)
+def completions(ro: Rollout) -> list:
+    """The responses in TRL's form: text for plain prompts, an assistant message list for chats."""
+    return [[{"role": "assistant", "content": r}] if is_chat(p) else r for p, r in zip(ro.prompts, ro.responses)]
+
+
+def completion_ids(ro: Rollout) -> list[list[int]]:
+    """The generated token ids of each response (its stop token included)."""
+    return [ro.input_ids[b][ro.response_mask[b]].tolist() for b in range(len(ro.prompts))]
+
+
+def function_values(fn: RewardFunction, ro: Rollout) -> np.ndarray:
+    """``fn``'s values on the rollout, float64 [B], NaN where it returned None."""
+    return call_reward_function(fn.name, fn.fn, list(ro.prompts), completions(ro), completion_ids(ro),
+                                column_lists(ro.columns or [{}] * len(ro.prompts)),
+                                ro.sources or ["?"] * len(ro.prompts))
 
 
 class RolloutScorer:
-    """Scores rollouts with the RM: in-process from ``rm_dir`` or through a Serve ``handle``."""
+    """Scores rollouts with the RM (in-process from ``rm_dir`` or through a Serve ``handle``) and the
+    reward functions.
+
+    ``reward_functions``: RewardFunctions (``rlhf_ray.reward.functions.load_reward_functions``);
+    ``eval_function``: the one for held-out samples (None: none); ``chat_template``: how the
+    in-process RM renders chats (``rlhf_ray.data.chat``)."""
 
     def __init__(self, rm_dir: str | Path | None = None, max_length: int = 64, handle=None,
-                 max_pairs: int = 4096):
+                 max_pairs: int = 4096, reward_functions: list[RewardFunction] = (),
+                 eval_function: RewardFunction | None = None, chat_template: str = "auto"):
         """``max_pairs``: the most (prompt, response) pairs one request to the service may carry (its
         serve.max_prompts x serve.max_responses); bigger batches go as several concurrent requests."""
         if (rm_dir is None) == (handle is None):
             raise ValueError("RolloutScorer: give exactly one of rm_dir (in-process) or handle (Serve)")
         self.handle, self.scorer, self.max_pairs = handle, None, max(1, int(max_pairs))
+        self.functions, self.eval_function = list(reward_functions), eval_function
         if handle is None:
             from rlhf_ray.reward.scorer import RewardScorer
 
-            self.scorer = RewardScorer(rm_dir, max_length=max_length)
+            self.scorer = RewardScorer(rm_dir, max_length=max_length, chat_template=chat_template)
 
-    def rm_scores(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+    def rm_scores(self, prompts: list, responses: list[str]) -> np.ndarray:
         """R(x_i, y_i), float32 [B]."""
         if self.handle is not None:
             n = self.max_pairs
@@ -77,19 +99,32 @@ class RolloutScorer:
         return self.scorer.score_pairs(list(prompts), list(responses)).astype(np.float32)
 
     def score(self, *rollouts: Rollout) -> ScoredRollout:
-        """Merge the chunks (one per rollout worker) and score every (prompt, response)."""
+        """Merge the chunks (one per rollout worker), then score every (prompt, response): RM reward
+        plus sum_f weight_f * f (a None from f adds nothing)."""
         start = time.perf_counter()
         merged = merge_rollouts(list(rollouts))
-        scores = self.rm_scores(merged.prompts, merged.responses)
-        return ScoredRollout(rollout=merged, scores=scores, gold=gold_rewards(merged.prompts, merged.responses),
-                             score_seconds=time.perf_counter() - start)
+        rm = self.rm_scores(merged.prompts, merged.responses)
+        total = rm.astype(np.float64)
+        values = {}
+        for fn in self.functions:
+            v = function_values(fn, merged)
+            values[fn.key] = v.astype(np.float32)
+            if fn.weight:
+                total = total + fn.weight * np.nan_to_num(v, nan=0.0)
+        return ScoredRollout(rollout=merged, scores=total.astype(np.float32), rm_scores=rm,
+                             score_seconds=time.perf_counter() - start, function_scores=values)
 
     def summary(self, *rollouts: Rollout, examples: int = 2) -> dict:
-        """Score and return only small numbers (the held-out evaluation): mean gold and RM reward,
-        response length, truncation, and a couple of example responses."""
-        scored = self.score(*rollouts)
-        ro = scored.rollout
-        return {"gold": scored.gold_mean, "rm_score": float(scored.scores.mean()),
-                "response_len": float(ro.response_mask.sum(-1).mean()), "truncated_frac": float(ro.truncated.mean()),
-                "n": len(ro.prompts), "policy_version": ro.policy_version,
-                "examples": [f"{p} {r.strip()}" for p, r in zip(ro.prompts[:examples], ro.responses[:examples])]}
+        """The held-out evaluation in small numbers: mean RM reward and eval reward (NaN without an
+        eval function, or when it returned None for every sample), response length, truncation, and a
+        couple of example responses."""
+        merged = merge_rollouts(list(rollouts))
+        rm = self.rm_scores(merged.prompts, merged.responses)
+        evaluated = function_values(self.eval_function, merged) if self.eval_function else np.full(len(rm), np.nan)
+        known = evaluated[~np.isnan(evaluated)]
+        show = lambda p: p if isinstance(p, str) else p[-1]["content"]  # noqa: E731  (a chat: its last message)
+        return {"eval_reward": float(known.mean()) if known.size else float("nan"), "rm_score": float(rm.mean()),
+                "response_len": float(merged.response_mask.sum(-1).mean()),
+                "truncated_frac": float(merged.truncated.mean()), "n": len(merged.prompts),
+                "policy_version": merged.policy_version,
+                "examples": [f"{show(p)} {r.strip()}" for p, r in zip(merged.prompts[:examples], merged.responses[:examples])]}

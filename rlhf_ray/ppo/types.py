@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from rlhf_ray.data.chat import Prompt
+
 
 @dataclass
 class Rollout:
@@ -24,28 +26,26 @@ class Rollout:
     response_mask: np.ndarray  # bool [B, T]
     rollout_logprobs: np.ndarray  # float32 [B, T] the engine's sampled-token logprobs (0 off-response)
     truncated: np.ndarray  # bool [B] cut at max_new_tokens without EOS
-    prompts: list[str]
+    prompts: list[Prompt]  # as given: text, or a chat (list of messages)
     responses: list[str]  # decoded response text (special tokens removed)
     policy_version: int  # version of the weights that generated this chunk
     worker_id: int
     gen_seconds: float
     num_tokens: int  # response tokens generated
+    columns: list[dict] = field(default_factory=list)  # per prompt: its record's other fields ([] = none)
+    sources: list[str] = field(default_factory=list)  # per prompt: where it came from ("file:line")
 
 
 @dataclass
 class ScoredRollout:
-    """Rollouts from all workers merged into one batch, with the RM score per response."""
+    """Rollouts from all workers merged into one batch, with the sequence score of every response."""
 
     rollout: Rollout  # merged (worker_id = -1, policy_version = the oldest of the chunks)
-    scores: np.ndarray  # float32 [B] RM reward R(x, y)
-    gold: np.ndarray  # float32 [B] hidden gold reward (evaluation only; NaN when unknown)
+    scores: np.ndarray  # float32 [B] the score PPO maximises: R(x, y) + the weighted reward functions
+    rm_scores: np.ndarray  # float32 [B] RM reward R(x, y)
     score_seconds: float
-
-    @property
-    def gold_mean(self) -> float:
-        """Mean gold reward over the responses that have one (NaN when none has)."""
-        known = self.gold[~np.isnan(self.gold)]
-        return float(known.mean()) if known.size else float("nan")
+    # Each reward function's values by metric name ("rewards/<name>"), float32 [B], NaN where it returned None.
+    function_scores: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass

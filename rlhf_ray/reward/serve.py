@@ -2,13 +2,21 @@
 
 HTTP API (JSON; OpenAPI docs at ``<url>/docs``)::
 
-    POST /score        {"prompt": str, "responses": [str, ...]}
+    POST /score        {"prompt": str | [{"role", "content"}, ...], "responses": [str, ...]}
                     -> {"rewards": [R_i], "probs": [P(y_i|x)], "best": argmax_i R_i,
                         "truncated": [bool], "model_version": str}
     POST /score_batch  {"items": [{"prompt": ..., "responses": [...]}, ...]}
                     -> {"results": [<as /score>, ...], "model_version": str}
+    POST /get_reward   {"query": [str], "prompts": [str] (optional), "labels": [...] (ignored)}
+                    -> {"rewards": [R_i], "scores": [R_i], "model_version": str}
     GET  /version      -> {"model_version", "checkpoint", "max_length", "batching", "limits", "load_error"}
     GET  /healthz      -> {"status": "ok"}
+
+A chat prompt (a list of messages) is rendered with the checkpoint's chat template, each response
+as the assistant's turn, exactly as in training (``rlhf_ray.data.chat``). ``/get_reward`` is
+OpenRLHF's remote reward-model protocol (its ``--remote_rm_url``): each query is a text already
+rendered (prompt and response); where ``prompts`` is given and a query starts with its prompt, the
+query is scored as that (prompt, response) pair, else whole.
 
 Errors are 4xx with ``{"error": {"type": ..., "message": ..., "fields": [{"field", "message"}]}}``:
 400 invalid JSON, 401 missing/wrong bearer token, 404/405 unknown route, 422 a field is wrong
@@ -39,12 +47,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any, NamedTuple, Union
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -73,9 +81,12 @@ class RequestError(ValueError):
 
 
 def _field_name(loc) -> str:
-    """``("body", "items", 3, "responses")`` -> ``"items[3].responses"``."""
+    """``("body", "items", 3, "responses")`` -> ``"items[3].responses"``; the tags pydantic puts in for
+    a union's member (``"chat prompt"``, ``"list[Message]"``: never identifiers) are left out."""
     name = ""
     for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, str) and not part.isidentifier():
+            continue
         name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
     return name or "body"
 
@@ -115,18 +126,43 @@ class RequestModels(NamedTuple):
     score: type[BaseModel]
     batch: type[BaseModel]
     pairs: type[BaseModel]
+    get_reward: type[BaseModel]
+
+
+class Message(BaseModel):
+    """One chat message; other keys (name, tool calls, ...) reach the chat template as they are."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    role: str
+    content: str
+
+
+def _plain(prompt):
+    """A validated prompt as the scorer takes it: text, or the messages as dicts."""
+    return prompt if isinstance(prompt, str) else [m.model_dump() for m in prompt]
 
 
 def request_models(cfg: ServeConfig) -> RequestModels:
     """Request bodies with this deployment's limits: strict types, unknown fields rejected."""
     Text = Annotated[str, Field(max_length=cfg.max_chars)]
+    Chat = Annotated[list[Message], Field(min_length=1, max_length=cfg.max_responses * 4)]
+    # Text or chat, told apart by the JSON type, so that an error names the one the client meant.
+    PromptField = Annotated[Union[Annotated[Text, Tag("text prompt")], Annotated[Chat, Tag("chat prompt")]],
+                            Discriminator(lambda v: "chat prompt" if isinstance(v, list) else "text prompt")]
     strict = ConfigDict(strict=True, extra="forbid")
 
     class ScoreRequest(BaseModel):
         model_config = strict
-        prompt: Text = Field(description=f"the prompt x (at most {cfg.max_chars} characters)")
+        prompt: PromptField = Field(description=f"the prompt x: text (at most {cfg.max_chars} characters) or a "
+                                                f"chat, a list of {{role, content}} messages")
         responses: list[Text] = Field(min_length=1, max_length=cfg.max_responses,
                                       description=f"1..{cfg.max_responses} candidate responses y_i")
+
+        @model_validator(mode="after")
+        def _chat_length(self):
+            if not isinstance(self.prompt, str) and sum(len(m.content) for m in self.prompt) > cfg.max_chars:
+                raise ValueError(f"prompt: the messages hold more than {cfg.max_chars} characters")
+            return self
 
     class ScoreBatchRequest(BaseModel):
         model_config = strict
@@ -135,7 +171,7 @@ def request_models(cfg: ServeConfig) -> RequestModels:
 
     class PairsRequest(BaseModel):
         model_config = strict
-        prompts: list[Text] = Field(max_length=cfg.max_prompts * cfg.max_responses)
+        prompts: list[PromptField] = Field(max_length=cfg.max_prompts * cfg.max_responses)
         responses: list[Text] = Field(max_length=cfg.max_prompts * cfg.max_responses)
 
         @model_validator(mode="after")
@@ -144,7 +180,37 @@ def request_models(cfg: ServeConfig) -> RequestModels:
                 raise ValueError(f"{len(self.prompts)} prompts but {len(self.responses)} responses")
             return self
 
-    return RequestModels(ScoreRequest, ScoreBatchRequest, PairsRequest)
+    Rendered = Annotated[str, Field(max_length=2 * cfg.max_chars)]  # prompt and response together
+
+    class GetRewardRequest(BaseModel):
+        model_config = strict
+        query: list[Rendered] = Field(min_length=1, max_length=cfg.max_prompts * cfg.max_responses,
+                                      description="texts already rendered: prompt and response in one string")
+        prompts: list[Rendered] | None = Field(None, description="the prompt of each query (optional)")
+        labels: list[Any] | None = Field(None, description="accepted for OpenRLHF's client; not used")
+
+        @model_validator(mode="after")
+        def _aligned(self):
+            if self.prompts is not None and len(self.prompts) != len(self.query):
+                raise ValueError(f"{len(self.query)} queries but {len(self.prompts)} prompts")
+            return self
+
+    return RequestModels(ScoreRequest, ScoreBatchRequest, PairsRequest, GetRewardRequest)
+
+
+def split_queries(query: list[str], prompts: list[str] | None) -> tuple[list[str], list[str]]:
+    """OpenRLHF's (query, prompts) as (prompt, response) pairs for the plain-text rule: where a query
+    starts with its (non-empty) prompt the rest is the response; else the prompt is empty (scored whole)."""
+    out_p, out_r = [], []
+    for i, q in enumerate(query):
+        p = prompts[i] if prompts is not None else ""
+        if p and q.startswith(p):
+            out_p.append(p)
+            out_r.append(q[len(p):])
+        else:
+            out_p.append("")
+            out_r.append(q)
+    return out_p, out_r
 
 
 def _validate(model: type[BaseModel], payload: dict) -> BaseModel:
@@ -164,6 +230,12 @@ class ScoreResponse(BaseModel):
 
 class ScoreBatchResponse(BaseModel):
     results: list[ScoreResponse]
+    model_version: str
+
+
+class GetRewardResponse(BaseModel):
+    rewards: list[float]
+    scores: list[float]  # the same list: OpenRLHF versions read one key or the other
     model_version: str
 
 
@@ -229,11 +301,13 @@ class RewardModelServer:
     """One replica. The model is loaded by ``reconfigure({"checkpoint": path})`` (Serve's user_config)."""
 
     def __init__(self, cfg: ServeConfig, max_length: int = 64, auth_token: str | None = None,
-                 batching: bool = True):
+                 batching: bool = True, chat_template: str = "auto"):
+        """``chat_template``: ``auto`` (the checkpoint's own), ``none``, or Jinja source."""
         from rlhf_ray.runtime import quiet_libraries
 
         quiet_libraries()  # no per-load progress bars in replica logs (also under plain `serve run`)
         self.cfg, self.max_length, self.batching = cfg, max_length, batching
+        self.chat_template = chat_template
         self.models = request_models(cfg)
         self._token = auth_token or None
         # One forward at a time, off the event loop (so /healthz and batching stay responsive).
@@ -254,7 +328,8 @@ class RewardModelServer:
         if path == self._checkpoint:
             return
         try:
-            scorer = await asyncio.get_running_loop().run_in_executor(None, RewardScorer, path, self.max_length)
+            scorer = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: RewardScorer(path, self.max_length, chat_template=self.chat_template))
         except Exception as e:
             if self._scorer is None:
                 raise
@@ -272,22 +347,41 @@ class RewardModelServer:
 
     # -- the handle API (same dicts as HTTP) --
 
-    async def score(self, prompt: str, responses: list[str]) -> dict:
-        req = _validate(self.models.score, {"prompt": prompt, "responses": responses})
-        version, [result] = await self._score([(req.prompt, req.responses)])
-        return _result_json(result, version)
+    async def score(self, prompt, responses: list[str]) -> dict:
+        """``prompt``: text or a chat (a list of {"role", "content"} messages)."""
+        return await self._score_request(_validate(self.models.score, {"prompt": prompt, "responses": responses}))
 
     async def score_batch(self, items: list[dict]) -> dict:
-        req = _validate(self.models.batch, {"items": items})
-        version, results = await self._score([(it.prompt, it.responses) for it in req.items])
-        return {"results": [_result_json(r, version) for r in results], "model_version": version}
+        return await self._score_batch_request(_validate(self.models.batch, {"items": items}))
 
-    async def score_pairs(self, prompts: list[str], responses: list[str]) -> dict:
+    async def score_pairs(self, prompts: list, responses: list[str]) -> dict:
         """Flat R(x_i, y_i) for aligned lists (PPO): {"rewards", "truncated", "model_version"}."""
         req = _validate(self.models.pairs, {"prompts": prompts, "responses": responses})
-        if not req.prompts:
+        return await self._score_flat([_plain(p) for p in req.prompts], req.responses)
+
+    async def get_reward(self, query: list[str], prompts: list[str] | None = None, labels=None) -> dict:
+        """OpenRLHF's remote-RM protocol (see the module docstring)."""
+        return await self._get_reward_request(_validate(self.models.get_reward, {
+            "query": query, "prompts": prompts, "labels": labels}))
+
+    # -- one implementation per request kind, shared by the handle API and HTTP
+
+    async def _score_request(self, req) -> dict:
+        version, [result] = await self._score([(_plain(req.prompt), req.responses)])
+        return _result_json(result, version)
+
+    async def _score_batch_request(self, req) -> dict:
+        version, results = await self._score([(_plain(it.prompt), it.responses) for it in req.items])
+        return {"results": [_result_json(r, version) for r in results], "model_version": version}
+
+    async def _get_reward_request(self, req) -> dict:
+        out = await self._score_flat(*split_queries(req.query, req.prompts))
+        return {"rewards": out["rewards"], "scores": out["rewards"], "model_version": out["model_version"]}
+
+    async def _score_flat(self, prompts: list, responses: list[str]) -> dict:
+        if not prompts:
             return {"rewards": [], "truncated": [], "model_version": self._scorer.model_version}
-        version, results = await self._score([(p, [r]) for p, r in zip(req.prompts, req.responses)])
+        version, results = await self._score([(p, [r]) for p, r in zip(prompts, responses)])
         return {"rewards": [r.rewards[0] for r in results], "truncated": [r.truncated[0] for r in results],
                 "model_version": version}
 
@@ -388,13 +482,15 @@ def build_http_app(server: RewardModelServer) -> FastAPI:
 
     @app.post("/score", response_model=ScoreResponse, responses=errors)
     async def score(body: models.score):
-        version, [result] = await server._score([(body.prompt, body.responses)])
-        return _result_json(result, version)
+        return await server._score_request(body)
 
     @app.post("/score_batch", response_model=ScoreBatchResponse, responses=errors)
     async def score_batch(body: models.batch):
-        version, results = await server._score([(it.prompt, it.responses) for it in body.items])
-        return {"results": [_result_json(r, version) for r in results], "model_version": version}
+        return await server._score_batch_request(body)
+
+    @app.post("/get_reward", response_model=GetRewardResponse, responses=errors)
+    async def get_reward(body: models.get_reward):
+        return await server._get_reward_request(body)
 
     @app.get("/version")
     async def version():
@@ -428,7 +524,7 @@ def check_checkpoint(checkpoint_dir: str | Path) -> Path:
 
 
 def build_app(serve_cfg: ServeConfig, checkpoint_dir: str | Path, max_length: int = 64, *,
-              auth_token: str | None = None, batching: bool = True):
+              auth_token: str | None = None, batching: bool = True, chat_template: str = "auto"):
     """The Serve application (``RewardModelServer`` bound with its options); nothing starts yet."""
     cfg = serve_cfg
     options: dict[str, Any] = dict(
@@ -448,12 +544,13 @@ def build_app(serve_cfg: ServeConfig, checkpoint_dir: str | Path, max_length: in
             "target_ongoing_requests": cfg.target_ongoing_requests}
     else:
         options["num_replicas"] = cfg.num_replicas
-    return RewardModelServer.options(**options).bind(cfg, max_length, auth_token, batching)
+    return RewardModelServer.options(**options).bind(cfg, max_length, auth_token, batching, chat_template)
 
 
 def app_builder(args: dict):
     """For ``serve run rlhf_ray.reward.serve:app_builder checkpoint=/path [max_length=64]
-    [batching=false] [<ServeConfig field>=value ...]`` (host/port come from ``serve run``)."""
+    [batching=false] [chat_template=FILE.jinja] [<ServeConfig field>=value ...]`` (host/port come from
+    ``serve run``)."""
     from rlhf_ray.config import load_config
 
     args = dict(args)
@@ -462,9 +559,12 @@ def app_builder(args: dict):
         raise ValueError("app_builder: checkpoint=<RM directory> is required")
     max_length = int(args.pop("max_length", 64))
     batching = str(args.pop("batching", "true")).lower() in ("1", "true", "yes")
+    from rlhf_ray.data.chat import resolve_chat_template
+
+    chat_template = resolve_chat_template(str(args.pop("chat_template", "auto")), "chat_template")
     cfg = load_config(None, [f"serve.{k}={v}" for k, v in args.items()]).serve
     return build_app(cfg, checkpoint, max_length, auth_token=os.environ.get(cfg.auth_token_env) or None,
-                     batching=batching)
+                     batching=batching, chat_template=chat_template)
 
 
 def service_url(serve_cfg: ServeConfig, route_prefix: str = "/") -> str:
@@ -490,7 +590,7 @@ def wait_healthy(url: str, timeout_s: float = 60.0) -> None:
 
 
 def deploy_rm(serve_cfg: ServeConfig, checkpoint_dir: str | Path, max_length: int = 64, name: str = "rm", *,
-              route_prefix: str = "/", batching: bool = True, timeout_s: float = 120.0):
+              route_prefix: str = "/", batching: bool = True, timeout_s: float = 120.0, chat_template: str = "auto"):
     """Start Serve on serve_cfg.host:port (joining or starting Ray), run the RM app, wait until it
     answers /healthz; returns ``(url, handle)``. Called again with another checkpoint, it rolls the
     running app onto it without dropping requests. Auth is on when the env var
@@ -498,8 +598,8 @@ def deploy_rm(serve_cfg: ServeConfig, checkpoint_dir: str | Path, max_length: in
     from rlhf_ray.runtime import init_ray
 
     init_ray()
-    app = build_app(serve_cfg, checkpoint_dir, max_length,
-                    auth_token=os.environ.get(serve_cfg.auth_token_env) or None, batching=batching)
+    app = build_app(serve_cfg, checkpoint_dir, max_length, auth_token=os.environ.get(serve_cfg.auth_token_env) or None,
+                    batching=batching, chat_template=chat_template)
     serve.start(http_options={"host": serve_cfg.host, "port": serve_cfg.port})
     handle = serve.run(app, name=name, route_prefix=route_prefix)
     url = service_url(serve_cfg, route_prefix)
@@ -508,7 +608,7 @@ def deploy_rm(serve_cfg: ServeConfig, checkpoint_dir: str | Path, max_length: in
 
 
 def rm_service(serve_cfg: ServeConfig, checkpoint_dir: str | Path | None, max_length: int = 64,
-               name: str = "rm") -> tuple[str | None, object, bool]:
+               name: str = "rm", chat_template: str = "auto") -> tuple[str | None, object, bool]:
     """The RM as a service for a client job (PPO): the app ``name`` if it already runs on this Ray
     cluster (``rlhf-ray serve-rm``, another job), else one deployed from ``checkpoint_dir``.
     Returns ``(url or None for a running app, handle, deployed_here)``; remove what was deployed
@@ -524,7 +624,7 @@ def rm_service(serve_cfg: ServeConfig, checkpoint_dir: str | Path | None, max_le
     if checkpoint_dir is None:
         raise ValueError(f"no Serve app {name!r} is running on this Ray cluster, and no RM checkpoint was "
                          f"given to deploy one")
-    url, handle = deploy_rm(serve_cfg, checkpoint_dir, max_length, name)
+    url, handle = deploy_rm(serve_cfg, checkpoint_dir, max_length, name, chat_template=chat_template)
     return url, handle, True
 
 
@@ -536,7 +636,8 @@ def shutdown_rm(name: str | None = None) -> None:
         serve.delete(name)
 
 
-def serve_rm_forever(serve_cfg: ServeConfig, checkpoint_dir: str | Path, max_length: int = 64) -> None:
+def serve_rm_forever(serve_cfg: ServeConfig, checkpoint_dir: str | Path, max_length: int = 64,
+                     chat_template: str = "auto") -> None:
     """For ``rlhf-ray serve-rm``: deploy, print the URL, serve until Ctrl-C (or SIGTERM), shut down
     Serve, and Ray too if this call started it."""
     import signal
@@ -550,7 +651,7 @@ def serve_rm_forever(serve_cfg: ServeConfig, checkpoint_dir: str | Path, max_len
 
     started_ray = not ray.is_initialized()
     try:
-        url, _ = deploy_rm(serve_cfg, checkpoint_dir, max_length)
+        url, _ = deploy_rm(serve_cfg, checkpoint_dir, max_length, chat_template=chat_template)
         if threading.current_thread() is threading.main_thread():  # after ray.init, which sets its own
             signal.signal(signal.SIGTERM, stop)  # docker stop, systemd: the same clean stop as Ctrl-C
         token = os.environ.get(serve_cfg.auth_token_env)
