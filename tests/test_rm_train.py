@@ -87,7 +87,10 @@ def test_ddp_step_gradient_equals_one_process_mean(test_config, policy_dir):
         assert sums / len(chunks) == pytest.approx(ref.item(), abs=1e-6)
         for k, p in model.named_parameters():
             ddp = (grads[0][k] + grads[1][k]) / 2
-            torch.testing.assert_close(ddp, p.grad, rtol=1e-4, atol=1e-7, msg=k)
+            # float32 summation order differs between the paths: entries that nearly cancel (embedding
+            # rows hit by many tokens) keep an error of ~1e-6 of the tensor's largest gradient.
+            torch.testing.assert_close(ddp, p.grad, rtol=1e-4, atol=1e-6 * float(p.grad.abs().max()) + 1e-9,
+                                       msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_train_loss_is_the_mean_over_all_records(test_config, policy_dir):

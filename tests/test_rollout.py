@@ -626,8 +626,26 @@ def test_a_model_with_tied_embeddings_syncs_once_per_weight(policy_dir, test_con
     assert logprob_drift(lp, learner.logprobs(r.input_ids, r.attention_mask), r.response_mask) < TOL
 
 
-@pytest.mark.parametrize("plain,mode", [(True, "in_place"), (False, "reload")])
-def test_a_16_bit_engine_takes_weights_in_its_own_dtype(policy_dir, test_config, rollout, plain, mode):
+def vllm_packs_bf16_linears() -> bool:
+    """Whether vLLM packs a bfloat16 linear weight on this CPU (as ``dispatch_cpu_unquantized_gemm``
+    does): its AMX kernels for small matrices, or a oneDNN handle, which cannot be made without
+    AVX-512 bfloat16 (on an AVX2-only CPU vLLM falls back to plain weights)."""
+    from vllm import _custom_ops as ops
+    from vllm.model_executor.layers.utils import check_cpu_sgl_kernel
+
+    if check_cpu_sgl_kernel(256, 128, torch.bfloat16):
+        return True
+    if not ops._supports_onednn:
+        return False
+    try:
+        ops.create_onednn_mm(torch.zeros(256, 128, dtype=torch.bfloat16).t(), 32)
+        return True
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.parametrize("plain,packed_mode", [(True, "in_place"), (False, "reload")])
+def test_a_16_bit_engine_takes_weights_in_its_own_dtype(policy_dir, test_config, rollout, plain, packed_mode):
     """rollout.dtype=bfloat16: the engine asks for bfloat16 weights (wire_dtype), and a sync in
     bfloat16 (half the bytes) leaves it computing exactly what a float32 sync does, since the engine
     rounds float32 to bfloat16 as it loads; also through safetensors bytes, the form an engine in another
@@ -638,6 +656,8 @@ def test_a_16_bit_engine_takes_weights_in_its_own_dtype(policy_dir, test_config,
     from rlhf_ray.ppo.rollout import RolloutWorker, _plain_cpu_linear
     from rlhf_ray.ppo.weights import bucket_to_bytes, drift_limit
 
+    # Packed weights are only packed where vLLM can pack them: elsewhere they stay plain, synced in place.
+    mode = packed_mode if plain or vllm_packs_bf16_linears() else "in_place"
     args = rollout.input_ids, rollout.attention_mask, rollout.response_mask
     new, sft = hf_model(policy_dir, noise=0.05, seed=7), hf_model(policy_dir)
     threads = torch.get_num_threads()

@@ -134,9 +134,9 @@ def pad_token_id(tokenizer) -> int:
     return pad
 
 
-def as_renderer(tokenizer_or_renderer) -> ChatRenderer:
-    """A ChatRenderer as given, or the tokenizer's own (``data.chat_template=auto``)."""
-    if isinstance(tokenizer_or_renderer, ChatRenderer):
+def as_renderer(tokenizer_or_renderer) -> ChatRenderer | None:
+    """A ChatRenderer as given, or the tokenizer's own (``data.chat_template=auto``); None for None."""
+    if tokenizer_or_renderer is None or isinstance(tokenizer_or_renderer, ChatRenderer):
         return tokenizer_or_renderer
     return ChatRenderer(tokenizer_or_renderer)
 
