@@ -963,7 +963,7 @@ def test_ppo_on_a_users_prompt_file_with_chats_and_reward_functions(ray_cluster,
     plain text) with a column the reward functions read, a held-out file, programmatic rewards from a
     module outside the package (shipped to the scorer actor), an eval function. The iterations draw
     the prompt stream's batches; a run resumed from iteration 2's checkpoint draws the same prompts for
-    iterations 3 and 4 (none repeated or skipped) and the same metrics."""
+    iteration 3 (none repeated or skipped) and the same metrics."""
     import ray
     from reference import CHAT_TEMPLATE
 
@@ -978,8 +978,8 @@ def test_ppo_on_a_users_prompt_file_with_chats_and_reward_functions(ray_cluster,
     (tmp_path / "prompts.jsonl").write_text("\n".join(lines) + "\n")
     (tmp_path / "held.jsonl").write_text("\n".join(lines[:4]) + "\n")
     (tmp_path / "chat.jinja").write_text(CHAT_TEMPLATE)
-    ppo = ppo_cfg(test_config, iterations=4, prompts_per_iteration=8, max_new_tokens=8, minibatch_size=8,
-                  checkpoint_every=2, eval_every=2, prompts_path=str(tmp_path / "prompts.jsonl"),
+    ppo = ppo_cfg(test_config, iterations=3, prompts_per_iteration=8, max_new_tokens=8, minibatch_size=8,
+                  checkpoint_every=1, eval_every=2, prompts_path=str(tmp_path / "prompts.jsonl"),
                   eval_prompts_path=str(tmp_path / "held.jsonl"), eval_prompts=0,
                   reward_functions=(RewardFunctionConfig("task_rewards:mentions", 1.0),
                                     RewardFunctionConfig("task_rewards:words", 0.0)),
@@ -999,11 +999,11 @@ def test_ppo_on_a_users_prompt_file_with_chats_and_reward_functions(ray_cluster,
     assert any(f"12 training prompts from {tmp_path / 'prompts.jsonl'} (6 chats), 4 held-out prompts" in x
                for x in log), log
     stream = PromptStream(read_prompts(str(tmp_path / "prompts.jsonl")), 8, ppo.seed)
-    assert seen["a"] == [[r.prompt for r in stream.batch(it)] for it in range(4)]
+    assert seen["a"] == [[r.prompt for r in stream.batch(it)] for it in range(3)]
     assert sorted(map(json.dumps, seen["a"][0] + seen["a"][1][:4])) == sorted(
         json.dumps(json.loads(x)["prompt"]) for x in lines)  # the first epoch: every prompt once
     for h in a.history:
-        assert set(h) >= {"rewards/mentions", "rewards/words"} and ("eval_reward" in h) == (h["iteration"] % 2 == 0)
+        assert set(h) >= {"rewards/mentions", "rewards/words"} and ("eval_reward" in h) == (h["iteration"] != 1)
         assert 0.0 <= h["rewards/mentions"] <= 1.0 and 1.0 <= h["rewards/words"] <= 9.0
         # reward = RM + 1.0 x mentions (every record has a product; words has weight 0)
         assert h["reward"] == pytest.approx(h["rm_score"] + h["rewards/mentions"], abs=1e-5)
@@ -1166,3 +1166,36 @@ def test_cli_ppo_runs_and_resumes(ray_cluster, policy_dir, rm_dir, tmp_path, cap
 
     assert main([*args, "--rm-checkpoint", str(tmp_path / "nope")]) == 2
     assert f"--rm-checkpoint: {tmp_path / 'nope'} is not an RM directory" in capsys.readouterr().err
+
+
+def test_reward_functions_from_a_local_module_travel_with_their_code(tmp_path, monkeypatch):
+    """A module that is not installed (a file in the working directory) reaches the scorer actor on any
+    node with the function: after ship_by_value its functions unpickle in a process that cannot import
+    the module. An installed one goes by reference."""
+    import math
+    import subprocess
+    import sys
+
+    import ray.cloudpickle
+
+    from rlhf_ray.config import RewardFunctionConfig
+    from rlhf_ray.reward.functions import load_eval_function, load_reward_functions, ship_by_value
+
+    (tmp_path / "user_rewards_for_shipping.py").write_text(
+        "import math\n\nSCALE = 2.0\n\n\ndef _n(c):\n    return len(c if isinstance(c, str) else c[-1]['content'])\n\n\n"
+        "def long_answers(prompts, completions, **kwargs):\n    return [SCALE * math.log1p(_n(c)) for c in completions]\n")
+    monkeypatch.chdir(tmp_path)  # the driver's working directory is importable, as for a script
+    [fn] = ship_by_value(load_reward_functions([RewardFunctionConfig("user_rewards_for_shipping:long_answers")]))
+    blob = ray.cloudpickle.dumps(fn)
+    code = ("import pickle, sys; f = pickle.loads(sys.stdin.buffer.read()); "
+            "print(f.fn(prompts=['p'], completions=['abc']))")
+    elsewhere = tmp_path / "other"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, cwd=elsewhere, env=env,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    assert out.stdout.decode().strip() == f"[{2.0 * math.log1p(3)!r}]"
+    installed = load_eval_function("rlhf_ray.data.synthetic:gold")
+    assert b"rlhf_ray.data.synthetic" in ray.cloudpickle.dumps(ship_by_value([installed])[0]) and \
+        len(ray.cloudpickle.dumps(installed)) < 400

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import pickle
 import re
@@ -406,9 +405,10 @@ def _cleanup(log, what: str, step: Callable, *args) -> None:
 
 
 def _progress(m: dict, iterations: int) -> str:
+    held_out = (f"(held-out: eval {m['eval_reward']:+.3f} rm {m['eval_rm_score']:+.3f}) " if "eval_rm_score" in m
+                else "")
     return (f"[ppo] it {m['iteration']}/{iterations} v{m['policy_version']} "
-            f"reward {m['reward']:+.3f} rm {m['rm_score']:+.3f} (held-out: eval {m.get('eval_reward', math.nan):+.3f} "
-            f"rm {m.get('eval_rm_score', math.nan):+.3f}) "
+            f"reward {m['reward']:+.3f} rm {m['rm_score']:+.3f} {held_out}"
             f"kl_ref {m['kl_ref']:.3f} | pg {m['policy_loss']:+.4f} vf {m['value_loss']:.4f} "
             f"clip {m['clip_frac']:.3f} ent {m['entropy']:.2f} | gen {m['gen_seconds']:.2f}s "
             f"score {m['score_seconds']:.2f}s learn {m['learn_seconds']:.2f}s sync {m['sync_seconds']:.3f}s "
