@@ -586,10 +586,13 @@ def test_every_stop_token_of_the_generation_config_ends_a_response(policy_dir, t
     assert by_stop >= 4  # most reviews end in it now
 
 
-def test_a_model_with_tied_embeddings_syncs_once_per_weight(policy_dir, test_config, tmp_path):
-    """tie_word_embeddings (Qwen2.5-0.5B, Llama-3.2-1B): the learner exports the shared embedding once
-    (lm_head.weight is the same tensor; its saved files and vLLM tie it themselves), and a sync still
-    lands every weight in the engine: logprobs match the learner's after training moved them."""
+@pytest.mark.parametrize("plain", [True, False])
+def test_a_model_with_tied_embeddings_syncs_once_per_weight(policy_dir, test_config, tmp_path, plain):
+    """tie_word_embeddings (Qwen2.5-0.5B, Llama-3.2-1B, SmolLM2): the learner exports the shared
+    embedding once (lm_head.weight is the same tensor; its saved files and vLLM tie it themselves), and a
+    sync still lands every weight in the engine, with plain weights (in place) and with vLLM's packed
+    ones (reload, where the LM head's packed copy must be rebuilt from the new embedding): logprobs
+    match the learner's after training moved them."""
     import shutil
 
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -614,8 +617,9 @@ def test_a_model_with_tied_embeddings_syncs_once_per_weight(policy_dir, test_con
             p.add_(0.05 * torch.randn_like(p))
     assert learner.policy.lm_head.weight.data_ptr() == learner.policy.model.embed_tokens.weight.data_ptr()
     threads = torch.get_num_threads()
-    w = RolloutWorker(str(tied), test_config.rollout, worker_id=6, seed=0)
+    w = RolloutWorker(str(tied), dataclasses.replace(test_config.rollout, cpu_plain_weights=plain), worker_id=6, seed=0)
     try:
+        assert w.weight_sync_mode == ("in_place" if plain else "reload")
         r = w.generate(synthetic.prompts(4, seed=1), 6, 1.0, 1.0, seed=0)
         info = w.update_weights(learner.weight_buckets(64 << 10), version=1)
         assert info["bytes"] == sum(a.nbytes for a in learner.state_dict().values())

