@@ -405,8 +405,10 @@ def _cleanup(log, what: str, step: Callable, *args) -> None:
 
 
 def _progress(m: dict, iterations: int) -> str:
-    held_out = (f"(held-out: eval {m['eval_reward']:+.3f} rm {m['eval_rm_score']:+.3f}) " if "eval_rm_score" in m
-                else "")
+    held_out = ""
+    if "eval_rm_score" in m:  # an evaluated iteration; eval_reward is NaN without an eval function
+        ev = m["eval_reward"]
+        held_out = f"(held-out: {'' if ev != ev else f'eval {ev:+.3f} '}rm {m['eval_rm_score']:+.3f}) "
     return (f"[ppo] it {m['iteration']}/{iterations} v{m['policy_version']} "
             f"reward {m['reward']:+.3f} rm {m['rm_score']:+.3f} {held_out}"
             f"kl_ref {m['kl_ref']:.3f} | pg {m['policy_loss']:+.4f} vf {m['value_loss']:.4f} "
@@ -457,7 +459,7 @@ def prepare_task(cfg: Config, policy_dir: str | Path) -> PromptTask:
     check_engine_fit(model_config, cfg.ppo.max_prompt_tokens, cfg.ppo.max_new_tokens, cfg.rollout,
                      on_gpu=cfg.rollout.gpus_per_worker > 0)
     task = load_prompt_task(cfg.ppo, ChatRenderer(AutoTokenizer.from_pretrained(str(policy_dir)), template))
-    try:  # importable here (the driver's working directory); the scorer gets the same modules
+    try:  # importable here, from the driver's working directory (they travel to the scorer by value)
         load_reward_functions(cfg.ppo.reward_functions)
         load_eval_function(task.eval_reward)
     except RewardFunctionError as e:
@@ -642,8 +644,8 @@ def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None,
         else:
             before, history = evaluate(), []
             metrics_log.write(0, {k: v for k, v in before.items() if k != "eval_examples"})
-        log(f"[ppo] before: held-out eval reward {before['eval_reward']:+.3f} rm {before['eval_rm_score']:+.3f} "
-            f"e.g. {before['eval_examples'][0]!r}")
+        evaluated = f"eval reward {before['eval_reward']:+.3f} " if task.eval_reward else ""
+        log(f"[ppo] before: held-out {evaluated}rm {before['eval_rm_score']:+.3f} e.g. {before['eval_examples'][0]!r}")
         after = before
 
         # Every call below only submits work; the driver waits once per iteration (train stats, sync
@@ -784,9 +786,10 @@ def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None,
         policy_out = Path(_get_small(learner.save.remote(str(out_dir / "policy"))))
         plot = plot_ppo(history, out_dir / "ppo.png", before, eval_name=task.eval_reward)
         seconds = time.perf_counter() - start
-        log(f"[ppo] done in {seconds:.0f}s: held-out eval reward {before['eval_reward']:+.3f} -> "
-            f"{after['eval_reward']:+.3f}, "
-            f"rm {before['eval_rm_score']:+.3f} -> {after['eval_rm_score']:+.3f}, "
+        evaluated = (f"eval reward {before['eval_reward']:+.3f} -> {after['eval_reward']:+.3f}, " if task.eval_reward
+                     else "")
+        log(f"[ppo] done in {seconds:.0f}s: held-out {evaluated}rm {before['eval_rm_score']:+.3f} -> "
+            f"{after['eval_rm_score']:+.3f}, "
             f"kl_ref {history[-1]['kl_ref']:.3f}; policy {policy_out}, plot {plot}")
         return PPOResult(before=before, after=after, history=history, policy_dir=policy_out, eval_reward_name=task.eval_reward,
                          metrics_path=metrics_log.path, plot_path=plot, seconds=seconds)
