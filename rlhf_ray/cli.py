@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +29,13 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rlhf-ray", description="RLHF on Ray: listwise reward model (Ray Train) and PPO stages.",
         epilog="Overrides: section.field=value, e.g. rm.num_workers=1 data.num_train=500")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("rlhf-ray")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        v = "unknown"
+    p.add_argument("--version", action="version", version=f"rlhf-ray {v}")
     sub = p.add_subparsers(dest="command", metavar="STAGE", required=True)
     for name, help_text in STAGES.items():
         s = sub.add_parser(name, help=help_text, description=help_text)
@@ -41,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
         if name == "serve-rm":
             s.add_argument("--checkpoint", required=True, help="RM checkpoint / model directory (safetensors)")
+            s.add_argument("--host", default=None, help="address to serve on (default serve.host, 127.0.0.1)")
+            s.add_argument("--port", type=int, default=None, help="port (default serve.port, 8000)")
         if name == "ppo":
             s.add_argument("--rm-checkpoint", default=None,
                            help="RM directory (default: <output_dir>/rm/latest from train-rm)")
@@ -101,10 +111,16 @@ def cmd_serve_rm(args, cfg: Config) -> None:
     from rlhf_ray.data.chat import resolve_chat_template
     from rlhf_ray.reward.serve import serve_rm_forever
 
+    from rlhf_ray.reward.serve import check_exposure
+
     try:
         template = resolve_chat_template(cfg.data.chat_template)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    flags = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if flags:  # the flags win over the config, as for every server command
+        cfg = load_config(args.config, [*args.overrides, *(f"serve.{k}={v}" for k, v in flags.items())])
+    check_exposure(cfg.serve, os.environ.get(cfg.serve.auth_token_env) or None)  # before Ray starts
     _init_ray(args, cfg)
     serve_rm_forever(cfg.serve, args.checkpoint, cfg.rm.max_length, chat_template=template)
 

@@ -7,7 +7,9 @@ field (``rm.lr``) and what is allowed. Command-line overrides use the same dotte
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
 import os
 import typing
 from dataclasses import dataclass, field
@@ -111,8 +113,12 @@ class ServeConfig:
     max_responses: int = 16
     max_chars: int = 2000
     max_prompts: int = 256
+    # Request bodies larger than this are refused (413) before they are read whole.
+    max_request_mib: int = 16
     # Name of the environment variable holding a bearer token; auth is on when it is set.
     auth_token_env: str = "RLHF_RAY_SERVE_TOKEN"
+    # Serving on a non-loopback host (e.g. 0.0.0.0) with no token set is refused unless this is true.
+    allow_unauthenticated: bool = False
 
 
 @dataclass(frozen=True)
@@ -260,7 +266,7 @@ class Config:
 _POSITIVE = {
     "sft.steps", "sft.batch_size", "data.num_train", "data.num_eval", "rm.epochs", "rm.batch_size",
     "rm.max_length", "serve.num_replicas", "serve.max_replicas", "serve.max_batch_size",
-    "serve.max_responses", "serve.max_chars", "serve.max_prompts", "ppo.iterations",
+    "serve.max_responses", "serve.max_chars", "serve.max_prompts", "serve.max_request_mib", "ppo.iterations",
     "ppo.prompts_per_iteration", "ppo.max_new_tokens", "ppo.epochs", "ppo.minibatch_size",
     "rollout.num_workers", "rollout.weight_bucket_mib", "ppo.max_prompt_tokens", "model.hidden_size",
     "model.num_layers", "model.num_heads",
@@ -330,7 +336,9 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = prefix or "top level"
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(fields)}")
+        close = {u: difflib.get_close_matches(u, fields, n=1, cutoff=0.6) for u in unknown}
+        hint = "; ".join(f"did you mean {f'{prefix}.' if prefix else ''}{m[0]} (not {u})?" for u, m in close.items() if m)
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; {hint + ' ' if hint else ''}allowed: {sorted(fields)}")
     kwargs = {}
     for key, value in data.items():
         name = f"{prefix}.{key}" if prefix else key
@@ -436,12 +444,27 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             raise ConfigError(f"config file {p}: invalid YAML: {e}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {p}: top level must be a mapping of sections")
+    from_file = copy.deepcopy(tree)  # the overrides below edit nested sections in place
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(tree, key, value)
-    cfg = _build(Config, tree, "")
-    _check_ranges(cfg)
+    try:
+        cfg = _build(Config, tree, "")
+        _check_ranges(cfg)
+    except ConfigError as e:
+        if path and str(e) == _error_of(from_file):  # the file's own value: name the file
+            raise ConfigError(f"{e} (in config file {path})") from None
+        raise
     return cfg
+
+
+def _error_of(tree: dict) -> str | None:
+    """The ConfigError message a tree gives on its own, if any."""
+    try:
+        _check_ranges(_build(Config, tree, ""))
+    except ConfigError as e:
+        return str(e)
+    return None
 
 
 def to_dict(cfg: Any) -> dict:

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from rlhf_ray.cli import main
@@ -9,9 +11,33 @@ def test_defaults_and_overrides(tmp_path):
     f.write_text("rm:\n  num_workers: 3\n  lr: 0.01\nppo:\n  gamma: 0.9\n")
     cfg = load_config(f, ["rm.lr=2e-3", "data.max_k=5"])
     assert cfg.rm.num_workers == 3 and cfg.rm.lr == 2e-3 and cfg.ppo.gamma == 0.9 and cfg.data.max_k == 5
-    assert cfg.sft.steps == load_config().sft.steps  # untouched fields keep defaults
-    with pytest.raises(Exception):
+    assert cfg.sft.steps == 300 and cfg.rm.epochs == 6 and cfg.ppo.lam == 0.95  # untouched fields: the defaults
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.rm.lr = 1.0  # frozen
+
+
+def test_a_misspelt_field_gets_a_suggestion_and_a_bad_file_value_names_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"rm: unknown field\(s\) \['num_worker'\]; did you mean rm.num_workers "
+                                          r"\(not num_worker\)\? allowed: \["):
+        load_config(None, ["rm.num_worker=2"])
+    f = tmp_path / "c.yaml"
+    f.write_text("ppo:\n  gamma: 2\n")
+    with pytest.raises(ConfigError, match=rf"^ppo.gamma: must be in \[0, 1\], got 2.0 \(in config file {f}\)$"):
+        load_config(f)
+    with pytest.raises(ConfigError, match=r"^ppo.gamma: must be in \[0, 1\], got 3.0$"):  # the override's value
+        load_config(f, ["ppo.gamma=3"])
+    assert load_config(f, ["ppo.gamma=0.5"]).ppo.gamma == 0.5  # an override mends the file
+
+
+def test_cli_version_and_serve_rm_refusing_an_open_public_host(capsys, monkeypatch):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("rlhf-ray 0.1")
+    monkeypatch.delenv("RLHF_RAY_SERVE_TOKEN", raising=False)
+    assert main(["serve-rm", "--checkpoint", "nowhere", "--host", "0.0.0.0", "--port", "8123"]) == 2
+    err = capsys.readouterr().err
+    assert "serve.host=0.0.0.0 reaches other machines, and no bearer token is set: set $RLHF_RAY_SERVE_TOKEN" in err
+    assert "serve.allow_unauthenticated=true" in err
 
 
 @pytest.mark.parametrize("override, needle", [

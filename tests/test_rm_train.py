@@ -206,7 +206,7 @@ def test_ray_train_two_workers_checkpoint_and_resume(ray_cluster, test_config, p
     earlier.close()
     rm = replace(cfg.rm, num_workers=2, epochs=1)
     res = train_rm(rm, policy_dir, train_path, eval_path, metrics_path=metrics, storage_path=str(tmp_path / "runs"))
-    assert res.metrics["epoch"] == 1 and 0 <= res.metrics["eval_top1"] <= 1
+    assert res.metrics["epoch"] == 1  # its eval_* are checked against an in-process evaluation below
     assert res.metrics["train_records"] == 235
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1]

@@ -183,9 +183,6 @@ class Learner:
 
     # ------------------------------------------------------------------ weights
 
-    def get_version(self) -> int:
-        return self.version
-
     def _exported(self) -> dict[str, torch.Tensor]:
         """The policy's state dict as the engines take it: a tensor tied to an earlier one (lm_head.weight
         with tie_word_embeddings) is left out, as in the model's saved files; vLLM ties it itself."""

@@ -266,9 +266,6 @@ class RolloutWorker:
     def version(self) -> int:
         return self._version
 
-    def get_version(self) -> int:
-        return self._version
-
     def ready(self) -> bool:
         return True
 

@@ -19,7 +19,8 @@ rendered (prompt and response); where ``prompts`` is given and a query starts wi
 query is scored as that (prompt, response) pair, else whole.
 
 Errors are 4xx with ``{"error": {"type": ..., "message": ..., "fields": [{"field", "message"}]}}``:
-400 invalid JSON, 401 missing/wrong bearer token, 404/405 unknown route, 422 a field is wrong
+400 invalid JSON, 401 missing/wrong bearer token, 404/405 unknown route, 413 a body over
+``serve.max_request_mib``, 422 a field is wrong
 (``message`` and ``fields`` name it, e.g. ``items[2].responses``) or scoring that input failed.
 
 Limits (ServeConfig): 1..max_responses responses per prompt, 1..max_prompts items per batch,
@@ -457,14 +458,58 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
+class BodyLimit:
+    """ASGI middleware: 413 with the service's error JSON for a body over ``limit`` bytes, judged by its
+    Content-Length before anything is read, or as it streams in (chunked bodies)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    def _error(self) -> JSONResponse:
+        e = RequestError(413, "request_too_large", f"body: over {self.limit} bytes (serve.max_request_mib)",
+                         [{"field": "body", "message": f"larger than {self.limit} bytes"}])
+        return JSONResponse(e.to_json(), 413)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._error()(scope, receive, send)
+        seen, over = 0, False
+
+        async def guarded_receive():
+            # Past the limit the app gets an empty end of body; whatever it answers then is replaced by
+            # the 413 (FastAPI would turn an exception raised here into its own 400).
+            nonlocal seen, over
+            if over:
+                return {"type": "http.request", "body": b"", "more_body": False}
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    over = True
+                    return {"type": "http.request", "body": b"", "more_body": False}
+            return message
+
+        async def guarded_send(message):
+            if not over:
+                await send(message)
+            elif message["type"] == "http.response.start":
+                await self._error()(scope, receive, send)
+
+        await self.app(scope, guarded_receive, guarded_send)
+
+
 def build_http_app(server: RewardModelServer) -> FastAPI:
     """The FastAPI app of one replica; routes call the same methods as the handle API."""
     models = server.models
-    errors = {code: {"model": ErrorResponse} for code in (400, 401, 422)}
+    errors = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422)}
     app = FastAPI(title="rlhf_ray reward model", version="1",
                   description="Listwise reward model: R(x, y_i) and P(y_i | x) = softmax_i R(x, y_i).")
     if server._token:
         app.add_middleware(BearerAuth, token=server._token)
+    app.add_middleware(BodyLimit, limit=server.cfg.max_request_mib << 20)  # the outermost: before auth
 
     async def on_request_error(_request, e: RequestError):
         return JSONResponse(e.to_json(), status_code=e.status)
@@ -589,6 +634,19 @@ def wait_healthy(url: str, timeout_s: float = 60.0) -> None:
                        f"running on another port, serve.start ignored this one")
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def check_exposure(serve_cfg: ServeConfig, token: str | None) -> None:
+    """Refuse to serve without a token on a host other machines reach, unless told to."""
+    from rlhf_ray.config import ConfigError
+
+    if serve_cfg.host not in LOOPBACK and not token and not serve_cfg.allow_unauthenticated:
+        raise ConfigError(f"serve.host={serve_cfg.host} reaches other machines, and no bearer token is set: set "
+                          f"${serve_cfg.auth_token_env} (serve.auth_token_env), or serve.allow_unauthenticated=true "
+                          f"to serve it open")
+
+
 def deploy_rm(serve_cfg: ServeConfig, checkpoint_dir: str | Path, max_length: int = 64, name: str = "rm", *,
               route_prefix: str = "/", batching: bool = True, timeout_s: float = 120.0, chat_template: str = "auto"):
     """Start Serve on serve_cfg.host:port (joining or starting Ray), run the RM app, wait until it
@@ -597,9 +655,11 @@ def deploy_rm(serve_cfg: ServeConfig, checkpoint_dir: str | Path, max_length: in
     ``serve_cfg.auth_token_env`` is set (read here, in the driver)."""
     from rlhf_ray.runtime import init_ray
 
+    token = os.environ.get(serve_cfg.auth_token_env) or None
+    check_exposure(serve_cfg, token)
     init_ray()
-    app = build_app(serve_cfg, checkpoint_dir, max_length, auth_token=os.environ.get(serve_cfg.auth_token_env) or None,
-                    batching=batching, chat_template=chat_template)
+    app = build_app(serve_cfg, checkpoint_dir, max_length, auth_token=token, batching=batching,
+                    chat_template=chat_template)
     serve.start(http_options={"host": serve_cfg.host, "port": serve_cfg.port})
     handle = serve.run(app, name=name, route_prefix=route_prefix)
     url = service_url(serve_cfg, route_prefix)
