@@ -68,12 +68,13 @@ def sync_benchmark(cfg, hidden: int, layers: int, workers: int, repeats: int = 5
     import ray
 
     from rlhf_ray.models.embedded import embedded_base
-    from rlhf_ray.ppo import actors, driver
+    from rlhf_ray.ppo import actors
+    from rlhf_ray.ppo.pool import RolloutPool
 
     mcfg = dataclasses.replace(cfg.model, hidden_size=hidden, num_layers=layers, intermediate_size=hidden * 2)
     model_dir = embedded_base(mcfg)
     learner = actors.start_learner(model_dir, cfg.ppo)
-    pool = driver.RolloutPool(model_dir, cfg.rollout, seed=0)
+    pool = RolloutPool(model_dir, cfg.rollout, seed=0)
     pool.set_num_workers(workers)
     pool.wait_ready()
     engine_info = ray.get(pool.workers[0].sync_info.remote(), timeout=600)

@@ -296,7 +296,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     quiet_libraries()
-    from rlhf_ray.reward.serve import deploy_rm, shutdown_rm
+    from rlhf_ray.reward.service import deploy_rm, shutdown_rm
 
     tmp = tempfile.TemporaryDirectory(prefix="serve_rm_bench_")
     ckpt = Path(args.checkpoint) if args.checkpoint else embedded_rm(Path(tmp.name) / "rm", args.cache_dir)

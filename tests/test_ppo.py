@@ -471,7 +471,7 @@ def test_weight_buckets_round_trip_the_policy_state_dict(learner_and_batch, tmp_
 
 
 def test_control_file_sets_the_number_of_workers(tmp_path):
-    from rlhf_ray.ppo.driver import _requested_workers
+    from rlhf_ray.ppo.pool import requested_workers as _requested_workers
 
     path, said = tmp_path / "rollout_workers", []
     assert _requested_workers(path, said.append) is None
@@ -482,7 +482,7 @@ def test_control_file_sets_the_number_of_workers(tmp_path):
 
 
 def test_control_file_at_start_applies_to_a_continued_run_and_is_removed_for_a_fresh_one(tmp_path):
-    from rlhf_ray.ppo.driver import _workers_at_start
+    from rlhf_ray.ppo.pool import workers_at_start as _workers_at_start
 
     path, said = tmp_path / "rollout_workers", []
     assert _workers_at_start(path, 2, True, said.append) == 2 and not said  # no file: the config's count
@@ -539,7 +539,7 @@ def test_resume_point_refuses_another_seed_or_reference_policy(test_config, tmp_
     from transformers import LlamaConfig
 
     from rlhf_ray.config import ConfigError
-    from rlhf_ray.ppo.driver import resume_point
+    from rlhf_ray.ppo.checkpoints import resume_point
 
     ref, other = tmp_path / "ref", tmp_path / "other"
     for d in (ref, other):  # same shape as the checkpoint's policy
@@ -571,7 +571,7 @@ def test_read_checkpoint_reads_the_reference_config_through_transformers(tmp_pat
     from transformers import LlamaConfig
 
     from rlhf_ray.config import ConfigError
-    from rlhf_ray.ppo.driver import read_checkpoint
+    from rlhf_ray.ppo.checkpoints import read_checkpoint
 
     ref = tmp_path / "ref"
     LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -589,7 +589,7 @@ def test_read_checkpoint_reads_the_reference_config_through_transformers(tmp_pat
 
 
 def test_recommitting_a_checkpoint_keeps_the_old_one_until_the_new_one_is_in_place(tmp_path, monkeypatch):
-    from rlhf_ray.ppo import driver
+    from rlhf_ray.ppo import checkpoints
 
     root = tmp_path / "checkpoints"
 
@@ -601,10 +601,10 @@ def test_recommitting_a_checkpoint_keeps_the_old_one_until_the_new_one_is_in_pla
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n')
     final = root / "iter_000004"
-    driver._commit_checkpoint(learner_wrote("old"), final, {"iteration": 4}, tmp_path / "metrics.jsonl")
+    checkpoints.commit_checkpoint(learner_wrote("old"), final, {"iteration": 4}, tmp_path / "metrics.jsonl")
     assert (root / "latest").resolve() == final and (final / "policy" / "weights").read_text() == "old"
     # A resumed run redoes iteration 4 ('latest' names it): replaced, nothing left beside it.
-    driver._commit_checkpoint(learner_wrote("new"), final, {"iteration": 4}, tmp_path / "metrics.jsonl")
+    checkpoints.commit_checkpoint(learner_wrote("new"), final, {"iteration": 4}, tmp_path / "metrics.jsonl")
     assert (root / "latest").resolve() == final and (final / "policy" / "weights").read_text() == "new"
     assert sorted(p.name for p in root.iterdir()) == ["iter_000004", "latest"]
     assert json.loads((final / "trainer_state.json").read_text()) == {"iteration": 4}
@@ -616,13 +616,13 @@ def test_recommitting_a_checkpoint_keeps_the_old_one_until_the_new_one_is_in_pla
             raise KeyboardInterrupt
         real_replace(src, dst)
 
-    monkeypatch.setattr(driver.os, "replace", killed_at_the_move)
+    monkeypatch.setattr(checkpoints.os, "replace", killed_at_the_move)
     with pytest.raises(KeyboardInterrupt):
-        driver._commit_checkpoint(learner_wrote("newer"), final, {"iteration": 4}, tmp_path / "metrics.jsonl")
+        checkpoints.commit_checkpoint(learner_wrote("newer"), final, {"iteration": 4}, tmp_path / "metrics.jsonl")
     assert (root / ".old-iter_000004" / "policy" / "weights").read_text() == "new"
     # ... and resuming puts it back where 'latest' points.
-    monkeypatch.setattr(driver.os, "replace", real_replace)
-    assert driver.find_checkpoint(tmp_path) == final  # (its checkpoints/latest)
+    monkeypatch.setattr(checkpoints.os, "replace", real_replace)
+    assert checkpoints.find_checkpoint(tmp_path) == final  # (its checkpoints/latest)
     assert (final / "policy" / "weights").read_text() == "new" and not (root / ".old-iter_000004").exists()
 
 
@@ -648,7 +648,7 @@ def test_only_deaths_and_lost_objects_count_as_failures_to_restart_from():
     assert _system_failure(wrapped) == _system_failure(wrapped.as_instanceof_cause()) == _system_failure(died)
     assert _system_failure(rex.ObjectLostError("ab12", "owner", "")).startswith("ObjectLostError: ")
     # Code that raised (bad input, the drift check, a timeout) would only fail again.
-    from rlhf_ray.ppo.driver import WeightSyncError
+    from rlhf_ray.ppo.sync import WeightSyncError
 
     init_failed = rex.ActorDiedError(rex.RayTaskError("Learner.__init__", "tb", ValueError("no model")))
     assert init_failed.actor_init_failed
@@ -710,23 +710,24 @@ def test_ppo_on_ray(ray_cluster, test_config, policy_dir, rm_dir, tmp_path, monk
     drift below the threshold, its logprobs move away from the initial policy, and the driver only
     ever fetches small dicts."""
     ray = ray_cluster
-    from rlhf_ray.ppo import driver
+    from rlhf_ray.ppo import checkpoints, driver, metrics, pool, refs, sync
     from rlhf_ray.ppo.advantage import AdvantageWorker
     from rlhf_ray.ppo.types import TrainBatch
 
-    # The driver's one ray.get is the size-checked _get_small; record everything it fetches.
-    assert inspect.getsource(driver).count("ray.get(") == 1
+    # The driver's one ray.get is the size-checked refs.get_small; record everything it fetches.
+    assert [inspect.getsource(m).count("ray.get(") for m in (refs, driver, pool, sync, metrics, checkpoints)] \
+        == [1, 0, 0, 0, 0, 0]
     with pytest.raises(RuntimeError, match="bulk data"):
-        driver._get_small(ray.put(np.zeros(1 << 18, np.float32)))
+        refs.get_small(ray.put(np.zeros(1 << 18, np.float32)))
     fetched = []
-    real_get_small = driver._get_small
+    real_get_small = refs.get_small
 
-    def recording_get_small(refs, limit=driver.SMALL_RESULT_BYTES):
-        value = real_get_small(refs, limit)
+    def recording_get_small(refs_, limit=refs.SMALL_RESULT_BYTES):
+        value = real_get_small(refs_, limit)
         fetched.append(value)
         return value
 
-    monkeypatch.setattr(driver, "_get_small", recording_get_small)
+    monkeypatch.setattr(refs, "get_small", recording_get_small)
 
     cfg = dataclasses.replace(
         test_config,
@@ -795,7 +796,7 @@ def test_ppo_deploys_the_rm_app_it_needs_and_removes_it(ray_cluster, test_config
     from ray import serve
 
     from rlhf_ray.ppo.driver import run_ppo
-    from rlhf_ray.reward.serve import shutdown_rm
+    from rlhf_ray.reward.service import shutdown_rm
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -878,7 +879,8 @@ def test_ppo_resumes_from_a_checkpoint_as_if_never_stopped(ray_cluster, test_con
     naming the file."""
     from safetensors.numpy import load_file
 
-    from rlhf_ray.ppo.driver import find_checkpoint, run_ppo
+    from rlhf_ray.ppo.checkpoints import find_checkpoint
+    from rlhf_ray.ppo.driver import run_ppo
 
     # An adaptive KL coefficient (moving every batch) must come back from the checkpoint too.
     ppo = ppo_cfg(test_config, iterations=4, prompts_per_iteration=16, max_new_tokens=8, minibatch_size=8,
@@ -1052,7 +1054,7 @@ def test_engines_resumed_at_an_odd_version_read_the_slot_the_next_write_spares(r
     leaves the weights the engine samples untouched until the switch."""
     ray = ray_cluster
     from rlhf_ray.ppo import actors
-    from rlhf_ray.ppo.driver import RolloutPool
+    from rlhf_ray.ppo.pool import RolloutPool
 
     rc = dataclasses.replace(test_config.rollout, num_workers=1, weight_sync="shared_memory")
     learner = actors.start_learner(policy_dir, test_config.ppo)
@@ -1120,7 +1122,8 @@ def test_drift_past_the_threshold_stops_the_run_loudly(ray_cluster, test_config,
     import glob
     import re
 
-    from rlhf_ray.ppo.driver import WeightSyncError, run_ppo
+    from rlhf_ray.ppo.driver import run_ppo
+    from rlhf_ray.ppo.sync import WeightSyncError
 
     cfg = dataclasses.replace(
         test_config,

@@ -68,7 +68,7 @@ def test_engine_arguments_per_device(test_config):
     """CPU engines get a fixed KV size (vLLM needs one there); GPU engines size theirs from
     rollout.gpu_memory_utilization, since a fixed size overrides it (64 MiB would hold ~128 tokens of a
     7B model)."""
-    from rlhf_ray.ppo.rollout import EXTENSION, engine_args
+    from rlhf_ray.ppo.engine import EXTENSION, engine_args
 
     rc = dataclasses.replace(test_config.rollout, kv_cache_mib=48, gpu_memory_utilization=0.45)
     cpu, gpu = (engine_args("m", rc, worker_id=1, seed=5, device=d) for d in ("cpu", "cuda"))
@@ -185,21 +185,21 @@ def test_expected_weight_names_follow_the_safetensors_index(tmp_path):
 
     from safetensors.numpy import save_file
 
-    from rlhf_ray.ppo.rollout import _checkpoint_names
+    from rlhf_ray.ppo.engine import checkpoint_names
 
     w = np.zeros((2, 2), np.float32)
     save_file({"model.embed_tokens.weight": w}, tmp_path / "model-00001-of-00002.safetensors")
     save_file({"lm_head.weight": w, "model.layers.0.self_attn.rotary_emb.inv_freq": w[0]},
               tmp_path / "model-00002-of-00002.safetensors")
     save_file({"tok_embeddings.weight": w, "output.weight": w}, tmp_path / "consolidated.safetensors")
-    assert _checkpoint_names(str(tmp_path)) == {"model.embed_tokens.weight", "lm_head.weight",
+    assert checkpoint_names(str(tmp_path)) == {"model.embed_tokens.weight", "lm_head.weight",
                                                 "tok_embeddings.weight", "output.weight"}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
         "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
         "lm_head.weight": "model-00002-of-00002.safetensors",
         "model.layers.0.self_attn.rotary_emb.inv_freq": "model-00002-of-00002.safetensors"}}))
-    assert _checkpoint_names(str(tmp_path)) == {"model.embed_tokens.weight", "lm_head.weight"}
-    assert _checkpoint_names(str(tmp_path / "hub-name")) is None
+    assert checkpoint_names(str(tmp_path)) == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert checkpoint_names(str(tmp_path / "hub-name")) is None
 
 
 def test_plain_weights_detects_packed_layers():
@@ -656,7 +656,8 @@ def test_a_16_bit_engine_takes_weights_in_its_own_dtype(policy_dir, test_config,
     the default limit for bfloat16 engines and far below a stale engine's drift. With plain weights
     (rollout.cpu_plain_weights) syncs copy in place; with vLLM's packed ones (oneDNN, and on CPUs with
     AMX its AMX kernels for smaller matrices) they replay its loader."""
-    from rlhf_ray.ppo.rollout import RolloutWorker, _plain_cpu_linear
+    from rlhf_ray.ppo.engine import plain_cpu_linear
+    from rlhf_ray.ppo.rollout import RolloutWorker
     from rlhf_ray.ppo.weights import bucket_to_bytes, drift_limit
 
     # Packed weights are only packed where vLLM can pack them: elsewhere they stay plain, synced in place.
@@ -677,7 +678,7 @@ def test_a_16_bit_engine_takes_weights_in_its_own_dtype(policy_dir, test_config,
         assert np.array_equal(w.logprobs_of(*args), lp)
         w.update_weights(state_dict_buckets(sft.state_dict(), 64 << 10), version=4)
         as_bytes = [bucket_to_bytes(b) for b in state_dict_buckets(new.state_dict(), 64 << 10, dtype="bfloat16")]
-        with _plain_cpu_linear(plain):
+        with plain_cpu_linear(plain):
             w.llm.collective_rpc("load_buckets", args=(as_bytes,))
         w._reset_prefix_cache()
         assert np.array_equal(w.logprobs_of(*args), lp)
@@ -775,7 +776,7 @@ def test_engines_are_sized_by_the_job_and_a_small_kv_cache_is_our_config_error(t
     naming rollout.kv_cache_mib and the size needed: SmolLM2-135M in float32 takes 2 x 30 layers x 3 KV
     heads x 64 x 4 bytes = 46080 bytes per token."""
     from rlhf_ray.config import ConfigError
-    from rlhf_ray.ppo.rollout import check_engine_fit, engine_args, kv_bytes_per_token
+    from rlhf_ray.ppo.engine import check_engine_fit, engine_args, kv_bytes_per_token
 
     rc = test_config.rollout
     assert kv_bytes_per_token(SMOLLM2_SHAPE) == 46080 and kv_bytes_per_token(SMOLLM2_SHAPE, "bfloat16") == 23040

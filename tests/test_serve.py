@@ -37,7 +37,7 @@ class Service(NamedTuple):
 
 @pytest.fixture(scope="module")
 def service(ray_cluster, rm_dir, test_config):
-    from rlhf_ray.reward.serve import deploy_rm, shutdown_rm
+    from rlhf_ray.reward.service import deploy_rm, shutdown_rm
 
     cfg = dataclasses.replace(
         test_config.serve, port=free_port(), num_cpus=0.25, max_responses=MAX_RESPONSES,
@@ -279,7 +279,7 @@ def _post(url: str, body):
 
 
 def test_bad_requests_get_4xx_naming_the_field(service, groups):
-    from rlhf_ray.reward.serve import RequestError
+    from rlhf_ray.reward.api import RequestError
 
     cases = [("/score", *c) for c in _bad_requests()] + [("/score_batch", *c) for c in _bad_batches()]
     for route, body, status, field in cases:
@@ -332,7 +332,7 @@ def test_ppo_scores_through_the_rm_app_already_running(service, rm_dir, policy_d
     is still serving afterwards (PPO removes only an app it deployed itself)."""
     from rlhf_ray.ppo.driver import run_ppo
     from rlhf_ray.ppo.scoring import RolloutScorer
-    from rlhf_ray.reward.serve import rm_service
+    from rlhf_ray.reward.service import rm_service
 
     url, handle, deployed = rm_service(service.cfg, None)
     assert url is None and not deployed
@@ -383,7 +383,7 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(service):
 
 def test_serving_a_public_host_needs_a_token_or_an_explicit_yes(service):
     from rlhf_ray.config import ConfigError
-    from rlhf_ray.reward.serve import check_exposure
+    from rlhf_ray.reward.service import check_exposure
 
     public = dataclasses.replace(service.cfg, host="0.0.0.0")
     with pytest.raises(ConfigError, match=r"serve.host=0.0.0.0 reaches other machines, and no bearer token is set"):
@@ -394,7 +394,7 @@ def test_serving_a_public_host_needs_a_token_or_an_explicit_yes(service):
 
 
 def test_bearer_token(service, rm_dir, monkeypatch):
-    from rlhf_ray.reward.serve import deploy_rm, shutdown_rm
+    from rlhf_ray.reward.service import deploy_rm, shutdown_rm
 
     cfg = dataclasses.replace(service.cfg, auth_token_env=f"RLHF_RAY_TEST_TOKEN_{uuid.uuid4().hex[:8]}")
     monkeypatch.setenv(cfg.auth_token_env, "s3cret-token")
@@ -437,7 +437,7 @@ def perturbed_checkpoint(src: Path, dest: Path) -> Path:
 
 def test_rolling_a_new_checkpoint_drops_no_request(service, scorer, groups, rm_dir, tmp_path):
     from rlhf_ray.reward.scorer import RewardScorer
-    from rlhf_ray.reward.serve import deploy_rm
+    from rlhf_ray.reward.service import deploy_rm
 
     new_dir = perturbed_checkpoint(rm_dir, tmp_path / "ckpt2")
     new = RewardScorer(new_dir, max_length=64)

@@ -47,7 +47,7 @@ def test_smollm2_through_train_rm_serve_and_ppo(ray_cluster, smollm2, tmp_path, 
     from rlhf_ray.config import load_config
     from rlhf_ray.data.chat import ChatRenderer
     from rlhf_ray.reward.scorer import RewardScorer
-    from rlhf_ray.reward.serve import deploy_rm, shutdown_rm
+    from rlhf_ray.reward.service import deploy_rm, shutdown_rm
 
     common = [f"model.name_or_path={smollm2}", f"output_dir={tmp_path}", "rm.max_length=64"]
     # train-rm: the synthetic task as chats, a handful of records, one Ray Train worker, one epoch.

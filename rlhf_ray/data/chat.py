@@ -111,9 +111,6 @@ class ChatRenderer:
 
     # ---- prompts (the rollout engines' input)
 
-    def prompt_text(self, prompt: Prompt) -> str:
-        return self._render(prompt, True) if is_chat(prompt) else prompt
-
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         """Token ids the engine continues from."""
         if is_chat(prompt):

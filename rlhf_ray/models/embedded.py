@@ -12,12 +12,14 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 from rlhf_ray.config import ModelConfig, SFTConfig
 from rlhf_ray.data import synthetic
+from rlhf_ray.progress import eta
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
@@ -100,6 +102,7 @@ def sft(base_dir: Path, cfg: SFTConfig, dest: Path, log=print) -> Path:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / cfg.steps))
     data = synthetic.corpus(cfg.steps * cfg.batch_size, seed=1000 + cfg.seed)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    start = time.perf_counter()
     for step in range(cfg.steps):
         chunk = data[step * cfg.batch_size:(step + 1) * cfg.batch_size]
         seqs, labels = [], []
@@ -118,8 +121,9 @@ def sft(base_dir: Path, cfg: SFTConfig, dest: Path, log=print) -> Path:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if step % 50 == 0 or step == cfg.steps - 1:
-            log(f"[sft] step {step + 1}/{cfg.steps} loss {loss.item():.3f}")
+        if (step + 1) % 100 == 0 or step == cfg.steps - 1:
+            log(f"[sft] step {step + 1}/{cfg.steps} loss {loss.item():.3f} "
+                f"({eta(step + 1, cfg.steps, time.perf_counter() - start)})")
     model.eval()
     return atomic_save_model(model, tokenizer, Path(dest))
 

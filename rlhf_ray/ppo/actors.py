@@ -17,6 +17,7 @@ Ray sets OMP_NUM_THREADS from num_cpus (1 for fractions), so these numbers are a
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from rlhf_ray.ppo.advantage import AdvantageWorker
 from rlhf_ray.ppo.learner import Learner
 from rlhf_ray.ppo.rollout import RolloutWorker
 from rlhf_ray.ppo.scoring import RolloutScorer
+from rlhf_ray.runtime import log_level
 
 LEARNER_CPUS = 1.0
 SMALL_CPUS = 0.25
@@ -76,6 +78,9 @@ def start_rollout_worker(model_path: str | Path, rollout_cfg: RolloutConfig, wor
     on_gpu = rollout_cfg.gpus_per_worker > 0
     # vLLM logs every weight reload at INFO/WARNING; keep the driver's output to the progress lines.
     env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}
+    if log_level() > logging.INFO:  # the engine's start-up: torch's NUMA notice, vLLM's FutureWarnings
+        env.update(TORCH_CPP_LOG_LEVEL=os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR"),
+                   PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", "ignore::FutureWarning"))
     if not on_gpu:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     cls = ray.remote(num_cpus=rollout_cfg.cpus_per_worker, num_gpus=rollout_cfg.gpus_per_worker,

@@ -4,7 +4,7 @@ response its sequence score: the RM reward R(x, y) plus the weighted values of t
 are scored by the RM and by the evaluation function (``ppo.eval_reward``) alone.
 
 The RM is either in-process (``rlhf_ray.reward.scorer.RewardScorer``, the default) or the Ray Serve
-deployment (a handle from ``rlhf_ray.reward.serve.deploy_rm``; its ``score_pairs`` method).
+deployment (a handle from ``rlhf_ray.reward.service.deploy_rm``; its ``score_pairs`` method).
 """
 
 from __future__ import annotations
@@ -83,6 +83,10 @@ class RolloutScorer:
         if (rm_dir is None) == (handle is None):
             raise ValueError("RolloutScorer: give exactly one of rm_dir (in-process) or handle (Serve)")
         self.handle, self.scorer, self.max_pairs = handle, None, max(1, int(max_pairs))
+        if handle is not None:  # (unpickling the handle imported Ray Serve, which set its logger to INFO)
+            from rlhf_ray.runtime import quiet_serve_logger
+
+            quiet_serve_logger()
         self.functions, self.eval_function = list(reward_functions), eval_function
         if handle is None:
             from rlhf_ray.reward.scorer import RewardScorer

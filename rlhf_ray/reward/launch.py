@@ -81,8 +81,10 @@ def train_rm(rm: RMConfig, init_dir: str | Path, train_path: Path, eval_path: Pa
     rm = replace(rm, resume_from=str(resume_dir or ""))
 
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from rlhf_ray.runtime import train_log_level
 
     need = rm.num_workers * rm.cpus_per_worker
     have = ray.cluster_resources().get("CPU", 0)
@@ -120,7 +122,8 @@ def train_rm(rm: RMConfig, init_dir: str | Path, train_path: Path, eval_path: Pa
         scaling_config=ScalingConfig(num_workers=rm.num_workers, use_gpu=rm.use_gpu,
                                      resources_per_worker={"CPU": rm.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=rm.max_failures)),
+                             failure_config=FailureConfig(max_failures=rm.max_failures),
+                             logging_config=LoggingConfig(log_level=train_log_level())),
     )
     result = trainer.fit()
     if result.error:

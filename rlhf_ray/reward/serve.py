@@ -1,5 +1,9 @@
 """The reward model as a service: Ray Serve replicas of a RewardScorer behind a FastAPI app.
 
+This module is the deployment (``RewardModelServer``, its HTTP app, ``build_app`` and the ``serve run``
+entry point ``app_builder``); the request schemas and errors are in ``rlhf_ray.reward.api``, deploying
+it from Python (``deploy_rm``, ``rm_service``) and serving from the CLI in ``rlhf_ray.reward.service``.
+
 HTTP API (JSON; OpenAPI docs at ``<url>/docs``)::
 
     POST /score        {"prompt": str | [{"role", "content"}, ...], "responses": [str, ...]}
@@ -32,227 +36,36 @@ Auth: when the env var named by ``ServeConfig.auth_token_env`` is set where the 
 driver), every route except /healthz, /docs and /openapi.json needs ``Authorization: Bearer <token>``.
 Handle calls (in-cluster) are not checked.
 
-The same scoring is reachable through the DeploymentHandle that :func:`deploy_rm` returns:
+The same scoring is reachable through the DeploymentHandle that ``rlhf_ray.reward.service.deploy_rm`` returns:
 ``handle.score.remote(prompt, responses)``, ``handle.score_batch.remote(items)`` and
 ``handle.score_pairs.remote(prompts, responses)`` return the dicts above (a bad request raises
 :class:`RequestError`). Concurrent requests are merged into one forward pass by ``@serve.batch``.
-A new checkpoint rolls on with :func:`deploy_rm` again (old replicas serve until new ones are up)
+A new checkpoint rolls on with ``deploy_rm`` again (old replicas serve until new ones are up)
 or, under ``serve deploy``, by changing ``user_config: {checkpoint: ...}`` (in-place reload).
 """
 
 import asyncio
-import hmac
 import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any, NamedTuple, Union
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rlhf_ray.config import ServeConfig
+from rlhf_ray.reward.api import (BearerAuth, BodyLimit, ErrorResponse, GetRewardResponse, RequestError,
+                                 ScoreBatchResponse, ScoreResponse, plain_prompt, validate_request, body_error, request_models,
+                                 split_queries, validation_error)
 from rlhf_ray.reward.scorer import Group, GroupScore, RewardScorer
 
 logger = logging.getLogger("ray.serve")
-
-OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
-
-
-# ----------------------------------------------------------------------------- requests and errors
-
-class RequestError(ValueError):
-    """A request the service refuses; ``status`` is the HTTP code, ``fields`` name what is wrong."""
-
-    def __init__(self, status: int, type: str, message: str, fields: tuple = ()):
-        super().__init__(status, type, message, tuple(fields))  # args match __init__: picklable
-        self.status, self.type, self.message, self.fields = status, type, message, tuple(fields)
-
-    def __str__(self) -> str:
-        return self.message
-
-    def to_json(self) -> dict:
-        return {"error": {"type": self.type, "message": self.message, "fields": list(self.fields)}}
-
-
-def _field_name(loc) -> str:
-    """``("body", "items", 3, "responses")`` -> ``"items[3].responses"``; the tags pydantic puts in for
-    a union's member (``"chat prompt"``, ``"list[Message]"``: never identifiers) are left out."""
-    name = ""
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
-        if isinstance(part, str) and not part.isidentifier():
-            continue
-        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
-    return name or "body"
-
-
-def validation_error(errors: list[dict]) -> RequestError:
-    """A pydantic/FastAPI error list as a RequestError (400 for unparsable JSON, else 422)."""
-    if any(e.get("type") == "json_invalid" for e in errors):
-        e = next(e for e in errors if e.get("type") == "json_invalid")
-        where = f" at character {e['loc'][-1]}" if isinstance(e["loc"][-1], int) else ""
-        reason = (e.get("ctx") or {}).get("error", e.get("msg", ""))
-        return RequestError(400, "invalid_json", f"body: invalid JSON{where}: {reason}",
-                            [{"field": "body", "message": f"invalid JSON: {reason}"}])
-    fields = [{"field": _field_name(e.get("loc", ())), "message": e.get("msg", "")} for e in errors]
-    message = "; ".join(f"{f['field']}: {f['message']}" for f in fields[:5])
-    if len(fields) > 5:
-        message += f"; and {len(fields) - 5} more"
-    return RequestError(422, "validation_error", message, fields)
-
-
-def body_error(e: Exception) -> RequestError | None:
-    """FastAPI's bare 400 "error parsing the body" (raised from the JSON decoder's non-JSONDecodeError
-    failures) as an ``invalid_json`` error naming the body and why; None for other HTTP errors."""
-    cause = e.__cause__
-    if getattr(e, "status_code", None) != 400 or cause is None:
-        return None
-    if isinstance(cause, UnicodeDecodeError):
-        reason = f"not UTF-8 text (byte {cause.start})"
-    elif isinstance(cause, RecursionError):
-        reason = "nested too deeply"
-    else:
-        reason = f"{type(cause).__name__}: {cause}"
-    return RequestError(400, "invalid_json", f"body: invalid JSON: {reason}",
-                        [{"field": "body", "message": f"invalid JSON: {reason}"}])
-
-
-class RequestModels(NamedTuple):
-    score: type[BaseModel]
-    batch: type[BaseModel]
-    pairs: type[BaseModel]
-    get_reward: type[BaseModel]
-
-
-class Message(BaseModel):
-    """One chat message; other keys (name, tool calls, ...) reach the chat template as they are."""
-
-    model_config = ConfigDict(strict=True, extra="allow")
-    role: str
-    content: str
-
-
-def _plain(prompt):
-    """A validated prompt as the scorer takes it: text, or the messages as dicts."""
-    return prompt if isinstance(prompt, str) else [m.model_dump() for m in prompt]
-
-
-def request_models(cfg: ServeConfig) -> RequestModels:
-    """Request bodies with this deployment's limits: strict types, unknown fields rejected."""
-    Text = Annotated[str, Field(max_length=cfg.max_chars)]
-    Chat = Annotated[list[Message], Field(min_length=1, max_length=cfg.max_responses * 4)]
-    # Text or chat, told apart by the JSON type, so that an error names the one the client meant.
-    PromptField = Annotated[Union[Annotated[Text, Tag("text prompt")], Annotated[Chat, Tag("chat prompt")]],
-                            Discriminator(lambda v: "chat prompt" if isinstance(v, list) else "text prompt")]
-    strict = ConfigDict(strict=True, extra="forbid")
-
-    class ScoreRequest(BaseModel):
-        model_config = strict
-        prompt: PromptField = Field(description=f"the prompt x: text (at most {cfg.max_chars} characters) or a "
-                                                f"chat, a list of {{role, content}} messages")
-        responses: list[Text] = Field(min_length=1, max_length=cfg.max_responses,
-                                      description=f"1..{cfg.max_responses} candidate responses y_i")
-
-        @model_validator(mode="after")
-        def _chat_length(self):
-            if not isinstance(self.prompt, str) and sum(len(m.content) for m in self.prompt) > cfg.max_chars:
-                raise ValueError(f"prompt: the messages hold more than {cfg.max_chars} characters")
-            return self
-
-    class ScoreBatchRequest(BaseModel):
-        model_config = strict
-        items: list[ScoreRequest] = Field(min_length=1, max_length=cfg.max_prompts,
-                                          description=f"1..{cfg.max_prompts} prompts with their responses")
-
-    class PairsRequest(BaseModel):
-        model_config = strict
-        prompts: list[PromptField] = Field(max_length=cfg.max_prompts * cfg.max_responses)
-        responses: list[Text] = Field(max_length=cfg.max_prompts * cfg.max_responses)
-
-        @model_validator(mode="after")
-        def _aligned(self):
-            if len(self.prompts) != len(self.responses):
-                raise ValueError(f"{len(self.prompts)} prompts but {len(self.responses)} responses")
-            return self
-
-    Rendered = Annotated[str, Field(max_length=2 * cfg.max_chars)]  # prompt and response together
-
-    class GetRewardRequest(BaseModel):
-        model_config = strict
-        query: list[Rendered] = Field(min_length=1, max_length=cfg.max_prompts * cfg.max_responses,
-                                      description="texts already rendered: prompt and response in one string")
-        prompts: list[Rendered] | None = Field(None, description="the prompt of each query (optional)")
-        labels: list[Any] | None = Field(None, description="accepted for OpenRLHF's client; not used")
-
-        @model_validator(mode="after")
-        def _aligned(self):
-            if self.prompts is not None and len(self.prompts) != len(self.query):
-                raise ValueError(f"{len(self.query)} queries but {len(self.prompts)} prompts")
-            return self
-
-    return RequestModels(ScoreRequest, ScoreBatchRequest, PairsRequest, GetRewardRequest)
-
-
-def split_queries(query: list[str], prompts: list[str] | None) -> tuple[list[str], list[str]]:
-    """OpenRLHF's (query, prompts) as (prompt, response) pairs for the plain-text rule: where a query
-    starts with its (non-empty) prompt the rest is the response; else the prompt is empty (scored whole)."""
-    out_p, out_r = [], []
-    for i, q in enumerate(query):
-        p = prompts[i] if prompts is not None else ""
-        if p and q.startswith(p):
-            out_p.append(p)
-            out_r.append(q[len(p):])
-        else:
-            out_p.append("")
-            out_r.append(q)
-    return out_p, out_r
-
-
-def _validate(model: type[BaseModel], payload: dict) -> BaseModel:
-    try:
-        return model.model_validate(payload)
-    except ValidationError as e:
-        raise validation_error(e.errors(include_url=False)) from None
-
-
-class ScoreResponse(BaseModel):
-    rewards: list[float]
-    probs: list[float]
-    best: int
-    truncated: list[bool]
-    model_version: str
-
-
-class ScoreBatchResponse(BaseModel):
-    results: list[ScoreResponse]
-    model_version: str
-
-
-class GetRewardResponse(BaseModel):
-    rewards: list[float]
-    scores: list[float]  # the same list: OpenRLHF versions read one key or the other
-    model_version: str
-
-
-class FieldError(BaseModel):
-    field: str
-    message: str
-
-
-class ErrorBody(BaseModel):
-    type: str
-    message: str
-    fields: list[FieldError]
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -350,29 +163,29 @@ class RewardModelServer:
 
     async def score(self, prompt, responses: list[str]) -> dict:
         """``prompt``: text or a chat (a list of {"role", "content"} messages)."""
-        return await self._score_request(_validate(self.models.score, {"prompt": prompt, "responses": responses}))
+        return await self._score_request(validate_request(self.models.score, {"prompt": prompt, "responses": responses}))
 
     async def score_batch(self, items: list[dict]) -> dict:
-        return await self._score_batch_request(_validate(self.models.batch, {"items": items}))
+        return await self._score_batch_request(validate_request(self.models.batch, {"items": items}))
 
     async def score_pairs(self, prompts: list, responses: list[str]) -> dict:
         """Flat R(x_i, y_i) for aligned lists (PPO): {"rewards", "truncated", "model_version"}."""
-        req = _validate(self.models.pairs, {"prompts": prompts, "responses": responses})
-        return await self._score_flat([_plain(p) for p in req.prompts], req.responses)
+        req = validate_request(self.models.pairs, {"prompts": prompts, "responses": responses})
+        return await self._score_flat([plain_prompt(p) for p in req.prompts], req.responses)
 
     async def get_reward(self, query: list[str], prompts: list[str] | None = None, labels=None) -> dict:
         """OpenRLHF's remote-RM protocol (see the module docstring)."""
-        return await self._get_reward_request(_validate(self.models.get_reward, {
+        return await self._get_reward_request(validate_request(self.models.get_reward, {
             "query": query, "prompts": prompts, "labels": labels}))
 
     # -- one implementation per request kind, shared by the handle API and HTTP
 
     async def _score_request(self, req) -> dict:
-        version, [result] = await self._score([(_plain(req.prompt), req.responses)])
+        version, [result] = await self._score([(plain_prompt(req.prompt), req.responses)])
         return _result_json(result, version)
 
     async def _score_batch_request(self, req) -> dict:
-        version, results = await self._score([(_plain(it.prompt), it.responses) for it in req.items])
+        version, results = await self._score([(plain_prompt(it.prompt), it.responses) for it in req.items])
         return {"results": [_result_json(r, version) for r in results], "model_version": version}
 
     async def _get_reward_request(self, req) -> dict:
@@ -436,70 +249,6 @@ def _result_json(result: GroupScore, version: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- HTTP
-
-class BearerAuth:
-    """ASGI middleware: 401 unless ``Authorization: Bearer <token>``, except on ``open_paths``."""
-
-    def __init__(self, app, token: str, open_paths: frozenset[str] = OPEN_PATHS):
-        self.app, self.expected, self.open_paths = app, f"Bearer {token}".encode(), open_paths
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            path, root = scope["path"], scope.get("root_path", "")
-            if root and path.startswith(root):
-                path = path[len(root):] or "/"
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if path not in self.open_paths and not hmac.compare_digest(given, self.expected):
-                body = RequestError(401, "unauthorized", "missing or wrong token: send 'Authorization: Bearer <token>'",
-                                    [{"field": "Authorization", "message": "missing or wrong bearer token"}])
-                response = JSONResponse(body.to_json(), 401, headers={"WWW-Authenticate": "Bearer"})
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-class BodyLimit:
-    """ASGI middleware: 413 with the service's error JSON for a body over ``limit`` bytes, judged by its
-    Content-Length before anything is read, or as it streams in (chunked bodies)."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    def _error(self) -> JSONResponse:
-        e = RequestError(413, "request_too_large", f"body: over {self.limit} bytes (serve.max_request_mib)",
-                         [{"field": "body", "message": f"larger than {self.limit} bytes"}])
-        return JSONResponse(e.to_json(), 413)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._error()(scope, receive, send)
-        seen, over = 0, False
-
-        async def guarded_receive():
-            # Past the limit the app gets an empty end of body; whatever it answers then is replaced by
-            # the 413 (FastAPI would turn an exception raised here into its own 400).
-            nonlocal seen, over
-            if over:
-                return {"type": "http.request", "body": b"", "more_body": False}
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    over = True
-                    return {"type": "http.request", "body": b"", "more_body": False}
-            return message
-
-        async def guarded_send(message):
-            if not over:
-                await send(message)
-            elif message["type"] == "http.response.start":
-                await self._error()(scope, receive, send)
-
-        await self.app(scope, guarded_receive, guarded_send)
-
 
 def build_http_app(server: RewardModelServer) -> FastAPI:
     """The FastAPI app of one replica; routes call the same methods as the handle API."""
@@ -610,121 +359,3 @@ def app_builder(args: dict):
     cfg = load_config(None, [f"serve.{k}={v}" for k, v in args.items()]).serve
     return build_app(cfg, checkpoint, max_length, auth_token=os.environ.get(cfg.auth_token_env) or None,
                      batching=batching, chat_template=chat_template)
-
-
-def service_url(serve_cfg: ServeConfig, route_prefix: str = "/") -> str:
-    host = "127.0.0.1" if serve_cfg.host in ("0.0.0.0", "::", "") else serve_cfg.host
-    return f"http://{host}:{serve_cfg.port}{route_prefix.rstrip('/')}"
-
-
-def wait_healthy(url: str, timeout_s: float = 60.0) -> None:
-    import requests
-
-    deadline, last = time.monotonic() + timeout_s, "no answer"
-    while time.monotonic() < deadline:
-        try:
-            r = requests.get(f"{url}/healthz", timeout=5)
-            if r.status_code == 200 and r.json().get("status") == "ok":
-                return
-            last = f"HTTP {r.status_code}: {r.text[:200]}"
-        except (requests.RequestException, ValueError) as e:
-            last = str(e)
-        time.sleep(0.2)
-    raise TimeoutError(f"{url}/healthz not healthy after {timeout_s:.0f} s ({last}); if Serve was already "
-                       f"running on another port, serve.start ignored this one")
-
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def check_exposure(serve_cfg: ServeConfig, token: str | None) -> None:
-    """Refuse to serve without a token on a host other machines reach, unless told to."""
-    from rlhf_ray.config import ConfigError
-
-    if serve_cfg.host not in LOOPBACK and not token and not serve_cfg.allow_unauthenticated:
-        raise ConfigError(f"serve.host={serve_cfg.host} reaches other machines, and no bearer token is set: set "
-                          f"${serve_cfg.auth_token_env} (serve.auth_token_env), or serve.allow_unauthenticated=true "
-                          f"to serve it open")
-
-
-def deploy_rm(serve_cfg: ServeConfig, checkpoint_dir: str | Path, max_length: int = 64, name: str = "rm", *,
-              route_prefix: str = "/", batching: bool = True, timeout_s: float = 120.0, chat_template: str = "auto"):
-    """Start Serve on serve_cfg.host:port (joining or starting Ray), run the RM app, wait until it
-    answers /healthz; returns ``(url, handle)``. Called again with another checkpoint, it rolls the
-    running app onto it without dropping requests. Auth is on when the env var
-    ``serve_cfg.auth_token_env`` is set (read here, in the driver)."""
-    from rlhf_ray.runtime import init_ray
-
-    token = os.environ.get(serve_cfg.auth_token_env) or None
-    check_exposure(serve_cfg, token)
-    init_ray()
-    app = build_app(serve_cfg, checkpoint_dir, max_length, auth_token=token, batching=batching,
-                    chat_template=chat_template)
-    serve.start(http_options={"host": serve_cfg.host, "port": serve_cfg.port})
-    handle = serve.run(app, name=name, route_prefix=route_prefix)
-    url = service_url(serve_cfg, route_prefix)
-    wait_healthy(url, timeout_s)
-    return url, handle
-
-
-def rm_service(serve_cfg: ServeConfig, checkpoint_dir: str | Path | None, max_length: int = 64,
-               name: str = "rm", chat_template: str = "auto") -> tuple[str | None, object, bool]:
-    """The RM as a service for a client job (PPO): the app ``name`` if it already runs on this Ray
-    cluster (``rlhf-ray serve-rm``, another job), else one deployed from ``checkpoint_dir``.
-    Returns ``(url or None for a running app, handle, deployed_here)``; remove what was deployed
-    here with :func:`shutdown_rm`."""
-    from ray.serve.schema import ApplicationStatus
-
-    from rlhf_ray.runtime import init_ray
-
-    init_ray()
-    app = serve.status().applications.get(name)
-    if app is not None and app.status == ApplicationStatus.RUNNING:
-        return None, serve.get_app_handle(name), False
-    if checkpoint_dir is None:
-        raise ValueError(f"no Serve app {name!r} is running on this Ray cluster, and no RM checkpoint was "
-                         f"given to deploy one")
-    url, handle = deploy_rm(serve_cfg, checkpoint_dir, max_length, name, chat_template=chat_template)
-    return url, handle, True
-
-
-def shutdown_rm(name: str | None = None) -> None:
-    """Delete the app ``name``, or (None) shut Serve down entirely; do this before ``ray.shutdown()``."""
-    if name is None:
-        serve.shutdown()
-    else:
-        serve.delete(name)
-
-
-def serve_rm_forever(serve_cfg: ServeConfig, checkpoint_dir: str | Path, max_length: int = 64,
-                     chat_template: str = "auto") -> None:
-    """For ``rlhf-ray serve-rm``: deploy, print the URL, serve until Ctrl-C (or SIGTERM), shut down
-    Serve, and Ray too if this call started it."""
-    import signal
-    import threading
-
-    import ray
-    import requests
-
-    def stop(_signum, _frame):
-        raise KeyboardInterrupt
-
-    started_ray = not ray.is_initialized()
-    try:
-        url, _ = deploy_rm(serve_cfg, checkpoint_dir, max_length, chat_template=chat_template)
-        if threading.current_thread() is threading.main_thread():  # after ray.init, which sets its own
-            signal.signal(signal.SIGTERM, stop)  # docker stop, systemd: the same clean stop as Ctrl-C
-        token = os.environ.get(serve_cfg.auth_token_env)
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        version = requests.get(f"{url}/version", headers=headers, timeout=10).json().get("model_version")
-        print(f"reward model {version} serving at {url}  (docs: {url}/docs; auth: "
-              f"{'bearer token from $' + serve_cfg.auth_token_env if token else 'off'}); Ctrl-C stops", flush=True)
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("shutting down the reward model service", flush=True)
-    finally:
-        if ray.is_initialized():
-            shutdown_rm()
-            if started_ray:
-                ray.shutdown()

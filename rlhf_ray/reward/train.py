@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -21,6 +20,7 @@ from rlhf_ray.data.chat import ChatRenderer
 from rlhf_ray.data.preferences import as_renderer, collate
 from rlhf_ray.models.reward import batch_rewards, init_reward_model, load_reward_model
 from rlhf_ray.ops import expected_calibration_error, listwise_probs, listwise_rm_loss
+from rlhf_ray.progress import eta
 
 STATE_FILE = "trainer_state.json"
 OPTIM_FILE = "optimizer.pt"
@@ -222,10 +222,12 @@ class RMTrainLoop:
             self.optimizer.step()
             loss_sum += step_sum
             samples += n
-            if self.rank == 0 and (step % 20 == 0 or step == self.steps_per_epoch - 1):
-                rate = samples * self.world / (time.perf_counter() - start)
-                self.log(f"[rm] epoch {epoch + 1} step {step + 1}/{self.steps_per_epoch} "
-                         f"loss {step_sum / max(n, 1):.4f} ({rate:.0f} records/s)")
+            if self.rank == 0 and ((step + 1) % max(1, self.steps_per_epoch // 4) == 0
+                                   or step == self.steps_per_epoch - 1):
+                elapsed, steps = time.perf_counter() - start, self.steps_per_epoch
+                left = eta(step + 1, steps + (self.cfg.epochs - epoch - 1) * steps, elapsed)  # at this epoch's rate
+                self.log(f"[rm] epoch {epoch + 1} step {step + 1}/{steps} loss {step_sum / max(n, 1):.4f} "
+                         f"({samples * self.world / elapsed:.0f} records/s, {left})")
         loss_sum, samples = all_reduce_sums(loss_sum, samples, device, self.world)
         elapsed = time.perf_counter() - start
         return {"train_loss": loss_sum / samples, "train_records": samples, "epoch_seconds": elapsed,

@@ -1,0 +1,67 @@
+"""What a PPO run records: the held-out evaluation, each iteration's metrics (a line of
+``metrics.jsonl``) and the lines it prints."""
+
+from __future__ import annotations
+
+import time
+
+from rlhf_ray.config import PPOConfig
+from rlhf_ray.data.prompts import EVAL_SEED
+from rlhf_ray.ppo import refs
+
+
+def evaluate(worker, scorer, held_out: list, ppo: PPOConfig) -> dict:
+    """Mean eval reward (``ppo.eval_reward``; NaN without one) and RM reward of samples of the
+    held-out prompts from rollout ``worker``, with a fixed sampling seed."""
+    t = time.perf_counter()
+    ro = worker.generate.remote(held_out, ppo.max_new_tokens, ppo.temperature, ppo.top_p, EVAL_SEED)
+    s = refs.get_small(scorer.summary.remote(ro))
+    return {"eval_reward": s["eval_reward"], "eval_rm_score": s["rm_score"], "eval_response_len": s["response_len"],
+            "eval_truncated_frac": s["truncated_frac"], "eval_policy_version": s["policy_version"],
+            "eval_examples": s["examples"], "eval_seconds": time.perf_counter() - t}
+
+
+def iteration_metrics(iteration: int, stats: dict, evaluation: dict, sync: dict, num_workers: int,
+                      seconds: float) -> dict:
+    """One line of metrics.jsonl: the learner's ``stats`` (rollout, scoring, advantage and PPO epochs
+    of the batch), the held-out ``evaluation`` if this iteration ran one, the weight ``sync``'s metrics
+    (WeightSync.check), and throughput derived from them."""
+    return {
+        "iteration": iteration, **stats, **{k: v for k, v in evaluation.items() if k != "eval_examples"},
+        "num_workers": num_workers,
+        "learn_seconds": stats["evaluate_seconds"] + stats["advantage_seconds"] + stats["train_seconds"],
+        **sync,
+        "rollout_tokens_per_s": stats["gen_tokens"] / max(stats["gen_seconds"], 1e-9),
+        "score_tokens_per_s": stats["total_tokens"] / max(stats["score_seconds"], 1e-9),
+        "evaluate_tokens_per_s": stats["total_tokens"] / max(stats["evaluate_seconds"], 1e-9),
+        "advantage_tokens_per_s": stats["total_tokens"] / max(stats["advantage_seconds"], 1e-9),
+        "iteration_seconds": seconds,
+    }
+
+
+def progress_line(m: dict, iterations: int, left: str = "") -> str:
+    """An iteration's line; ``left``: how long the rest of the run should take (progress.eta)."""
+    held_out = ""
+    if "eval_rm_score" in m:  # an evaluated iteration; eval_reward is NaN without an eval function
+        ev = m["eval_reward"]
+        held_out = f"(held-out: {'' if ev != ev else f'eval {ev:+.3f} '}rm {m['eval_rm_score']:+.3f}) "
+    return (f"[ppo] it {m['iteration']}/{iterations} v{m['policy_version']} "
+            f"reward {m['reward']:+.3f} rm {m['rm_score']:+.3f} {held_out}"
+            f"kl_ref {m['kl_ref']:.3f} | pg {m['policy_loss']:+.4f} vf {m['value_loss']:.4f} "
+            f"clip {m['clip_frac']:.3f} ent {m['entropy']:.2f} | gen {m['gen_seconds']:.2f}s "
+            f"score {m['score_seconds']:.2f}s learn {m['learn_seconds']:.2f}s sync {m['sync_seconds']:.3f}s "
+            f"drift {m['drift']:.1e} | {m['iteration_seconds']:.1f}s workers {m['num_workers']} "
+            f"lag {m['version_lag']}{f' | {left}' if left else ''}")
+
+
+def before_line(before: dict, has_eval_reward: bool) -> str:
+    evaluated = f"eval reward {before['eval_reward']:+.3f} " if has_eval_reward else ""
+    return f"[ppo] before: held-out {evaluated}rm {before['eval_rm_score']:+.3f} e.g. {before['eval_examples'][0]!r}"
+
+
+def done_line(seconds: float, before: dict, after: dict, history: list[dict], has_eval_reward: bool,
+              policy, plot) -> str:
+    evaluated = (f"eval reward {before['eval_reward']:+.3f} -> {after['eval_reward']:+.3f}, " if has_eval_reward
+                 else "")
+    return (f"[ppo] done in {seconds:.0f}s: held-out {evaluated}rm {before['eval_rm_score']:+.3f} -> "
+            f"{after['eval_rm_score']:+.3f}, kl_ref {history[-1]['kl_ref']:.3f}; policy {policy}, plot {plot}")
