@@ -52,3 +52,15 @@ def test_eta_and_durations():
     assert [duration(s) for s in (9.4, 75.2, 3725)] == ["9s", "1m15s", "1h02m"]
     assert eta(10, 150, 20.0) == "eta 4m40s"  # 140 left at 2 s each
     assert eta(0, 150, 0.0) == "eta ?" and eta(150, 150, 300.0) == "eta 0s"
+
+
+def test_a_bar_is_drawn_only_for_print_on_a_terminal_and_lines_pass_through():
+    from rlhf_ray.progress import Bar
+
+    said = []
+    bar = Bar(3, "[ppo]", said.append)  # a caller's own log (tests, notebooks): no bar, its lines as they are
+    bar.update()
+    bar.log("[ppo] it 1/3")
+    bar.close()
+    assert said == ["[ppo] it 1/3"] and bar._bar is None
+    assert Bar(3, "[ppo]")._bar is None  # print, but pytest's stdout is no terminal

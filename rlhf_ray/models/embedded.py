@@ -19,7 +19,7 @@ import torch
 
 from rlhf_ray.config import ModelConfig, SFTConfig
 from rlhf_ray.data import synthetic
-from rlhf_ray.progress import eta
+from rlhf_ray.progress import Bar, eta
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
@@ -102,7 +102,7 @@ def sft(base_dir: Path, cfg: SFTConfig, dest: Path, log=print) -> Path:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / cfg.steps))
     data = synthetic.corpus(cfg.steps * cfg.batch_size, seed=1000 + cfg.seed)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    start = time.perf_counter()
+    start, bar = time.perf_counter(), Bar(cfg.steps, "[sft]", log)
     for step in range(cfg.steps):
         chunk = data[step * cfg.batch_size:(step + 1) * cfg.batch_size]
         seqs, labels = [], []
@@ -121,9 +121,11 @@ def sft(base_dir: Path, cfg: SFTConfig, dest: Path, log=print) -> Path:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        bar.update()
         if (step + 1) % 100 == 0 or step == cfg.steps - 1:
-            log(f"[sft] step {step + 1}/{cfg.steps} loss {loss.item():.3f} "
-                f"({eta(step + 1, cfg.steps, time.perf_counter() - start)})")
+            bar.log(f"[sft] step {step + 1}/{cfg.steps} loss {loss.item():.3f} "
+                    f"({eta(step + 1, cfg.steps, time.perf_counter() - start)})")
+    bar.close()
     model.eval()
     return atomic_save_model(model, tokenizer, Path(dest))
 

@@ -46,7 +46,7 @@ from rlhf_ray.ppo.metrics import before_line, done_line, evaluate, iteration_met
 from rlhf_ray.ppo.pool import CONTROL_FILE, RolloutPool, workers_at_start
 from rlhf_ray.ppo.sync import WeightSync, close_shared
 from rlhf_ray.ppo.task import prepare_task
-from rlhf_ray.progress import eta
+from rlhf_ray.progress import Bar, eta
 from rlhf_ray.reward.train import MetricsLog
 
 
@@ -176,7 +176,7 @@ def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None,
         # (bracketed: one-step-off mode; synchronous mode queues evaluate(t+1) after the checks).
         pending = team.prepare(team.rollout(run.start_it))  # (scored, batch, train: None until submitted)
         launched = team.rollout(run.start_it + 1) if one_step_off and run.start_it + 1 < ppo.iterations else None
-        t_loop = time.perf_counter()
+        t_loop, bar = time.perf_counter(), Bar(ppo.iterations, "[ppo]", log, initial=run.start_it)
         for it in range(run.start_it, ppo.iterations):
             t_it, last, version = time.perf_counter(), it + 1 == ppo.iterations, it + 1
             scored, batch, train = pending
@@ -204,11 +204,12 @@ def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None,
             m = iteration_metrics(it + 1, stats, evaluation, synced, len(team.pool.workers), time.perf_counter() - t_it)
             history.append(m)
             metrics_log.write(it + 1, m)
+            bar.update()
             if last or it == run.start_it or (it + 1) % (ppo.log_every or max(1, ppo.iterations // 15)) == 0:
                 done, todo = it + 1 - run.start_it, ppo.iterations - run.start_it
-                log(progress_line(m, ppo.iterations, eta(done, todo, time.perf_counter() - t_loop)))
+                bar.log(progress_line(m, ppo.iterations, eta(done, todo, time.perf_counter() - t_loop)))
                 if "eval_examples" in evaluation:
-                    log(f"[ppo]   e.g. {evaluation['eval_examples'][0]!r}")
+                    bar.log(f"[ppo]   e.g. {evaluation['eval_examples'][0]!r}")
             if saving is not None:
                 # kl_coef_next: the controller after this batch (batch it+1 may have moved it already).
                 run.commit(it + 1, refs.get_small(saving), {
@@ -223,6 +224,7 @@ def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None,
             if not one_step_off and not last:
                 pending = team.prepare(team.rollout(it + 1))
 
+        bar.close()
         policy_out = Path(refs.get_small(team.learner.save.remote(str(run.out_dir / "policy"))))
         plot = plot_ppo(history, run.out_dir / "ppo.png", before, eval_name=task.eval_reward)
         seconds = time.perf_counter() - start
