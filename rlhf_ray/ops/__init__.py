@@ -1,4 +1,11 @@
-"""Pure torch ops: listwise reward-model loss, masked statistics, GAE and PPO pieces."""
+"""Pure torch ops: listwise reward-model loss, masked statistics, GAE, critic-free estimators and PPO pieces."""
+from .estimators import (
+    discounted_returns,
+    grpo_advantages,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    sequence_to_tokens,
+)
 from .ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -21,6 +28,11 @@ from .rm import expected_calibration_error, listwise_probs, listwise_rm_loss
 from .stats import masked_mean, masked_sum, masked_var, masked_whiten
 
 __all__ = [
+    "sequence_to_tokens",
+    "rloo_advantages",
+    "reinforce_pp_advantages",
+    "grpo_advantages",
+    "discounted_returns",
     "AdaptiveKLController",
     "FixedKLController",
     "PPOStats",
