@@ -1,6 +1,7 @@
 """Critic-free estimators against hand-computed values and loop references."""
 
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,3 +73,111 @@ def test_reinforce_pp_by_hand():
     whitened = (tokens - tokens.mean()) / np.sqrt(tokens.var(ddof=1) + 1e-8)
     np.testing.assert_allclose(adv[mask.bool()].numpy(), whitened, rtol=0, atol=1e-6)
     assert (adv[~mask.bool()] == 0).all()
+
+
+# ---- wiring: the advantage rule by estimator, the objective's KL terms, a critic-free learner ----------
+
+def _cfg(test_config, **kw):
+    import dataclasses
+
+    return dataclasses.replace(test_config.ppo, **kw)
+
+
+def test_advantages_by_estimator(test_config):
+    from rlhf_ray.ops import gae, masked_whiten
+    from rlhf_ray.ppo.advantage import advantages
+
+    gen = torch.Generator().manual_seed(3)
+    mask = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 0], [0, 0, 1, 1], [1, 1, 1, 0]])
+    rewards = torch.where(mask.bool(), torch.randn(4, 4, generator=gen), torch.zeros(()))
+    values = torch.where(mask.bool(), torch.randn(4, 4, generator=gen), torch.zeros(()))
+    # gae: what the advantage worker always did
+    adv, ret = advantages(_cfg(test_config), rewards, values, mask)
+    a_ref, r_ref = gae(rewards, values, mask, test_config.ppo.gamma, test_config.ppo.lam)
+    torch.testing.assert_close(adv, masked_whiten(a_ref, mask)) and torch.testing.assert_close(ret, r_ref)
+    # grpo / rloo on each sample's summed token rewards, 2 samples per prompt, on its response tokens
+    sums = (rewards * mask).sum(-1)
+    for name, fn in (("grpo", grpo_advantages), ("rloo", rloo_advantages)):
+        adv, ret = advantages(_cfg(test_config, advantage_estimator=name, samples_per_prompt=2), rewards, values, mask)
+        per_seq = fn(sums.view(2, 2)).reshape(-1)
+        torch.testing.assert_close(adv, sequence_to_tokens(per_seq, mask)) and torch.testing.assert_close(ret, adv)
+    adv, ret = advantages(_cfg(test_config, advantage_estimator="reinforce_plus_plus"), rewards, values, mask)
+    torch.testing.assert_close((adv, ret), reinforce_pp_advantages(rewards, mask))
+    with pytest.raises(ValueError, match="not whole groups of ppo.samples_per_prompt=3"):
+        advantages(_cfg(test_config, advantage_estimator="rloo", samples_per_prompt=3), rewards, values, mask)
+
+
+def test_group_stats_is_the_listwise_rm_over_each_group():
+    from rlhf_ray.ppo.advantage import group_stats
+
+    assert group_stats(np.array([1.0, 2.0]), 1) == {}
+    s = group_stats(np.array([0.0, np.log(3.0), 5.0, 5.0]), 2)  # P = (1/4, 3/4) and (1/2, 1/2)
+    h = -(0.25 * np.log(0.25) + 0.75 * np.log(0.75))
+    assert s["group_rm_top_prob"] == pytest.approx((0.75 + 0.5) / 2, abs=1e-12)
+    assert s["group_rm_entropy"] == pytest.approx((h + np.log(2)) / 2, abs=1e-12)
+
+
+def test_the_objectives_kl_loss_term_and_no_value_loss_without_a_critic():
+    from rlhf_ray.ops import clipped_surrogate, kl_k3, masked_mean, ppo_objective
+
+    gen = torch.Generator().manual_seed(4)
+    mask = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 0]])
+    old = -torch.rand(2, 4, generator=gen) - 0.5
+    lp = (old + 0.1 * torch.randn(2, 4, generator=gen)).requires_grad_()
+    ref = old - 0.2 * torch.rand(2, 4, generator=gen)
+    adv = torch.randn(2, 4, generator=gen)
+    kw = dict(clip_eps=0.2, beta=0.0, c1=0.5)
+    loss, st = ppo_objective(lp, old, adv, None, None, None, mask, ref_logprobs=ref, kl_loss_coef=0.3, **kw)
+    l_clip, _ = clipped_surrogate(lp, old, adv, mask, 0.2)
+    kl_ref = masked_mean(torch.exp(ref - lp) - (ref - lp) - 1, mask)  # k3 of KL(pi_theta || pi_ref), by hand
+    torch.testing.assert_close(kl_ref, masked_mean(kl_k3(lp, ref), mask))
+    torch.testing.assert_close(loss, -(l_clip - 0.3 * kl_ref))
+    assert float(st.value_loss) == 0.0 and float(st.kl_ref) == pytest.approx(float(kl_ref.detach()), abs=1e-6)
+    # gradient of the KL term by hand: d/d lp of k3 = 1 - exp(ref - lp), per masked token / their count
+    (g,) = torch.autograd.grad(0.3 * kl_ref, lp)
+    torch.testing.assert_close(g, 0.3 * (1 - torch.exp(ref - lp.detach())) * mask / mask.sum())
+    # without reference logprobs the term is off and reported as 0
+    loss0, st0 = ppo_objective(lp, old, adv, None, None, None, mask, **kw)
+    torch.testing.assert_close(loss0, -l_clip) and float(st0.kl_ref) == 0.0
+
+
+def test_the_config_refuses_a_group_estimator_with_one_sample():
+    from rlhf_ray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"ppo.advantage_estimator=grpo compares the samples of a prompt: "
+                                          r"ppo.samples_per_prompt must be at least 2, got 1"):
+        load_config(None, ["ppo.advantage_estimator=grpo"])
+    assert load_config(None, ["ppo.advantage_estimator=reinforce_plus_plus"]).ppo.samples_per_prompt == 1
+    with pytest.raises(ConfigError, match="ppo.advantage_estimator: 'ppo' is not one of"):
+        load_config(None, ["ppo.advantage_estimator=ppo"])
+
+
+def test_a_critic_free_learner_has_no_value_head_trains_and_checkpoints(policy_dir, test_config, tmp_path):
+    from rlhf_ray.ppo.learner import VALUE_HEAD_FILE, Learner
+    from rlhf_ray.ppo.types import TrainBatch
+
+    cfg = _cfg(test_config, advantage_estimator="rloo", samples_per_prompt=2, lr=1e-3, epochs=1, minibatch_size=4,
+               kl_loss_coef=0.1)
+    learner = Learner(policy_dir, cfg, device="cpu")
+    assert learner.value_head is None
+    ids = torch.randint(3, 60, (4, 10), generator=torch.Generator().manual_seed(5)).numpy()
+    am = np.ones((4, 10), bool)
+    rm = np.zeros((4, 10), bool)
+    rm[:, 4:] = True
+    lp = learner.logprobs(ids, am)
+    adv = np.where(rm, np.array([[1.0], [-1.0], [0.5], [-0.5]]), 0).astype(np.float32)
+    z = np.zeros((4, 10), np.float32)
+    batch = TrainBatch(ids, am, rm, lp, lp - 0.1, z, z, adv, adv, policy_version=0)
+    before = {k: p.detach().clone() for k, p in learner.policy.named_parameters()}
+    stats = learner.train(batch)
+    assert stats["value_loss"] == 0.0 and stats["kl_ref_k3"] > 0 and stats["policy_version"] == 1
+    assert all(not torch.equal(p.detach(), before[k]) for k, p in learner.policy.named_parameters())
+    saved = Path(learner.save_checkpoint(tmp_path / "ckpt"))
+    assert not (saved / VALUE_HEAD_FILE).exists()
+    again = Learner(saved, cfg, device="cpu")
+    assert again.load_checkpoint(saved) == 1
+    s1, s2 = learner.train(batch), again.train(batch)  # same state: the same next step
+    assert s1["loss"] == pytest.approx(s2["loss"], abs=1e-6)
+    gae_learner = Learner(saved, _cfg(test_config), device="cpu")
+    with pytest.raises(FileNotFoundError, match="another ppo.advantage_estimator"):
+        gae_learner.load_checkpoint(saved)

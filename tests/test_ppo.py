@@ -853,8 +853,14 @@ def test_ppo_one_step_off_on_ray(ray_cluster, test_config, policy_dir, rm_dir, t
         rollout=dataclasses.replace(test_config.rollout, num_workers=1, async_one_step_off=True,
                                     weight_sync=weight_sync, cpu_plain_weights=plain))
     cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, behaviour_weight_cap=2.0))  # decoupled PPO
+    if mode == "reload":  # and a critic-free estimator with the derivation's beta: 8 prompts x 2 samples
+        cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, advantage_estimator="rloo", samples_per_prompt=2,
+                                                               prompts_per_iteration=8, beta=0.1))
     lines = []
     result = run_ppo(cfg, policy_dir, rm_dir, tmp_path, log=lines.append, eval_every=0)
+    if mode == "reload":
+        assert_critic_free(lines, result, "rloo", 2, batch=16)
+        assert all(h["kl_old"] > 0 for h in result.history[1:])  # beta's KL(pi_old || pi_theta) is measured
     assert {h["sync_mode"] for h in result.history} == {mode}
     said = [x for x in lines if "weight sync:" in x]
     assert len(said) == 1 and said[0].split("weight sync: ")[1].startswith(
@@ -1099,10 +1105,12 @@ def test_ppo_with_bfloat16_engines(ray_cluster, test_config, policy_dir, rm_dir,
     cfg = dataclasses.replace(
         test_config,
         ppo=ppo_cfg(test_config, iterations=2, prompts_per_iteration=8, max_new_tokens=8, minibatch_size=8,
-                    checkpoint_every=0),
+                    checkpoint_every=0, advantage_estimator="reinforce_plus_plus"),  # (and REINFORCE++ on Ray)
         rollout=dataclasses.replace(test_config.rollout, num_workers=1, dtype="bfloat16"))
     lines = []
     result = run_ppo(cfg, policy_dir, rm_dir, tmp_path, log=lines.append, eval_every=0)
+    assert_critic_free(lines, result, "reinforce_plus_plus", 1, batch=8)
+    assert all(h["kl_coef"] == cfg.ppo.kl_coef > 0 for h in result.history)  # its KL: in the token rewards
     float32_bytes = sum(a.nbytes for a in Learner(policy_dir, cfg.ppo, device="cpu").state_dict().values())
     said = [x for x in lines if "weight sync:" in x]
     assert said == ["[ppo] weight sync: object store (the engines compute in bfloat16 (shared memory holds float32 "
@@ -1203,3 +1211,51 @@ def test_reward_functions_from_a_local_module_travel_with_their_code(tmp_path, m
     installed = load_eval_function("rlhf_ray.data.synthetic:gold")
     assert b"rlhf_ray.data.synthetic" in ray.cloudpickle.dumps(ship_by_value([installed])[0]) and \
         len(ray.cloudpickle.dumps(installed)) < 400
+
+
+def assert_critic_free(lines: list[str], result, estimator: str, n: int, batch: int) -> None:
+    """A critic-free run said so, trained without a value loss on prompts x n rows, logged the RM's
+    P over each group when n > 1, and saved no value head."""
+    from rlhf_ray.ppo.learner import VALUE_HEAD_FILE
+
+    said = [x for x in lines if x.startswith("[ppo] advantages: ")]
+    assert said and said[0].startswith(f"[ppo] advantages: {estimator}, {n} sample") and "no value head" in said[0]
+    for h in result.history:
+        assert h["batch_size"] == batch and h["value_loss"] == 0.0
+        if n > 1:  # the listwise RM over each prompt's samples: between uniform and certain
+            assert 1 / n <= h["group_rm_top_prob"] <= 1 and 0 <= h["group_rm_entropy"] <= np.log(n) + 1e-9
+        else:
+            assert "group_rm_top_prob" not in h
+    assert not (result.policy_dir / VALUE_HEAD_FILE).exists()
+
+
+def test_grpo_with_the_kl_loss_on_ray_resumes_exactly(ray_cluster, test_config, policy_dir, rm_dir, tmp_path):
+    """GRPO: 4 prompts x 2 samples, the reference KL as a loss term and none in the reward; the policy
+    moves, and a run resumed from its iteration-1 checkpoint (no value head to restore) repeats its
+    iteration 2. (RLOO runs in the one-step-off test, REINFORCE++ in the bfloat16 one.)"""
+    from safetensors.numpy import load_file
+
+    from rlhf_ray.ppo.driver import run_ppo
+    from rlhf_ray.ppo.learner import VALUE_HEAD_FILE
+
+    cfg = dataclasses.replace(
+        test_config,
+        ppo=ppo_cfg(test_config, iterations=2, prompts_per_iteration=4, max_new_tokens=8, minibatch_size=8,
+                    samples_per_prompt=2, advantage_estimator="grpo", kl_coef=0.0, kl_loss_coef=0.1,
+                    checkpoint_every=1, lr=1e-3),
+        rollout=dataclasses.replace(test_config.rollout, num_workers=1))
+    lines = []
+    result = run_ppo(cfg, policy_dir, rm_dir, tmp_path, log=lines.append, eval_every=0)
+    assert_critic_free(lines, result, "grpo", 2, batch=8)
+    assert [h["policy_version"] for h in result.history] == [1, 2]
+    assert result.history[-1]["kl_ref_k3"] > 0 and all(h["kl_coef"] == 0.0 for h in result.history)
+    trained = load_file(str(result.policy_dir / "model.safetensors"))
+    initial = load_file(str(Path(policy_dir) / "model.safetensors"))
+    assert any(not np.array_equal(trained[k], initial[k]) for k in initial)
+    first = tmp_path / "checkpoints" / "iter_000001"
+    assert (first / "policy" / "config.json").is_file() and not (first / "policy" / VALUE_HEAD_FILE).exists()
+    ppo = dataclasses.replace(cfg.ppo, resume_from=str(first))
+    again = run_ppo(dataclasses.replace(cfg, ppo=ppo), policy_dir, rm_dir, tmp_path / "resumed", log=lambda *_: None,
+                    eval_every=0)
+    for key in ("reward", "rm_score", "loss", "kl_ref_k3", "group_rm_top_prob"):
+        assert again.history[-1][key] == pytest.approx(result.history[-1][key], abs=1e-4), key

@@ -20,7 +20,7 @@ _POSITIVE = {
     "sft.steps", "sft.batch_size", "data.num_train", "data.num_eval", "rm.epochs", "rm.batch_size",
     "rm.max_length", "serve.num_replicas", "serve.max_replicas", "serve.max_batch_size",
     "serve.max_responses", "serve.max_chars", "serve.max_prompts", "serve.max_request_mib", "ppo.iterations",
-    "ppo.prompts_per_iteration", "ppo.max_new_tokens", "ppo.epochs", "ppo.minibatch_size",
+    "ppo.prompts_per_iteration", "ppo.samples_per_prompt", "ppo.max_new_tokens", "ppo.epochs", "ppo.minibatch_size",
     "rollout.num_workers", "rollout.weight_bucket_mib", "ppo.max_prompt_tokens", "model.hidden_size",
     "model.num_layers", "model.num_heads",
     "model.vocab_size", "model.max_positions", "model.intermediate_size", "rollout.kv_cache_mib",
@@ -28,7 +28,7 @@ _POSITIVE = {
 }
 _NONNEG = {
     "rm.num_workers", "ppo.eval_every", "ppo.log_every", "ppo.eval_prompts", "ppo.checkpoint_every", "serve.min_replicas", "ppo.beta", "ppo.c1",
-    "ppo.entropy_coef", "ppo.kl_coef",
+    "ppo.entropy_coef", "ppo.kl_coef", "ppo.kl_loss_coef",
     "ppo.truncation_penalty", "serve.num_gpus", "rollout.gpus_per_worker", "rm.weight_decay",
     "ppo.value_clip_eps", "ppo.behaviour_weight_cap", "rm.cpus_per_worker", "serve.num_cpus", "rollout.cpus_per_worker",
     "serve.batch_wait_timeout_s", "rollout.max_logprob_drift",
@@ -153,6 +153,9 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"rollout.gpu_memory_utilization: {ro.gpu_memory_utilization} of a GPU per engine, but "
                           f"rollout.gpus_per_worker={ro.gpus_per_worker} lets Ray put engines and other actors on "
                           f"one GPU; set it <= {ro.gpus_per_worker}")
+    if cfg.ppo.advantage_estimator in ("grpo", "rloo") and cfg.ppo.samples_per_prompt < 2:
+        raise ConfigError(f"ppo.advantage_estimator={cfg.ppo.advantage_estimator} compares the samples of a prompt: "
+                          f"ppo.samples_per_prompt must be at least 2, got {cfg.ppo.samples_per_prompt}")
     for i, fn in enumerate(cfg.ppo.reward_functions):
         _check_function_name(f"ppo.reward_functions[{i}].name", fn.name)
     if cfg.ppo.eval_reward not in ("", "auto"):

@@ -146,6 +146,14 @@ class PPOConfig:
     # does not model (the rollout is then slightly off-policy: see behaviour_logprob_gap).
     temperature: float = 1.0
     top_p: float = 1.0
+    # Responses sampled per prompt in a rollout (each with its own seed); a prompt's samples stay together
+    # as a group from rollout to advantages. The group estimators (grpo, rloo) need at least 2.
+    samples_per_prompt: int = 1
+    # How advantages are estimated (verl's names): "gae" (a value head, GAE over the KL-penalised token
+    # rewards), or critic-free: "grpo" (a sample's score against its group's mean and std), "rloo" (against
+    # the mean of the group's other samples), "reinforce_plus_plus" (gamma-1 returns of the token rewards,
+    # whitened over the batch). Critic-free estimators have no value head and no value loss.
+    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_plus_plus"] = "gae"
     epochs: int = 2
     minibatch_size: int = 32
     lr: float = 1e-4
@@ -163,6 +171,9 @@ class PPOConfig:
     # InstructGPT reference-KL penalty in the reward (0 = off). At 0.05 the tiny policy learns to write
     # near-empty responses the RM over-rates (gold falls while RM reward rises); 0.4 keeps KL ~2.
     kl_coef: float = 0.4
+    # The reference KL as a loss term instead (GRPO's): kl_loss_coef * k3 KL(pi_theta || pi_ref) on the
+    # response tokens, subtracted from the objective; 0 = off. Usually with kl_coef=0.
+    kl_loss_coef: float = 0.0
     adaptive_kl: bool = False
     target_kl: float = 2.0
     kl_horizon: int = 1000

@@ -169,6 +169,7 @@ class PPOStats(NamedTuple):
     value_loss: Tensor
     clip_frac: Tensor
     entropy: Tensor
+    kl_ref: Tensor  # k3 KL(pi_theta || pi_ref) of the response tokens (0 without reference logprobs)
 
 
 def ppo_objective(
@@ -186,22 +187,33 @@ def ppo_objective(
     entropy: Tensor | None = None,
     entropy_coef: float = 0.0,
     weights: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    kl_loss_coef: float = 0.0,
 ) -> tuple[Tensor, PPOStats]:
-    """L = L_clip - beta * KL_k3(pi_old || pi_theta) - c1 * L_V (+ entropy_coef * masked_mean(H)),
-    L_V as in :func:`value_loss` (0.5 * squared error).
+    """L = L_clip - beta * KL_k3(pi_old || pi_theta) - c1 * L_V - kl_loss_coef * KL_k3(pi_theta || pi_ref)
+    (+ entropy_coef * masked_mean(H)), L_V as in :func:`value_loss` (0.5 * squared error).
 
-    All tensors [B, T] (entropy: per-token [B, T] or None). Returns (loss = -L, PPOStats);
-    stats.entropy is 0 when entropy is None. ``weights`` [B, T] weight L_clip's tokens (decoupled PPO).
+    All tensors [B, T] (entropy: per-token [B, T] or None). ``values`` None (a critic-free estimator):
+    no value loss, whatever c1. ``ref_logprobs`` [B, T]: the reference policy's, for the KL loss term
+    (GRPO's; its k3 with the samples taken as pi_theta's). Returns (loss = -L, PPOStats); stats.entropy
+    is 0 when entropy is None. ``weights`` [B, T] weight L_clip's tokens (decoupled PPO).
     """
     l_clip, clip_frac = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_eps, weights)
     kl = kl_old_new(old_logprobs, logprobs, mask)
-    l_v = value_loss(values, old_values, returns, mask, value_clip_eps)
-    objective = l_clip - beta * kl - c1 * l_v
+    objective = l_clip - beta * kl
+    l_v = _zeros_like(l_clip)
+    if values is not None:
+        l_v = value_loss(values, old_values, returns, mask, value_clip_eps)
+        objective = objective - c1 * l_v
+    kl_ref = _zeros_like(l_clip)
+    if ref_logprobs is not None:
+        kl_ref = masked_mean(kl_k3(logprobs, ref_logprobs), mask)
+        objective = objective - kl_loss_coef * kl_ref
     ent = _zeros_like(l_clip)
     if entropy is not None:
         ent = masked_mean(entropy, mask)
         objective = objective + entropy_coef * ent
-    stats = PPOStats(*(s.detach() for s in (objective, l_clip, kl, l_v, clip_frac, ent)))
+    stats = PPOStats(*(s.detach() for s in (objective, l_clip, kl, l_v, clip_frac, ent, kl_ref)))
     return -objective, stats
 
 

@@ -6,6 +6,8 @@ LAST response token also gets the sequence reward
     score = R(x, y) + sum_f w_f f(x, y) - truncation_penalty * [y was cut at max_new_tokens without EOS]
 
 (R the RM, f the reward functions of ``ppo.reward_functions``: ``ScoredRollout.scores``).
+Advantages then follow ``ppo.advantage_estimator`` (:func:`advantages`): GAE with the learner's values,
+or a critic-free estimator (GRPO, RLOO, REINFORCE++).
 
 The truncated response is still scored by the RM (it sees the text that was written); the penalty
 is what makes "ran out of tokens" worse than "finished". GAE (rlhf_ray.ops.gae) then runs over the
@@ -24,10 +26,14 @@ from rlhf_ray.ops import (
     AdaptiveKLController,
     FixedKLController,
     gae,
+    grpo_advantages,
     kl_penalized_rewards,
     logprobs_from_logits,
     masked_mean,
     masked_whiten,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    sequence_to_tokens,
 )
 from rlhf_ray.ppo.types import ScoredRollout, TrainBatch
 
@@ -56,6 +62,41 @@ def sequence_rewards(scores: np.ndarray, truncated: np.ndarray, truncation_penal
     scores: float [B]; truncated: bool [B] -> float32 [B].
     """
     return (scores - truncation_penalty * truncated.astype(np.float32)).astype(np.float32)
+
+
+def advantages(cfg: PPOConfig, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns) by ``cfg.advantage_estimator`` from the KL-penalised token rewards.
+
+    rewards, values, mask: [B, T], B = prompts x ppo.samples_per_prompt with each prompt's samples
+    adjacent. gae: GAE with the values (whitened if ppo.whiten_advantages). grpo / rloo: on each
+    sample's summed token rewards (its sequence score minus its KL penalty), grouped [B / n, n], on
+    every response token; returns = advantages (no critic). reinforce_plus_plus: gamma-1 returns
+    whitened over the batch.
+    """
+    if cfg.advantage_estimator == "gae":
+        adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        return (masked_whiten(adv, mask) if cfg.whiten_advantages else adv), returns
+    if cfg.advantage_estimator == "reinforce_plus_plus":
+        return reinforce_pp_advantages(rewards, mask)
+    n = cfg.samples_per_prompt
+    if len(rewards) % n:
+        raise ValueError(f"{len(rewards)} samples are not whole groups of ppo.samples_per_prompt={n}")
+    scores = torch.where(mask.bool(), rewards, 0.0).sum(-1).view(-1, n)
+    group = grpo_advantages(scores) if cfg.advantage_estimator == "grpo" else rloo_advantages(scores)
+    adv = sequence_to_tokens(group.reshape(-1), mask)
+    return adv, adv
+
+
+def group_stats(rm_scores: np.ndarray, n: int) -> dict:
+    """How sharply the RM separates a prompt's n samples: the listwise RM's P(y_i|x) = softmax of
+    their RM scores, its largest value and its entropy (mean over the groups; uniform: 1/n and
+    log n). rm_scores: float [G * n]. Empty for n = 1."""
+    if n < 2:
+        return {}
+    p = torch.softmax(torch.tensor(rm_scores, dtype=torch.float64).view(-1, n), dim=-1)
+    entropy = -(p * p.clamp_min(1e-300).log()).sum(-1)
+    return {"group_rm_top_prob": float(p.max(-1).values.mean()), "group_rm_entropy": float(entropy.mean())}
 
 
 class AdvantageWorker:
@@ -112,9 +153,7 @@ class AdvantageWorker:
         seq_reward = sequence_rewards(scored.scores, ro.truncated, cfg.truncation_penalty)
         kl_coef = self.kl_ctl.value
         rewards, kl = kl_penalized_rewards(torch.tensor(seq_reward), old_lp, ref_lp, mask, kl_coef)
-        adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            adv = masked_whiten(adv, mask)
+        adv, returns = advantages(cfg, rewards, values, mask)
 
         # KL(pi_old || pi_ref) per sequence (sum of k1 over the response), the x-axis of reward-vs-KL plots.
         kl_seq = kl.sum(-1)
@@ -136,6 +175,7 @@ class AdvantageWorker:
             "return_mean": float(masked_mean(returns, mask)),
             # |log pi_behaviour - log pi_old|: engine-vs-learner mismatch, plus staleness in async mode.
             "behaviour_logprob_gap": float(masked_mean((behaviour - old_lp).abs(), mask)),
+            **group_stats(scored.rm_scores, cfg.samples_per_prompt),
             "batch_size": int(len(kl_seq)),
             "gen_seconds": float(ro.gen_seconds),
             "gen_tokens": int(ro.num_tokens),

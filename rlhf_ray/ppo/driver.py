@@ -130,6 +130,7 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
     """
     task = task or prepare_task(cfg, policy_dir)
     log(f"[ppo] prompts: {task.describe}; eval reward: {task.eval_reward or 'none'}")
+    log(f"[ppo] advantages: {_describe_estimator(cfg.ppo)}")
     progress: dict = {}  # the attempt records its newest committed checkpoint here
     failures = 0
     while True:
@@ -344,7 +345,9 @@ class _Actors:
     def rollout(self, it: int) -> tuple:
         """Rollout of iteration ``it``, its RM scoring and reference logprobs (each starts as soon as
         the chunks exist; none needs the learner); returns (ScoredRollout ref, reference ref)."""
-        prompts, seed = self.task.train.batch(it), self.ppo.seed * 1_000_003 + it
+        # A prompt's samples side by side: the group estimators read them as rows of [prompts, n].
+        n = self.ppo.samples_per_prompt
+        prompts, seed = [p for p in self.task.train.batch(it) for _ in range(n)], self.ppo.seed * 1_000_003 + it
         scored = self.scorer.score.remote(*self.pool.generate(prompts, self.ppo, seed=seed))
         return scored, self.advantage.reference.remote(scored)
 
@@ -388,6 +391,15 @@ class _Actors:
             from rlhf_ray.reward.service import shutdown_rm
 
             _cleanup(log, "shutting down the Serve app 'rm'", shutdown_rm, "rm")
+
+
+def _describe_estimator(ppo) -> str:
+    n = f"{ppo.samples_per_prompt} sample{'s' if ppo.samples_per_prompt > 1 else ''} per prompt"
+    kl = ", ".join(x for x in (f"reference KL in the reward x {ppo.kl_coef:g}" if ppo.kl_coef else "",
+                               f"reference KL in the loss x {ppo.kl_loss_coef:g}" if ppo.kl_loss_coef else "",
+                               f"KL(pi_old || pi_theta) x {ppo.beta:g}" if ppo.beta else "") if x) or "no KL term"
+    critic = "a value head (c1 x L_V)" if ppo.advantage_estimator == "gae" else "no value head, no value loss"
+    return f"{ppo.advantage_estimator}, {n}, {critic}; {kl}"
 
 
 def _cleanup(log, what: str, step: Callable, *args) -> None:

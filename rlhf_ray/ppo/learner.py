@@ -55,10 +55,13 @@ class Learner:
         ChatRenderer(self.tokenizer, chat_template).apply_to()
         # Dropout off throughout: pi_old recomputed in evaluate() must equal the first train forward.
         self.policy.eval()
-        self.value_head = nn.Linear(self.policy.config.hidden_size, 1).to(self.device)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
-        params = list(self.policy.parameters()) + list(self.value_head.parameters())
+        # A value head for GAE only; the critic-free estimators (grpo, rloo, reinforce_plus_plus) have none.
+        self.value_head = None
+        if ppo_cfg.advantage_estimator == "gae":
+            self.value_head = nn.Linear(self.policy.config.hidden_size, 1).to(self.device)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+        params = list(self.policy.parameters()) + list(self.value_head.parameters() if self.value_head else [])
         self.optimizer = torch.optim.AdamW(params, lr=ppo_cfg.lr, eps=1e-5, weight_decay=0.0)
         self.rng = np.random.default_rng(ppo_cfg.seed)
         self.version = 0  # bumped by every train(); stamped on the weights sent to the engines
@@ -66,14 +69,16 @@ class Learner:
     # ------------------------------------------------------------------ forward
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_entropy: bool = False):
-        """-> logprobs [B, T] and entropy [B, T] (or None) at ppo.temperature, values [B, T]; column 0 is 0."""
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask.long(), output_hidden_states=True)
+        """-> logprobs [B, T] and entropy [B, T] (or None) at ppo.temperature, values [B, T] (None without
+        a value head); column 0 is 0."""
+        critic = self.value_head is not None
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask.long(), output_hidden_states=critic)
         logits = out.logits[:, :-1]  # (B, T-1, V): predicts tokens 1..T-1
         if self.cfg.temperature != 1.0:
             logits = logits / self.cfg.temperature  # the sampling distribution
         pad = lambda x: nn.functional.pad(x, (1, 0))  # noqa: E731  (B, T-1) -> (B, T)
         logprobs = pad(logprobs_from_logits(logits, input_ids[:, 1:]))
-        values = pad(self.value_head(out.hidden_states[-1][:, :-1]).squeeze(-1).float())
+        values = pad(self.value_head(out.hidden_states[-1][:, :-1]).squeeze(-1).float()) if critic else None
         # Without an entropy bonus the entropy is a statistic only: no graph through a [B, T-1, V] softmax.
         entropy = pad(entropy_from_logits(logits if self.cfg.entropy_coef else logits.detach())) \
             if with_entropy else None
@@ -110,7 +115,8 @@ class Learner:
             ids, am = self._tensors(ro.input_ids, ro.attention_mask, rows=rows)
             lp, v, _ = self._forward(ids, am)
             old_lp[rows, :lp.shape[1]] = lp.cpu().numpy()
-            values[rows, :v.shape[1]] = v.cpu().numpy()
+            if v is not None:  # (critic-free: values stay 0)
+                values[rows, :v.shape[1]] = v.cpu().numpy()
         return {"old_logprobs": old_lp, "values": values, "seconds": time.perf_counter() - start}
 
     def probe(self, scored: ScoredRollout, n: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -128,14 +134,16 @@ class Learner:
         cfg = self.cfg
         decoupled = cfg.behaviour_weight_cap > 0 and batch.behaviour_logprobs is not None
         extra = (batch.behaviour_logprobs,) if decoupled else ()
-        ids, am, mask, old_lp, old_v, adv, ret, *behaviour = self._tensors(
+        ids, am, mask, old_lp, old_v, adv, ret, ref_lp, *behaviour = self._tensors(
             batch.input_ids, batch.attention_mask, batch.response_mask, batch.old_logprobs,
-            batch.old_values, batch.advantages, batch.returns, *extra, rows=rows)
+            batch.old_values, batch.advantages, batch.returns, batch.ref_logprobs, *extra, rows=rows)
         weights = behaviour_weights(old_lp, behaviour[0], cfg.behaviour_weight_cap) if decoupled else None
         lp, v, ent = self._forward(ids, am, with_entropy=True)
         loss, stats = ppo_objective(lp, old_lp, adv, v, old_v, ret, mask, clip_eps=cfg.clip_eps, beta=cfg.beta,
                                     c1=cfg.c1, value_clip_eps=cfg.value_clip_eps or None, entropy=ent,
-                                    entropy_coef=cfg.entropy_coef, weights=weights)
+                                    entropy_coef=cfg.entropy_coef, weights=weights,
+                                    ref_logprobs=ref_lp if cfg.kl_loss_coef > 0 else None,
+                                    kl_loss_coef=cfg.kl_loss_coef)
         return loss, stats, (weights, mask)
 
     @torch.no_grad()
@@ -174,6 +182,7 @@ class Learner:
             **batch.stats,
             "policy_loss": -stats["l_clip"], "value_loss": stats["value_loss"], "kl_old": stats["kl"],
             "clip_frac": stats["clip_frac"], "entropy": stats["entropy"], "objective": stats["objective"],
+            "kl_ref_k3": stats["kl_ref"],  # the kl_loss_coef term's KL (0 when that is off)
             "loss": stats["loss"], "grad_norm": stats["grad_norm"], "train_steps": steps,
             "train_seconds": seconds,
             "train_tokens_per_s": cfg.epochs * float(batch.attention_mask.sum()) / seconds,
@@ -258,10 +267,13 @@ class Learner:
         from safetensors.torch import load_file
 
         path = Path(path)
-        for name in (VALUE_HEAD_FILE, LEARNER_STATE_FILE):
+        for name in (VALUE_HEAD_FILE, LEARNER_STATE_FILE) if self.value_head is not None else (LEARNER_STATE_FILE,):
             if not (path / name).is_file():
-                raise FileNotFoundError(f"PPO checkpoint {path}: {name} is missing")
-        self.value_head.load_state_dict(load_file(str(path / VALUE_HEAD_FILE), device=str(self.device)))
+                raise FileNotFoundError(f"PPO checkpoint {path}: {name} is missing (a checkpoint of a run with "
+                                        f"another ppo.advantage_estimator?)" if name == VALUE_HEAD_FILE else
+                                        f"PPO checkpoint {path}: {name} is missing")
+        if self.value_head is not None:
+            self.value_head.load_state_dict(load_file(str(path / VALUE_HEAD_FILE), device=str(self.device)))
         state = torch.load(path / LEARNER_STATE_FILE, map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.rng.bit_generator.state = state["rng"]
@@ -277,8 +289,9 @@ class Learner:
         path.mkdir(parents=True, exist_ok=True)
         self.policy.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
-        (path / VALUE_HEAD_FILE).parent.mkdir(exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
-                  str(path / VALUE_HEAD_FILE))
+        if self.value_head is not None:
+            (path / VALUE_HEAD_FILE).parent.mkdir(exist_ok=True)
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
+                      str(path / VALUE_HEAD_FILE))
         (path / "ppo_version.txt").write_text(f"{self.version}\n")
         return path

@@ -10,7 +10,7 @@ GET_TIMEOUT_S = 900.0  # a stage that takes longer is stuck (e.g. an actor pendi
 
 
 def get_small(refs, limit: int = SMALL_RESULT_BYTES):
-    """``ray.get(refs)`` for the driver: anything over ``limit`` bytes (pickled) raises, since bulk
+    """Ray's get of ``refs``, for the driver: anything over ``limit`` bytes (pickled) raises, since bulk
     data must stay in the object store."""
     import ray
 
