@@ -42,7 +42,7 @@ from rlhf_ray.config import Config, ConfigError
 from rlhf_ray.data.prompts import PromptTask
 from rlhf_ray.ppo import refs
 from rlhf_ray.ppo.checkpoints import CheckpointStore, policy_id, resume_point
-from rlhf_ray.ppo.metrics import before_line, done_line, evaluate, iteration_metrics, progress_line
+from rlhf_ray.ppo.metrics import before_line, describe_estimator, done_line, evaluate, iteration_metrics, progress_line
 from rlhf_ray.ppo.pool import CONTROL_FILE, RolloutPool, workers_at_start
 from rlhf_ray.ppo.sync import WeightSync, close_shared
 from rlhf_ray.ppo.task import prepare_task
@@ -130,7 +130,7 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
     """
     task = task or prepare_task(cfg, policy_dir)
     log(f"[ppo] prompts: {task.describe}; eval reward: {task.eval_reward or 'none'}")
-    log(f"[ppo] advantages: {_describe_estimator(cfg.ppo)}")
+    log(f"[ppo] advantages: {describe_estimator(cfg.ppo)}")
     progress: dict = {}  # the attempt records its newest committed checkpoint here
     failures = 0
     while True:
@@ -391,15 +391,6 @@ class _Actors:
             from rlhf_ray.reward.service import shutdown_rm
 
             _cleanup(log, "shutting down the Serve app 'rm'", shutdown_rm, "rm")
-
-
-def _describe_estimator(ppo) -> str:
-    n = f"{ppo.samples_per_prompt} sample{'s' if ppo.samples_per_prompt > 1 else ''} per prompt"
-    kl = ", ".join(x for x in (f"reference KL in the reward x {ppo.kl_coef:g}" if ppo.kl_coef else "",
-                               f"reference KL in the loss x {ppo.kl_loss_coef:g}" if ppo.kl_loss_coef else "",
-                               f"KL(pi_old || pi_theta) x {ppo.beta:g}" if ppo.beta else "") if x) or "no KL term"
-    critic = "a value head (c1 x L_V)" if ppo.advantage_estimator == "gae" else "no value head, no value loss"
-    return f"{ppo.advantage_estimator}, {n}, {critic}; {kl}"
 
 
 def _cleanup(log, what: str, step: Callable, *args) -> None:

@@ -65,3 +65,13 @@ def done_line(seconds: float, before: dict, after: dict, history: list[dict], ha
                  else "")
     return (f"[ppo] done in {seconds:.0f}s: held-out {evaluated}rm {before['eval_rm_score']:+.3f} -> "
             f"{after['eval_rm_score']:+.3f}, kl_ref {history[-1]['kl_ref']:.3f}; policy {policy}, plot {plot}")
+
+
+def describe_estimator(ppo: PPOConfig) -> str:
+    """The run's advantage estimator, samples per prompt, value head and KL terms, in words."""
+    n = f"{ppo.samples_per_prompt} sample{'s' if ppo.samples_per_prompt > 1 else ''} per prompt"
+    kl = ", ".join(x for x in (f"reference KL in the reward x {ppo.kl_coef:g}" if ppo.kl_coef else "",
+                               f"reference KL in the loss x {ppo.kl_loss_coef:g}" if ppo.kl_loss_coef else "",
+                               f"KL(pi_old || pi_theta) x {ppo.beta:g}" if ppo.beta else "") if x) or "no KL term"
+    critic = "a value head (c1 x L_V)" if ppo.advantage_estimator == "gae" else "no value head, no value loss"
+    return f"{ppo.advantage_estimator}, {n}, {critic}; {kl}"
