@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .ppo import gae
 from .stats import masked_whiten
 
 
@@ -53,19 +54,14 @@ def sequence_to_tokens(advantages: Tensor, mask: Tensor) -> Tensor:
 
 
 def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
-    """R_t = sum_{j >= t} gamma^(j - t) r_j over each row's response tokens (a reversed discounted
-    cumulative sum; rewards outside the mask count as 0).
+    """R_t = sum_{j >= t} gamma^(j - t) r_j over each row's response tokens: :func:`gae` with zero
+    values and lambda = 1 (its advantages are then exactly these returns).
 
-    rewards: float [B, T]; mask: bool/0-1 [B, T] -> float [B, T], 0 outside the mask.
+    rewards: float [B, T]; mask: bool/0-1 [B, T], one contiguous block per row -> float [B, T], 0
+    outside the mask.
     """
-    m = mask.bool()
-    r = torch.where(m, rewards, torch.zeros((), dtype=rewards.dtype))
-    T = rewards.shape[1]
-    t = torch.arange(T, device=rewards.device)
-    expo = t[None, :] - t[:, None]  # [i, j] -> j - i
-    base = torch.tensor(gamma, dtype=rewards.dtype, device=rewards.device)
-    discount = torch.where(expo >= 0, base.pow(expo.clamp_min(0).to(rewards.dtype)), torch.zeros((), dtype=rewards.dtype))
-    return torch.where(m, r @ discount.T, torch.zeros((), dtype=rewards.dtype))
+    returns, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)
+    return returns
 
 
 def reinforce_pp_advantages(rewards: Tensor, mask: Tensor, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
