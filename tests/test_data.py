@@ -1,5 +1,6 @@
 import json
 import math
+import os
 
 import pytest
 
@@ -281,3 +282,29 @@ def test_remote_uris_are_read_with_ray_data(ray_cluster, tmp_path):
         read_preferences(f"file://{bad}")
     p = _write(tmp_path / "p.jsonl", [json.dumps({"prompt": "hello", "tag": 1})])
     assert read_prompts(f"file://{p}")[0].columns == {"tag": 1}
+
+
+def test_private_files_and_directories(tmp_path):
+    """rlhf_ray.private: whatever the umask, the owner alone reads what it restricts; links are not followed."""
+    from rlhf_ray.private import create_private_file, make_private, private_dir
+
+    old = os.umask(0)  # the most open umask: every mode below comes from rlhf_ray.private
+    try:
+        d = private_dir(tmp_path / "a" / "b")
+        (d / "sub").mkdir()
+        (d / "sub" / "w.bin").write_bytes(b"x")
+        outside = tmp_path / "outside.txt"
+        outside.write_text("y")
+        (d / "link").symlink_to(outside)
+        with create_private_file(d / "slot") as f:
+            f.write(b"z")
+        assert (d / "slot").stat().st_mode & 0o777 == 0o600
+        with pytest.raises(FileExistsError):
+            create_private_file(d / "slot")
+        assert (d / "sub" / "w.bin").stat().st_mode & 0o777 == 0o666
+        make_private(d)
+    finally:
+        os.umask(old)
+    assert [p.stat().st_mode & 0o777 for p in (d, d / "sub", d / "sub" / "w.bin")] == [0o700, 0o700, 0o600]
+    assert outside.stat().st_mode & 0o777 == 0o666  # a link's target is not ours to change
+    assert make_private(tmp_path / "missing") == tmp_path / "missing"

@@ -497,3 +497,77 @@ def test_kl_penalized_rewards_hand_computed():
         [[0.0, -0.05, 0.025 + 1.0, 0.0], [-0.01, -0.02, 0.0, 0.04 - 2.0], [0.0, 0.0, 0.0, 0.0]], dtype=D
     )
     torch.testing.assert_close(rewards, expected)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1000, 0])
+def test_chunked_logprobs_and_entropy_equal_the_full_logits_and_their_gradients(chunk):
+    """chunked_logprobs_entropy against log_softmax / entropy of the whole [B, T, V] logits: the same values
+    and the same gradients for hidden states, weight and bias, at any chunk size (masked positions 0)."""
+    from rlhf_ray.ops import chunked_logprobs_entropy
+
+    g = torch.Generator().manual_seed(0)
+    B, T, H, V, temp = 3, 5, 4, 11, 0.7
+    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    weight, bias = torch.randn(V, H, generator=g, dtype=torch.float64), torch.randn(V, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [0, 1, 1, 1, 0]], dtype=torch.bool)
+    up = torch.randn(B, T, generator=g, dtype=torch.float64)  # an arbitrary loss: sum(up * lp) + 0.3 sum(ent)
+
+    def grads(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+        lp, ent = fn(*leaves)
+        ((up * lp).sum() + 0.3 * ent.sum()).backward()
+        return lp.detach(), ent.detach(), [t.grad for t in leaves]
+
+    def full(h, w, b):
+        logits = (h @ w.T + b) / temp
+        logp = torch.log_softmax(logits, -1)
+        lp = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        ent = -(logp.exp() * logp).sum(-1)
+        return torch.where(mask, lp, 0.0), torch.where(mask, ent, 0.0)
+
+    def chunked(h, w, b):
+        return chunked_logprobs_entropy(h, w, labels, mask, bias=b, temperature=temp, chunk_tokens=chunk,
+                                        with_entropy=True)
+
+    (lp0, ent0, g0), (lp1, ent1, g1) = grads(full), grads(chunked)
+    # (logprobs_from_logits works in float32: float64 inputs agree to float32 rounding)
+    torch.testing.assert_close(lp1, lp0.float(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent1, ent0.float(), rtol=0, atol=1e-5)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    # A statistic-only entropy: the same values, no gradient through it.
+    lp, ent = chunked_logprobs_entropy(hidden.requires_grad_(), weight, labels, mask, chunk_tokens=chunk,
+                                       with_entropy=True, entropy_grad=False)
+    assert lp.requires_grad and not ent.requires_grad
+    assert chunked_logprobs_entropy(hidden, weight, labels, mask, chunk_tokens=chunk)[1] is None
+
+
+def test_chunked_logprobs_keep_no_full_logits_for_backward():
+    """What autograd saves for backward (every tensor packed by saved_tensors_hooks): with chunks of 4
+    tokens nothing bigger than a chunk's logits, the head's weight or the hidden states; the plain path
+    keeps the whole [B, T, V] logits."""
+    from rlhf_ray.ops import chunked_logprobs_entropy, logprobs_from_logits
+
+    B, T, H, V = 4, 16, 8, 1000
+    hidden = torch.randn(B, T, H, requires_grad=True)
+    weight, labels = torch.randn(V, H, requires_grad=True), torch.randint(0, V, (B, T))
+    mask = torch.ones(B, T, dtype=torch.bool)
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    for run in ("chunked", "full"):
+        sizes.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if run == "chunked":
+                lp, _ = chunked_logprobs_entropy(hidden, weight, labels, mask, chunk_tokens=4)
+            else:
+                lp = logprobs_from_logits(hidden @ weight.T, labels)
+        lp.sum().backward()
+        if run == "chunked":
+            assert max(sizes) <= max(4 * V, V * H, B * T * H) < B * T * V, sizes
+        else:
+            assert max(sizes) >= B * T * V

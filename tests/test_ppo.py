@@ -368,6 +368,33 @@ def test_train_step_changes_every_parameter_and_lowers_the_loss(learner_and_batc
     assert learner.loss(batch) < loss0 - 1e-3
 
 
+def test_the_learners_memory_options_give_the_plain_loss_and_gradients(learner_and_batch, policy_dir):
+    """The default learner (logits a chunk of 1024 tokens at a time) against the plain Hugging Face
+    forward (learner.logits_chunk_tokens=0) and against chunks of 5 tokens with gradient checkpointing:
+    the same loss (with the entropy bonus, beta's KL and the value loss) and the same gradient for every
+    parameter (what the chunks keep for backward: tests/test_ops.py)."""
+    from rlhf_ray.config import LearnerConfig
+    from rlhf_ray.ppo.learner import Learner
+
+    learner, batch = learner_and_batch
+    rows = np.arange(len(batch.input_ids))
+
+    def loss_and_grads(memory):
+        m = Learner(policy_dir, learner.cfg, device="cpu", learner_cfg=memory)
+        assert m.chunked == (memory.logits_chunk_tokens > 0)
+        loss, _, _ = m._minibatch_loss(batch, rows)
+        loss.backward()
+        return float(loss.detach()), {k: p.grad.clone() for k, p in [*m.policy.named_parameters(),
+                                                             *m.value_head.named_parameters()]}
+
+    base_loss, base = loss_and_grads(LearnerConfig())
+    for memory in (LearnerConfig(logits_chunk_tokens=0), LearnerConfig(logits_chunk_tokens=5, gradient_checkpointing=True)):
+        loss, grads = loss_and_grads(memory)
+        assert loss == pytest.approx(base_loss, abs=1e-6), memory
+        for k, g in grads.items():
+            torch.testing.assert_close(g, base[k], rtol=1e-4, atol=1e-6, msg=lambda msg: f"{memory} {k}: {msg}")
+
+
 def test_decoupled_ppo_weights_tokens_by_the_old_to_behaviour_ratio(learner_and_batch):
     """ppo.behaviour_weight_cap > 0: each token's surrogate is weighted by min(pi_old / pi_behaviour, cap).
     At pi_theta = pi_old every ratio is 1, so L_clip = masked_mean(w * A): the loss moves by exactly
@@ -401,6 +428,9 @@ def test_learner_checkpoint_goes_on_training_exactly(learner_and_batch, tmp_path
     learner.cfg = dataclasses.replace(learner.cfg, minibatch_size=2, epochs=2)  # the shuffle matters
     learner.train(batch)
     path = learner.save_checkpoint(tmp_path / "ckpt")
+    modes = {p.relative_to(path).as_posix(): p.stat().st_mode & 0o777 for p in [Path(path), *Path(path).rglob("*")]}
+    assert modes["."] == modes["value_head"] == 0o700 and modes["model.safetensors"] == 0o600, modes
+    assert {m for k, m in modes.items() if (Path(path) / k).is_file()} == {0o600}, modes  # every file
     resumed, fresh = Learner(path, learner.cfg, device="cpu"), Learner(path, learner.cfg, device="cpu")
     assert resumed.load_checkpoint(path) == learner.version == 1
     stats = [m.train(batch) for m in (learner, resumed, fresh)]
@@ -608,6 +638,8 @@ def test_recommitting_a_checkpoint_keeps_the_old_one_until_the_new_one_is_in_pla
     assert (root / "latest").resolve() == final and (final / "policy" / "weights").read_text() == "new"
     assert sorted(p.name for p in root.iterdir()) == ["iter_000004", "latest"]
     assert json.loads((final / "trainer_state.json").read_text()) == {"iteration": 4}
+    assert {p.stat().st_mode & 0o777 for p in final.rglob("*") if p.is_file()} == {0o600}  # the state too
+    assert final.stat().st_mode & 0o777 == 0o700
     # Killed between moving the old one aside and moving the new one in: the old one is still whole.
     real_replace = os.replace
 

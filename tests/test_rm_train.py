@@ -213,6 +213,8 @@ def test_ray_train_two_workers_checkpoint_and_resume(ray_cluster, test_config, p
     assert tb_eval_loss() == [(1, pytest.approx(res.metrics["eval_loss"], rel=1e-6))]
     # The checkpoint is a plain HF directory: loads without Ray, safetensors only.
     ck = res.checkpoint_dir
+    assert (tmp_path / "runs").stat().st_mode & 0o777 == 0o700  # Ray Train's storage: the owner's only
+    assert {p.stat().st_mode & 0o777 for p in ck.rglob("*") if p.is_file()} == {0o600}
     assert (ck / "model.safetensors").exists() and json.loads((ck / "trainer_state.json").read_text())["epoch"] == 0
     model, tok = load_reward_model(ck)
     weights = load_file(ck / "model.safetensors")

@@ -453,6 +453,7 @@ def test_slot_files_of_killed_jobs_are_removed(tmp_path):
     assert str(os.getpid()) in spec["paths"][0]
     slots = SharedSlots(spec, create=True)  # creating slots sweeps the directory first
     assert sorted(slots.stale_removed) == sorted(map(str, stale))
+    assert [os.stat(p).st_mode & 0o777 for p in spec["paths"]] == [0o600, 0o600]  # the policy is private
     kept = [other.name] + [os.path.basename(p) for p in spec["paths"]]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
     assert remove_stale_slots(str(tmp_path)) == []  # live creator: its files stay

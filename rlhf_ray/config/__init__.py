@@ -9,8 +9,8 @@ field (``rm.lr``) and what is allowed. Command-line overrides use the same dotte
 """
 
 from rlhf_ray.config.load import load_config, parse_override, to_dict
-from rlhf_ray.config.schema import (Config, ConfigError, DataConfig, ModelConfig, PPOConfig, RewardFunctionConfig,
-                                    RMConfig, RolloutConfig, ServeConfig, SFTConfig)
+from rlhf_ray.config.schema import (Config, ConfigError, DataConfig, LearnerConfig, ModelConfig, PPOConfig,
+                                    RewardFunctionConfig, RMConfig, RolloutConfig, ServeConfig, SFTConfig)
 
-__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "PPOConfig", "RewardFunctionConfig", "RMConfig",
-           "RolloutConfig", "ServeConfig", "SFTConfig", "load_config", "parse_override", "to_dict"]
+__all__ = ["Config", "ConfigError", "DataConfig", "LearnerConfig", "ModelConfig", "PPOConfig", "RewardFunctionConfig",
+           "RMConfig", "RolloutConfig", "ServeConfig", "SFTConfig", "load_config", "parse_override", "to_dict"]

@@ -1,4 +1,5 @@
 """Pure torch ops: listwise reward-model loss, masked statistics, GAE, critic-free estimators and PPO pieces."""
+from .chunked import chunked_logprobs_entropy
 from .estimators import (
     discounted_returns,
     grpo_advantages,
@@ -28,6 +29,7 @@ from .rm import expected_calibration_error, listwise_probs, listwise_rm_loss
 from .stats import masked_mean, masked_sum, masked_var, masked_whiten
 
 __all__ = [
+    "chunked_logprobs_entropy",
     "sequence_to_tokens",
     "rloo_advantages",
     "reinforce_pp_advantages",

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import ray
 
-from rlhf_ray.config import PPOConfig, RolloutConfig
+from rlhf_ray.config import LearnerConfig, PPOConfig, RolloutConfig
 from rlhf_ray.ppo.advantage import AdvantageWorker
 from rlhf_ray.ppo.learner import Learner
 from rlhf_ray.ppo.rollout import RolloutWorker
@@ -45,10 +45,12 @@ def cpus_needed(num_workers: int, rollout_cfg: RolloutConfig) -> float:
     return num_workers * rollout_cfg.cpus_per_worker + LEARNER_CPUS + 2 * SMALL_CPUS
 
 
-def start_learner(policy_path: str | Path, ppo_cfg: PPOConfig, chat_template: str = "auto"):
+def start_learner(policy_path: str | Path, ppo_cfg: PPOConfig, chat_template: str = "auto",
+                  learner_cfg: LearnerConfig | None = None):
     gpu = cluster_has_gpu()
     cls = ray.remote(num_cpus=LEARNER_CPUS, num_gpus=LEARNER_GPU if gpu else 0)(Learner)
-    return cls.remote(str(policy_path), ppo_cfg, device="cuda" if gpu else "cpu", chat_template=chat_template)
+    return cls.remote(str(policy_path), ppo_cfg, device="cuda" if gpu else "cpu", chat_template=chat_template,
+                      learner_cfg=learner_cfg)
 
 
 def start_advantage(ref_model_path: str | Path, ppo_cfg: PPOConfig):

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from rlhf_ray.config import ConfigError, PPOConfig
+from rlhf_ray.private import make_private, private_dir
 
 CHECKPOINTS = "checkpoints"  # under the PPO output directory: iter_NNNNNN/ and latest -> the newest
 CHECKPOINT_STATE = "trainer_state.json"
@@ -48,6 +49,8 @@ class CheckpointStore:
             return None
         tmp = self._tmp(iteration)
         shutil.rmtree(tmp, ignore_errors=True)
+        private_dir(self.root)
+        private_dir(tmp)  # (on this node; the learner's save makes its own files private where it runs)
         return learner.save_checkpoint.remote(str(tmp / "policy"))
 
     def commit(self, iteration: int, written: str, state: dict, metrics_path: Path) -> Path | None:
@@ -175,6 +178,7 @@ def commit_checkpoint(tmp: Path, final: Path, state: dict, metrics_path: Path) -
     and deleted only after the new one is in place: a crash in between leaves it whole (``.old-``)."""
     (tmp / CHECKPOINT_STATE).write_text(json.dumps(state, indent=1))
     shutil.copyfile(metrics_path, tmp / "metrics.jsonl")
+    make_private(tmp)
     aside = final.parent / f".old-{final.name}"
     if final.exists():
         shutil.rmtree(aside, ignore_errors=True)  # left by a crash here

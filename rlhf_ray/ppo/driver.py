@@ -310,7 +310,7 @@ class _Actors:
             log(f"[ppo] RM scores through the Serve app 'rm': "
                 f"{f'deployed at {url}' if self.deployed else 'already running'}")
         start_policy = run.resume_dir / "policy" if run.resumed else policy_dir
-        self.learner = actors.start_learner(start_policy, self.ppo, chat_template=task.chat_template)
+        self.learner = actors.start_learner(start_policy, self.ppo, task.chat_template, self.cfg.learner)
         self.advantage = actors.start_advantage(policy_dir, self.ppo)
         self.scorer = actors.start_scorer(rm_dir, cfg.rm.max_length, rm_handle,
                                           max_pairs=cfg.serve.max_prompts * cfg.serve.max_responses,

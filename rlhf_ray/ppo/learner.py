@@ -16,6 +16,7 @@ temperature; :meth:`logprobs` (the drift probe) stays at temperature 1 like the 
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -23,8 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlhf_ray.config import PPOConfig
-from rlhf_ray.ops import behaviour_weights, entropy_from_logits, logprobs_from_logits, masked_mean, ppo_objective
+from rlhf_ray.config import LearnerConfig, PPOConfig
+from rlhf_ray.ops import (behaviour_weights, chunked_logprobs_entropy, entropy_from_logits, logprobs_from_logits,
+                          masked_mean, ppo_objective)
 from rlhf_ray.ppo.types import ScoredRollout, TrainBatch
 
 # In a subdirectory: vLLM loads every *.safetensors at the top of a model directory, so a value head
@@ -37,24 +39,52 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def head_is_last(model, tokens: int = 8) -> bool:
+    """Whether ``model``'s logits are its output embedding applied to its base model's last hidden state
+    and nothing more (checked on a few tokens): what computing them a chunk at a time needs. Models that
+    transform their logits after the head (soft-capping, scaling) are run whole."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear) or model.base_model is model:
+        return False
+    device = head.weight.device
+    ids = torch.arange(tokens, device=device).remainder(head.out_features).unsqueeze(0)
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits.float()
+        mine = head(model.base_model(input_ids=ids, use_cache=False).last_hidden_state).float()
+    return bool(torch.allclose(full, mine, rtol=1e-4, atol=1e-4 * max(1.0, float(full.abs().max()))))
+
+
 class Learner:
     """Policy + value head; ``evaluate`` (pi_old logprobs, values), ``train`` (PPO epochs), weight export."""
 
     def __init__(self, policy_path: str | Path, ppo_cfg: PPOConfig, device: str | None = None,
-                 chat_template: str = "auto"):
+                 chat_template: str = "auto", learner_cfg: LearnerConfig | None = None):
         """``chat_template``: Jinja source (``data.chat_template`` read) is stored in the saved policy's
-        tokenizer, so the trained policy renders chats as it was trained to."""
+        tokenizer, so the trained policy renders chats as it was trained to. ``learner_cfg``: memory
+        and precision (the ``learner`` section; its defaults when None)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from rlhf_ray.data.chat import ChatRenderer
 
         self.cfg, self.device = ppo_cfg, device or default_device()
+        self.memory = learner_cfg or LearnerConfig()
         torch.manual_seed(ppo_cfg.seed)
         self.policy = AutoModelForCausalLM.from_pretrained(str(policy_path), dtype=torch.float32).to(self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(str(policy_path))
         ChatRenderer(self.tokenizer, chat_template).apply_to()
         # Dropout off throughout: pi_old recomputed in evaluate() must equal the first train forward.
         self.policy.eval()
+        if self.memory.gradient_checkpointing:
+            # Hugging Face checkpoints a decoder layer only while that layer is in training mode: set the
+            # flag on the layers alone (their dropout modules stay in eval mode).
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            for m in self.policy.modules():
+                if getattr(m, "gradient_checkpointing", False) and m is not self.policy:
+                    m.training = True
+        mp = self.memory.mixed_precision
+        self.autocast_dtype = torch.bfloat16 if mp == "bf16" or (mp == "auto" and self.device.startswith("cuda")) \
+            else None
+        self.chunked = self.memory.logits_chunk_tokens > 0 and head_is_last(self.policy)
         # A value head for GAE only; the critic-free estimators (grpo, rloo, reinforce_plus_plus) have none.
         self.value_head = None
         if ppo_cfg.advantage_estimator == "gae":
@@ -70,18 +100,34 @@ class Learner:
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_entropy: bool = False):
         """-> logprobs [B, T] and entropy [B, T] (or None) at ppo.temperature, values [B, T] (None without
-        a value head); column 0 is 0."""
+        a value head); column 0 is 0. With learner.logits_chunk_tokens the logits exist a chunk of tokens
+        at a time (``rlhf_ray.ops.chunked_logprobs_entropy``) and padding positions are 0."""
         critic = self.value_head is not None
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask.long(), output_hidden_states=critic)
-        logits = out.logits[:, :-1]  # (B, T-1, V): predicts tokens 1..T-1
-        if self.cfg.temperature != 1.0:
-            logits = logits / self.cfg.temperature  # the sampling distribution
         pad = lambda x: nn.functional.pad(x, (1, 0))  # noqa: E731  (B, T-1) -> (B, T)
-        logprobs = pad(logprobs_from_logits(logits, input_ids[:, 1:]))
-        values = pad(self.value_head(out.hidden_states[-1][:, :-1]).squeeze(-1).float()) if critic else None
-        # Without an entropy bonus the entropy is a statistic only: no graph through a [B, T-1, V] softmax.
-        entropy = pad(entropy_from_logits(logits if self.cfg.entropy_coef else logits.detach())) \
-            if with_entropy else None
+        # Without an entropy bonus the entropy is a statistic only: no graph through a softmax over V.
+        entropy_grad = bool(self.cfg.entropy_coef)
+        with torch.autocast(self.device.split(":")[0], dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            if self.chunked:
+                hidden = self.policy.base_model(input_ids=input_ids, attention_mask=attention_mask.long(),
+                                                use_cache=False).last_hidden_state[:, :-1]
+                head = self.policy.get_output_embeddings()
+                logprobs, entropy = chunked_logprobs_entropy(
+                    hidden, head.weight, input_ids[:, 1:], attention_mask[:, 1:].bool(), bias=head.bias,
+                    temperature=self.cfg.temperature, chunk_tokens=self.memory.logits_chunk_tokens,
+                    with_entropy=with_entropy, entropy_grad=entropy_grad)
+                logprobs, entropy = pad(logprobs), pad(entropy) if with_entropy else None
+            else:
+                out = self.policy(input_ids=input_ids, attention_mask=attention_mask.long(),
+                                  output_hidden_states=critic, use_cache=False)
+                hidden = out.hidden_states[-1][:, :-1] if critic else None
+                logits = out.logits[:, :-1]  # (B, T-1, V): predicts tokens 1..T-1
+                if self.cfg.temperature != 1.0:
+                    logits = logits / self.cfg.temperature  # the sampling distribution
+                logprobs = pad(logprobs_from_logits(logits, input_ids[:, 1:]))
+                entropy = pad(entropy_from_logits(logits if entropy_grad else logits.detach())) \
+                    if with_entropy else None
+            values = pad(self.value_head(hidden).squeeze(-1).float()) if critic else None
         return logprobs, values, entropy
 
     def _tensors(self, *arrays: np.ndarray, rows=None) -> list[torch.Tensor]:
@@ -259,6 +305,7 @@ class Learner:
         path = self.save(path)
         torch.save({"optimizer": self.optimizer.state_dict(), "rng": self.rng.bit_generator.state,
                     "version": self.version}, path / LEARNER_STATE_FILE)
+        os.chmod(path / LEARNER_STATE_FILE, 0o600)
         return str(path)
 
     def load_checkpoint(self, path: str | Path) -> int:
@@ -282,11 +329,13 @@ class Learner:
 
     def save(self, path: str | Path) -> Path:
         """The policy as an ordinary HF directory (safetensors + tokenizer; loads in transformers and
-        vLLM) and the value head in ``VALUE_HEAD_FILE`` under it."""
+        vLLM) and the value head in ``VALUE_HEAD_FILE`` under it; only its owner can read it
+        (``rlhf_ray.private``)."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        from rlhf_ray.private import make_private, private_dir
+
+        path = private_dir(path)
         self.policy.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
         if self.value_head is not None:
@@ -294,4 +343,4 @@ class Learner:
             save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
                       str(path / VALUE_HEAD_FILE))
         (path / "ppo_version.txt").write_text(f"{self.version}\n")
-        return path
+        return make_private(path)

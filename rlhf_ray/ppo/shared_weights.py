@@ -32,6 +32,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from rlhf_ray.private import create_private_file
+
 ALIGN_ELEMS = 16  # 64 bytes of float32
 ORDER_PERIOD = 4093  # order pattern: (i % ORDER_PERIOD) + 1, exact in float32
 
@@ -159,7 +161,7 @@ class SharedSlots:
         created = []
         try:
             for path in spec["paths"] if create else ():
-                with open(path, "xb") as f:
+                with create_private_file(path) as f:  # 0600: the policy is nobody else's to read
                     created.append(path)
                     f.truncate(nbytes)
             self.flat = [torch.from_file(p, shared=True, size=spec["numel"], dtype=torch.float32)

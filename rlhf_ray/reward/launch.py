@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rlhf_ray.config import ConfigError, RMConfig
 from rlhf_ray.data.files import DataError
+from rlhf_ray.private import make_private, private_dir
 from rlhf_ray.reward.train import STATE_FILE, ray_train_loop
 
 
@@ -97,8 +98,8 @@ def train_rm(rm: RMConfig, init_dir: str | Path, train_path: Path, eval_path: Pa
     # A unique name: the same storage_path + name would silently resume an older run.
     name = name or f"rm-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}"
     storage = storage_path or rm.storage_path or "runs/rm"
-    if "://" not in storage:
-        storage = str(Path(storage).resolve())
+    if "://" not in storage:  # checkpoints (the RM's weights) only its owner can read: rlhf_ray.private
+        storage = str(private_dir(Path(storage).resolve()))
     from ray.data import ExecutionOptions
     from ray.train import DataConfig
 
@@ -132,8 +133,10 @@ def train_rm(rm: RMConfig, init_dir: str | Path, train_path: Path, eval_path: Pa
         raise RuntimeError(f"RM training {name} produced no checkpoint (rm.epochs already done?)")
     # A remote checkpoint is downloaded beside the metrics (<output_dir>/rm), else under ./runs/rm.
     dest = (Path(metrics_path).resolve().parent if metrics_path else Path("runs/rm").resolve()) / "downloaded" / name
-    return RMTrainResult(local_checkpoint_dir(result.checkpoint, dest), dict(result.metrics or {}),
-                         Path(result.path))
+    local = local_checkpoint_dir(result.checkpoint, dest)
+    if "://" not in storage:
+        make_private(result.path)  # its files too (Ray Train copies checkpoints with the umask's modes)
+    return RMTrainResult(make_private(local), dict(result.metrics or {}), Path(result.path))
 
 
 def local_checkpoint_dir(checkpoint, dest: Path) -> Path:
