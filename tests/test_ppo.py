@@ -888,23 +888,30 @@ def test_ppo_one_step_off_on_ray(ray_cluster, test_config, policy_dir, rm_dir, t
     if mode == "reload":  # and a critic-free estimator with the derivation's beta: 8 prompts x 2 samples
         cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, advantage_estimator="rloo", samples_per_prompt=2,
                                                                prompts_per_iteration=8, beta=0.1))
-    lines = []
-    result = run_ppo(cfg, policy_dir, rm_dir, tmp_path, log=lines.append, eval_every=0)
+    lines, kill, killed = [], None, []
+    if mode == "reload":  # ... which loses its rollout worker after iteration 2 and restarts from there
+        kill, killed = worker_killer(after=2)
+        cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, max_failures=1, checkpoint_every=1))
+    result = run_ppo(cfg, policy_dir, rm_dir, tmp_path, log=lines.append, eval_every=0, on_iteration=kill)
     if mode == "reload":
         assert_critic_free(lines, result, "rloo", 2, batch=16)
+        assert_restarted_once(lines, killed, 2)
         assert all(h["kl_old"] > 0 for h in result.history[1:])  # beta's KL(pi_old || pi_theta) is measured
     assert {h["sync_mode"] for h in result.history} == {mode}
     said = [x for x in lines if "weight sync:" in x]
-    assert len(said) == 1 and said[0].split("weight sync: ")[1].startswith(
+    assert len(said) == (2 if killed else 1) and said[0].split("weight sync: ")[1].startswith(
         "shared memory" if mode == "shared_memory" else "object store (the engines keep packed weights"), said
-    assert [h["data_version"] for h in result.history] == [0, 0, 1]
-    assert [h["version_lag"] for h in result.history] == [0, 1, 1]
+    # Every batch one version old but a run's first: the restarted run's first batch (iteration 3) is
+    # sampled from its checkpoint's weights.
+    fresh = [0, 2] if killed else [0]
+    assert [h["data_version"] for h in result.history] == ([0, 0, 2] if killed else [0, 0, 1])
+    assert [h["version_lag"] for h in result.history] == ([0, 1, 0] if killed else [0, 1, 1])
     assert [h["policy_version"] for h in result.history] == [1, 2, 3]
-    # The engine's logprobs are pi_old's for the first (fresh) batch, one update older for the others.
+    # The engine's logprobs are pi_old's for a fresh batch, one update older for the others.
     gaps = [h["behaviour_logprob_gap"] for h in result.history]
-    assert gaps[0] < 1e-4 and min(gaps[1:]) > 10 * max(gaps[0], 1e-5), gaps
-    assert result.history[0]["behaviour_weight"] == pytest.approx(1.0, abs=1e-4)
-    assert all(h["behaviour_weight"] != pytest.approx(1.0, abs=1e-6) for h in result.history[1:])
+    assert max(gaps[i] for i in fresh) < 1e-4 and gaps[1] > 10 * max(max(gaps[i] for i in fresh), 1e-5), gaps
+    for i, h in enumerate(result.history):
+        assert (h["behaviour_weight"] == pytest.approx(1.0, abs=1e-4)) == (i in fresh), (i, h["behaviour_weight"])
     assert all(h["drift"] <= h["drift_limit"] == 1e-3 for h in result.history)
     assert "eval_reward" not in result.history[0] and result.after["eval_policy_version"] == result.history[-1]["policy_version"]
 
@@ -1134,24 +1141,28 @@ def test_ppo_with_bfloat16_engines(ray_cluster, test_config, policy_dir, rm_dir,
     from rlhf_ray.ppo.driver import run_ppo
     from rlhf_ray.ppo.learner import Learner
 
+    # (and REINFORCE++ on Ray, one step off, losing its rollout worker after iteration 2: restarted)
     cfg = dataclasses.replace(
         test_config,
-        ppo=ppo_cfg(test_config, iterations=2, prompts_per_iteration=8, max_new_tokens=8, minibatch_size=8,
-                    checkpoint_every=0, advantage_estimator="reinforce_plus_plus"),  # (and REINFORCE++ on Ray)
-        rollout=dataclasses.replace(test_config.rollout, num_workers=1, dtype="bfloat16"))
+        ppo=ppo_cfg(test_config, iterations=3, prompts_per_iteration=8, max_new_tokens=8, minibatch_size=8,
+                    checkpoint_every=1, max_failures=1, advantage_estimator="reinforce_plus_plus"),
+        rollout=dataclasses.replace(test_config.rollout, num_workers=1, dtype="bfloat16", async_one_step_off=True))
     lines = []
-    result = run_ppo(cfg, policy_dir, rm_dir, tmp_path, log=lines.append, eval_every=0)
+    kill, killed = worker_killer(after=2)
+    result = run_ppo(cfg, policy_dir, rm_dir, tmp_path, log=lines.append, eval_every=0, on_iteration=kill)
     assert_critic_free(lines, result, "reinforce_plus_plus", 1, batch=8)
+    assert_restarted_once(lines, killed, 2)
+    assert [h["version_lag"] for h in result.history] == [0, 1, 0]
     assert all(h["kl_coef"] == cfg.ppo.kl_coef > 0 for h in result.history)  # its KL: in the token rewards
     float32_bytes = sum(a.nbytes for a in Learner(policy_dir, cfg.ppo, device="cpu").state_dict().values())
     said = [x for x in lines if "weight sync:" in x]
-    assert said == ["[ppo] weight sync: object store (the engines compute in bfloat16 (shared memory holds float32 "
-                    "weights)), bfloat16 weights; drift limit 0.5 (bfloat16 engines)"], said
+    assert said == 2 * ["[ppo] weight sync: object store (the engines compute in bfloat16 (shared memory holds float32 "
+                        "weights)), bfloat16 weights; drift limit 0.5 (bfloat16 engines)"], said  # (and restarted)
     for h in result.history:
         assert h["sync_bytes"] * 2 == float32_bytes
         assert 1e-3 < h["drift"] <= h["drift_limit"] == 0.5
         assert h["behaviour_logprob_gap"] > 1e-4  # bfloat16 samples are off-policy for the float32 learner
-    assert [h["policy_version"] for h in result.history] == [1, 2] and result.after["eval_policy_version"] == 2
+    assert [h["policy_version"] for h in result.history] == [1, 2, 3] and result.after["eval_policy_version"] == 3
 
 
 def test_drift_past_the_threshold_stops_the_run_loudly(ray_cluster, test_config, policy_dir, rm_dir, tmp_path):
@@ -1261,10 +1272,34 @@ def assert_critic_free(lines: list[str], result, estimator: str, n: int, batch: 
     assert not (result.policy_dir / VALUE_HEAD_FILE).exists()
 
 
+def worker_killer(after: int):
+    """An on_iteration callback that kills the first rollout worker once, after iteration ``after``;
+    returns (callback, the killed handles)."""
+    import ray
+
+    killed = []
+
+    def kill(m, ctx):
+        if m["iteration"] == after and not killed:
+            killed.append(ctx.pool.workers[0])
+            ray.kill(ctx.pool.workers[0])
+    return kill, killed
+
+
+def assert_restarted_once(lines: list[str], killed: list, iteration: int) -> None:
+    """The run lost its killed rollout worker and restarted its actors from iteration ``iteration``'s
+    checkpoint, once."""
+    restarts = [x for x in lines if "restarting the PPO actors" in x]
+    assert killed and len(restarts) == 1 and f"iter_{iteration:06d} (failure 1" in restarts[0], lines
+
+
 def test_grpo_with_the_kl_loss_on_ray_resumes_exactly(ray_cluster, test_config, policy_dir, rm_dir, tmp_path):
     """GRPO: 4 prompts x 2 samples, the reference KL as a loss term and none in the reward; the policy
     moves, and a run resumed from its iteration-1 checkpoint (no value head to restore) repeats its
-    iteration 2. (RLOO runs in the one-step-off test, REINFORCE++ in the bfloat16 one.)"""
+    iteration 2; that run is one step off (its first batch is fresh: the same as the synchronous run's)
+    and loses its rollout worker after iteration 2, restarting from there. (RLOO one step off and
+    restarted in the one-step-off test, REINFORCE++ in the bfloat16 one; GAE in both modes in the
+    resume test.)"""
     from safetensors.numpy import load_file
 
     from rlhf_ray.ppo.driver import run_ppo
@@ -1286,8 +1321,12 @@ def test_grpo_with_the_kl_loss_on_ray_resumes_exactly(ray_cluster, test_config, 
     assert any(not np.array_equal(trained[k], initial[k]) for k in initial)
     first = tmp_path / "checkpoints" / "iter_000001"
     assert (first / "policy" / "config.json").is_file() and not (first / "policy" / VALUE_HEAD_FILE).exists()
-    ppo = dataclasses.replace(cfg.ppo, resume_from=str(first))
-    again = run_ppo(dataclasses.replace(cfg, ppo=ppo), policy_dir, rm_dir, tmp_path / "resumed", log=lambda *_: None,
-                    eval_every=0)
+    ppo = dataclasses.replace(cfg.ppo, resume_from=str(first), iterations=3, max_failures=1)
+    lines, (kill, killed) = [], worker_killer(after=2)
+    again = run_ppo(dataclasses.replace(cfg, ppo=ppo, rollout=dataclasses.replace(cfg.rollout, async_one_step_off=True)),
+                    policy_dir, rm_dir, tmp_path / "resumed", log=lines.append, eval_every=0, on_iteration=kill)
     for key in ("reward", "rm_score", "loss", "kl_ref_k3", "group_rm_top_prob"):
-        assert again.history[-1][key] == pytest.approx(result.history[-1][key], abs=1e-4), key
+        assert again.history[1][key] == pytest.approx(result.history[1][key], abs=1e-4), key
+    assert_restarted_once(lines, killed, 2)
+    assert [h["policy_version"] for h in again.history] == [1, 2, 3]
+    assert [h["version_lag"] for h in again.history[1:]] == [0, 0]  # each the first batch of a start
