@@ -4,9 +4,9 @@ arm samples the same number of responses per iteration (prompts x samples_per_pr
     .venv/bin/python benchmarks/estimators.py --rm-dir runs/demo/rm/latest [--iterations 60] [--seeds 0 1 2]
                                               [--arms gae gae_beta grpo rloo reinforce_pp] [key=value ...]
 
-Arms (on top of the demo's settings and any overrides):
-    gae           GAE-PPO with the reference KL in the reward (kl_coef 0.4): the demo's default
-    gae_beta      the same plus the derivation's beta * KL(pi_old || pi_theta), beta 0.1
+Arms (on top of the demo's settings and any overrides; beta 0 but in gae_beta, as in the recorded table):
+    gae           GAE-PPO with the reference KL in the reward (kl_coef 0.4) only (beta 0)
+    gae_beta      the same plus the derivation's beta * KL(pi_old || pi_theta), beta 0.1: the default
     grpo          16 prompts x 4 samples, GRPO advantages, the reference KL as a loss term (0.04), none in the reward
     rloo          16 prompts x 4 samples, RLOO advantages, the reference KL in the reward (0.4)
     reinforce_pp  64 prompts x 1 sample, REINFORCE++ (gamma-1 returns, batch-whitened), KL in the reward (0.4)
@@ -26,12 +26,12 @@ import time
 from pathlib import Path
 
 ARMS = {
-    "gae": {},
+    "gae": {"beta": 0.0},
     "gae_beta": {"beta": 0.1},
     "grpo": {"advantage_estimator": "grpo", "samples_per_prompt": 4, "prompts_per_iteration": 16,
-             "kl_coef": 0.0, "kl_loss_coef": 0.04},
-    "rloo": {"advantage_estimator": "rloo", "samples_per_prompt": 4, "prompts_per_iteration": 16},
-    "reinforce_pp": {"advantage_estimator": "reinforce_plus_plus"},
+             "kl_coef": 0.0, "kl_loss_coef": 0.04, "beta": 0.0},
+    "rloo": {"advantage_estimator": "rloo", "samples_per_prompt": 4, "prompts_per_iteration": 16, "beta": 0.0},
+    "reinforce_pp": {"advantage_estimator": "reinforce_plus_plus", "beta": 0.0},
 }
 
 
