@@ -14,8 +14,10 @@ process (peak memory is a high-water mark): ``learner.train`` on one minibatch o
 * tokens/s (every token of the batch per step) and its fraction of the FLOP limit, peak / (6 N) with
   N the parameters (a tied embedding once; the attention's own FLOPs are left out, as usual), peak the
   best ``torch.mm`` measured here in the learner's compute dtype (float32 on CPU, bfloat16 on GPUs);
-* peak memory of the step above what the loaded learner held: resident set (CPU) or CUDA allocator
-  peak (GPU), and its ratio to the plain forward's.
+* peak memory of the timed steps above what the learner held after a warm-up step (weights, gradients'
+  buffers, optimizer state): the resident set's peak (CPU; Linux's VmHWM, reset after the warm-up, with
+  glibc made to unmap freed blocks so that it is the live peak) or the CUDA allocator's peak (GPU),
+  and its ratio to the plain forward's.
 """
 
 from __future__ import annotations
@@ -23,13 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 
-VARIANTS = {"plain": (0, False), "chunked": (1024, False), "chunked+ckpt": (1024, True)}
+VARIANTS = {"plain": (0, False), "chunked": (1, False), "chunked+ckpt": (1, True)}  # (chunks on?, checkpointing)
 
 
 def build_model(args, dest: str) -> str:
@@ -84,6 +85,20 @@ def matmul_peak(device: str, dtype, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
+def proc_status(key: str) -> int:
+    """A byte count from /proc/self/status (VmRSS: resident now, VmHWM: its peak)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith(key + ":"))
+
+
+def reset_peak_rss() -> int:
+    """Reset this process's resident-set peak (Linux: "5" > /proc/self/clear_refs); returns the resident
+    set now, the baseline the peak is then measured from."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return proc_status("VmRSS")
+
+
 def run_variant(args) -> dict:
     """One variant in this process: -> {"tps", "peak_bytes", "params", "device"}."""
     import dataclasses
@@ -93,7 +108,8 @@ def run_variant(args) -> dict:
     from rlhf_ray.config import LearnerConfig, load_config
     from rlhf_ray.ppo.learner import Learner
 
-    chunk, ckpt = VARIANTS[args.variant]
+    chunked, ckpt = VARIANTS[args.variant]
+    chunk = args.chunk if chunked else 0
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ppo = dataclasses.replace(load_config(None, []).ppo, epochs=1, minibatch_size=args.batch, lr=1e-6)
@@ -101,12 +117,13 @@ def run_variant(args) -> dict:
                       learner_cfg=LearnerConfig(logits_chunk_tokens=chunk, gradient_checkpointing=ckpt))
     batch = batch_of(learner.policy.config.vocab_size, args.batch, args.seq)
     params = sum(v.numel() for v in learner._exported().values())
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
+    learner.train(batch)  # warm-up: lazy imports, kernels, the optimizer state's first allocation
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    learner.train(batch)  # warm-up (and the optimizer state's first allocation)
+    else:
+        base = reset_peak_rss()
     times = []
     for _ in range(args.steps):
         if device == "cuda":
@@ -116,8 +133,7 @@ def run_variant(args) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10) - base
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else proc_status("VmHWM")) - base
     return {"tps": args.batch * args.seq / min(times), "peak_bytes": peak, "params": params, "device": device,
             "chunked": learner.chunked}
 
@@ -134,6 +150,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--chunk", type=int, default=128, help="learner.logits_chunk_tokens of the chunked variants "
+                   "(below batch x seq, or there is one chunk)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--variant", help=argparse.SUPPRESS)  # (a child process's one variant)
@@ -151,8 +169,13 @@ def main() -> None:
         results = {}
         for v in args.variants.split(","):
             cmd = [sys.executable, __file__, "--variant", v, "--model", args.model, "--batch", str(args.batch),
-                   "--seq", str(args.seq), "--steps", str(args.steps), "--threads", str(args.threads)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                   "--seq", str(args.seq), "--steps", str(args.steps), "--threads", str(args.threads),
+                   "--chunk", str(args.chunk)]
+            # glibc keeps freed large blocks in its heap, so the resident set's high-water mark would count
+            # memory freed long before the peak: every block of 64 KiB or more gets its own mapping,
+            # returned when freed, so that ru_maxrss is the live peak.
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
             results[v] = json.loads(out.strip().splitlines()[-1])
     torch.set_num_threads(args.threads)
     first = next(iter(results.values()))
@@ -161,7 +184,7 @@ def main() -> None:
     peak = matmul_peak(device, dtype)
     limit = peak / (6 * first["params"])
     print(f"model: {first['params'] / 1e6:.1f}M parameters ({args.model if given else f'vocabulary {args.vocab}'}); "
-          f"batch {args.batch} x {args.seq} tokens; {device}, {args.threads} thread(s)")
+          f"batch {args.batch} x {args.seq} tokens, chunks of {args.chunk}; {device}, {args.threads} thread(s)")
     print(f"matmul peak {peak / 1e9:.1f} GFLOP/s ({str(dtype).split('.')[-1]}); FLOP limit peak / 6N = "
           f"{limit:.1f} tokens/s")
     plain = results.get("plain")
@@ -170,6 +193,8 @@ def main() -> None:
         mem = f"{r['peak_bytes'] / 2**20:8.0f} MiB"
         if plain and plain["peak_bytes"] > 0:
             mem += f" ({r['peak_bytes'] / plain['peak_bytes']:.2f}x plain)"
+        if v != "plain" and not r["chunked"]:
+            v += " (ran whole: the model's logits are not its head's)"
         print(f"{v:13s} {r['tps']:9.1f} tokens/s ({r['tps'] / limit:6.1%} of the FLOP limit{vs_plain}) | "
               f"step peak memory {mem}")
 
