@@ -14,11 +14,14 @@ DIR_MODE, FILE_MODE = 0o700, 0o600
 
 
 def private_dir(path: str | Path) -> Path:
-    """``path`` (and missing parents) as a directory only its owner can enter; an existing one is
-    restricted too. Returns it."""
+    """``path`` (and missing parents) as a directory only its owner can enter; an existing one of
+    ours is restricted too. Returns it."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, DIR_MODE)
+    try:
+        os.chmod(path, DIR_MODE)
+    except PermissionError:  # an existing directory of another owner (shared storage): not ours to restrict
+        pass
     return path
 
 
