@@ -33,11 +33,11 @@ def make_private(path: str | Path) -> Path:
         return path
     if path.is_dir():
         os.chmod(path, DIR_MODE)
-        for root, dirs, files in os.walk(path):
-            for name in dirs + files:
-                p = os.path.join(root, name)
-                if not os.path.islink(p):
-                    os.chmod(p, DIR_MODE if name in dirs else FILE_MODE)
+        for root, dirs, files in os.walk(path):  # (os.walk does not descend into linked directories)
+            for names, mode in ((dirs, DIR_MODE), (files, FILE_MODE)):
+                for p in (os.path.join(root, n) for n in names):
+                    if not os.path.islink(p):
+                        os.chmod(p, mode)
     elif path.exists():
         os.chmod(path, FILE_MODE)
     return path

@@ -16,7 +16,6 @@ temperature; :meth:`logprobs` (the drift probe) stays at temperature 1 like the 
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from rlhf_ray.config import LearnerConfig, PPOConfig
 from rlhf_ray.ops import (behaviour_weights, chunked_logprobs_entropy, entropy_from_logits, logprobs_from_logits,
                           masked_mean, ppo_objective)
 from rlhf_ray.ppo.types import ScoredRollout, TrainBatch
+from rlhf_ray.private import make_private, private_dir
 
 # In a subdirectory: vLLM loads every *.safetensors at the top of a model directory, so a value head
 # beside model.safetensors would stop the saved policy from loading in vLLM.
@@ -305,7 +305,7 @@ class Learner:
         path = self.save(path)
         torch.save({"optimizer": self.optimizer.state_dict(), "rng": self.rng.bit_generator.state,
                     "version": self.version}, path / LEARNER_STATE_FILE)
-        os.chmod(path / LEARNER_STATE_FILE, 0o600)
+        make_private(path / LEARNER_STATE_FILE)
         return str(path)
 
     def load_checkpoint(self, path: str | Path) -> int:
@@ -332,8 +332,6 @@ class Learner:
         vLLM) and the value head in ``VALUE_HEAD_FILE`` under it; only its owner can read it
         (``rlhf_ray.private``)."""
         from safetensors.torch import save_file
-
-        from rlhf_ray.private import make_private, private_dir
 
         path = private_dir(path)
         self.policy.save_pretrained(path, safe_serialization=True)
