@@ -87,7 +87,7 @@ def test_every_command_in_the_docs_parses_with_real_fields(argv):
 
 
 def test_every_config_field_the_docs_name_exists():
-    sections = {"model", "sft", "data", "rm", "serve", "ppo", "rollout"}
+    sections = {"model", "sft", "data", "rm", "serve", "ppo", "rollout", "learner"}
     fields = _config_fields()
     unknown = []
     for doc in DOCS:

@@ -22,7 +22,7 @@ _POSITIVE = {
     "serve.max_responses", "serve.max_chars", "serve.max_prompts", "serve.max_request_mib", "ppo.iterations",
     "ppo.prompts_per_iteration", "ppo.samples_per_prompt", "ppo.max_new_tokens", "ppo.epochs", "ppo.minibatch_size",
     "rollout.num_workers", "rollout.weight_bucket_mib", "ppo.max_prompt_tokens", "model.hidden_size",
-    "model.num_layers", "model.num_heads",
+    "model.num_layers", "model.num_heads", "learner.num_workers",
     "model.vocab_size", "model.max_positions", "model.intermediate_size", "rollout.kv_cache_mib",
     "ppo.kl_horizon",
 }

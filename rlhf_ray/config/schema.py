@@ -269,6 +269,19 @@ class LearnerConfig:
     # "auto": bfloat16 autocast on GPUs (float32 weights, optimizer and logprobs), float32 on CPU;
     # "bf16": autocast on CPU too; "no": float32 everywhere.
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    # Learner ranks. 1: one actor (one GPU at most). More: that many Ray actors in one placement group
+    # (one GPU each on a cluster with GPUs) training data-parallel with torch.distributed (gloo on CPU,
+    # NCCL on GPUs): each minibatch of ppo.minibatch_size sequences is split across the ranks and its loss
+    # normalised by the minibatch's token count, so a step is the one learner's step on the same data.
+    num_workers: int = 1
+    # With num_workers > 1. "ddp": every rank holds the whole model and its Adam moments
+    # (DistributedDataParallel); "fsdp": parameters, gradients and Adam moments sharded across the ranks
+    # (FSDP2 fully_shard; bfloat16 parameters with float32 gradient reduction on GPUs when
+    # mixed_precision allows), for a model whose training state does not fit one device.
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    # Ray placement of the ranks (one bundle each): "PACK" on as few nodes as possible, "SPREAD" across
+    # nodes, or their STRICT_ forms.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """The one place where the PPO stage's plain classes become Ray actors (resources from the config).
 
-    learner     1 CPU (+ LEARNER_GPU when the cluster has GPUs: then it trains on CUDA)
+    learner     1 CPU (+ LEARNER_GPU when the cluster has GPUs: then it trains on CUDA); with
+                learner.num_workers > 1 that many ranks of 1 CPU (+ 1 GPU) each in a placement group
+                (``rlhf_ray.ppo.learner_group``)
     rollout     rollout.cpus_per_worker CPUs, rollout.gpus_per_worker GPUs; on CPU the vLLM engine
                 runs inside the actor process (VLLM_ENABLE_V1_MULTIPROCESSING=0: ~12 s start-up
                 instead of ~25 s, ~1 GiB less memory)
@@ -40,17 +42,33 @@ def cluster_has_gpu() -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
-def cpus_needed(num_workers: int, rollout_cfg: RolloutConfig) -> float:
-    """CPUs the PPO actors reserve with ``num_workers`` rollout workers."""
-    return num_workers * rollout_cfg.cpus_per_worker + LEARNER_CPUS + 2 * SMALL_CPUS
+def cpus_needed(num_workers: int, rollout_cfg: RolloutConfig, learner_workers: int = 1) -> float:
+    """CPUs the PPO actors reserve with ``num_workers`` rollout workers and ``learner_workers`` learner ranks."""
+    return num_workers * rollout_cfg.cpus_per_worker + learner_workers * LEARNER_CPUS + 2 * SMALL_CPUS
 
 
 def start_learner(policy_path: str | Path, ppo_cfg: PPOConfig, chat_template: str = "auto",
                   learner_cfg: LearnerConfig | None = None):
+    """The learner: one actor, or with ``learner.num_workers`` > 1 a LearnerGroup (one whole GPU per rank
+    on a cluster with GPUs) that is called the same way."""
     gpu = cluster_has_gpu()
+    if learner_cfg is not None and learner_cfg.num_workers > 1:
+        from rlhf_ray.ppo.learner_group import start_learner_group
+
+        return start_learner_group(str(policy_path), ppo_cfg, learner_cfg, LEARNER_CPUS, gpu, chat_template)
     cls = ray.remote(num_cpus=LEARNER_CPUS, num_gpus=LEARNER_GPU if gpu else 0)(Learner)
     return cls.remote(str(policy_path), ppo_cfg, device="cuda" if gpu else "cpu", chat_template=chat_template,
                       learner_cfg=learner_cfg)
+
+
+def stop(actor) -> None:
+    """Kill an actor, or every rank of a LearnerGroup (and free its placement group)."""
+    from rlhf_ray.ppo.learner_group import LearnerGroup
+
+    if isinstance(actor, LearnerGroup):
+        actor.shutdown()
+    else:
+        ray.kill(actor)
 
 
 def start_advantage(ref_model_path: str | Path, ppo_cfg: PPOConfig):

@@ -276,10 +276,11 @@ def _open_run(cfg: Config, policy_dir, out_dir, progress: dict, log) -> _Run:
     resume_dir, resumed = resume_point(cfg.ppo, policy_dir)
     restarted = progress.get("attempts", 0) > 0  # (from the start when no checkpoint was committed yet)
     progress["attempts"] = progress.get("attempts", 0) + 1
-    need, have = actors.cpus_needed(rc.num_workers, rc), ray.cluster_resources().get("CPU", 0)
+    need, have = actors.cpus_needed(rc.num_workers, rc, cfg.learner.num_workers), ray.cluster_resources().get("CPU", 0)
     if need > have:
         raise ConfigError(f"rollout.num_workers={rc.num_workers} x rollout.cpus_per_worker={rc.cpus_per_worker} "
-                          f"+ learner + scorer + advantage: PPO needs {need} CPUs, the Ray cluster has {have}")
+                          f"+ learner.num_workers={cfg.learner.num_workers} + scorer + advantage: PPO needs {need} "
+                          f"CPUs, the Ray cluster has {have}")
     control_file = out_dir / CONTROL_FILE
     num_workers = workers_at_start(control_file, rc.num_workers, bool(resumed) or restarted, log)
     (out_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in resumed["lines"])
@@ -319,6 +320,7 @@ class _Actors:
                                           chat_template=task.chat_template)
         self.pool = RolloutPool(start_policy, cfg.rollout, seed=self.ppo.seed, log=log,
                                 version=run.resumed["policy_version"] if run.resumed else 0,
+                                learner_workers=cfg.learner.num_workers,
                                 max_model_len=engine_max_len(self.ppo.max_prompt_tokens, self.ppo.max_new_tokens),
                                 chat_template=task.chat_template)
 
@@ -380,13 +382,13 @@ class _Actors:
         return evaluate(self.pool.workers[0], self.scorer, self.task.held_out, self.ppo)
 
     def stop(self) -> None:
-        import ray
+        from rlhf_ray.ppo import actors
 
         log = self.log
         _cleanup(log, "removing the shared-memory weights", close_shared, self.pool, self.learner)
         _cleanup(log, "stopping the rollout workers", self.pool.shutdown)
         for name, actor in (("learner", self.learner), ("advantage", self.advantage), ("scorer", self.scorer)):
-            _cleanup(log, f"stopping the {name} actor", ray.kill, actor)
+            _cleanup(log, f"stopping the {name} actor", actors.stop, actor)
         if self.deployed:
             from rlhf_ray.reward.service import shutdown_rm
 

@@ -26,6 +26,8 @@ from torch import nn
 from rlhf_ray.config import LearnerConfig, PPOConfig
 from rlhf_ray.ops import (behaviour_weights, chunked_logprobs_entropy, entropy_from_logits, logprobs_from_logits,
                           masked_mean, ppo_objective)
+from rlhf_ray.ppo.distributed import (RankSpec, full, full_optimizer_state, init_process_group, like,
+                                      rank_rows, shard_optimizer_state, sum_over_ranks, token_share, wrap)
 from rlhf_ray.ppo.types import ScoredRollout, TrainBatch
 from rlhf_ray.private import make_private, private_dir
 
@@ -54,20 +56,78 @@ def head_is_last(model, tokens: int = 8) -> bool:
     return bool(torch.allclose(full, mine, rtol=1e-4, atol=1e-4 * max(1.0, float(full.abs().max()))))
 
 
+class PolicyValue(nn.Module):
+    """The policy and its value head as one module (what DDP wraps and FSDP shards): token logprobs,
+    entropy and values of a batch in one forward."""
+
+    def __init__(self, policy: nn.Module, value_head: nn.Module | None, temperature: float, chunk_tokens: int,
+                 entropy_grad: bool, autocast_dtype: torch.dtype | None, device: str):
+        """``chunk_tokens`` > 0: logprobs and entropy from the last hidden states that many tokens at a time
+        (the policy's logits must be its output embedding of them: ``head_is_last``); ``entropy_grad``:
+        whether the entropy is differentiated (an entropy bonus) or a statistic only."""
+        super().__init__()
+        self.policy, self.value_head = policy, value_head
+        self.temperature, self.chunk_tokens, self.entropy_grad = temperature, chunk_tokens, entropy_grad
+        self.autocast_dtype, self.device_type = autocast_dtype, device.split(":")[0]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_entropy: bool = False,
+                temperature: float | None = None):
+        """input_ids, attention_mask [B, T] -> logprobs [B, T] and entropy [B, T] (or None) at
+        ``temperature`` (the configured one when None), values [B, T] (None without a value head); column
+        0 is 0. In chunks, the logits exist a chunk of tokens at a time
+        (``rlhf_ray.ops.chunked_logprobs_entropy``) and padding positions are 0."""
+        temperature = self.temperature if temperature is None else temperature
+        critic = self.value_head is not None
+        pad = lambda x: nn.functional.pad(x, (1, 0))  # noqa: E731  (B, T-1) -> (B, T)
+        with torch.autocast(self.device_type, dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            if self.chunk_tokens > 0:
+                hidden = self.policy.base_model(input_ids=input_ids, attention_mask=attention_mask.long(),
+                                                use_cache=False).last_hidden_state[:, :-1]
+                head = self.policy.get_output_embeddings()
+                logprobs, entropy = chunked_logprobs_entropy(
+                    hidden, head.weight, input_ids[:, 1:], attention_mask[:, 1:].bool(), bias=head.bias,
+                    temperature=temperature, chunk_tokens=self.chunk_tokens,
+                    with_entropy=with_entropy, entropy_grad=self.entropy_grad)
+                logprobs, entropy = pad(logprobs), pad(entropy) if with_entropy else None
+            else:
+                out = self.policy(input_ids=input_ids, attention_mask=attention_mask.long(),
+                                  output_hidden_states=critic, use_cache=False)
+                hidden = out.hidden_states[-1][:, :-1] if critic else None
+                logits = out.logits[:, :-1]  # (B, T-1, V): predicts tokens 1..T-1
+                if temperature != 1.0:
+                    logits = logits / temperature  # the sampling distribution
+                logprobs = pad(logprobs_from_logits(logits, input_ids[:, 1:]))
+                entropy = pad(entropy_from_logits(logits if self.entropy_grad else logits.detach())) \
+                    if with_entropy else None
+            values = pad(self.value_head(hidden).squeeze(-1).float()) if critic else None
+        return logprobs, values, entropy
+
+
 class Learner:
-    """Policy + value head; ``evaluate`` (pi_old logprobs, values), ``train`` (PPO epochs), weight export."""
+    """Policy + value head; ``evaluate`` (pi_old logprobs, values), ``train`` (PPO epochs), weight export.
+
+    Given a ``rank`` (``rlhf_ray.ppo.distributed.RankSpec``), one rank of a learner group: every rank
+    is called with the same calls in the same order (``rlhf_ray.ppo.learner_group``), and only rank 0
+    writes files or shared memory."""
 
     def __init__(self, policy_path: str | Path, ppo_cfg: PPOConfig, device: str | None = None,
-                 chat_template: str = "auto", learner_cfg: LearnerConfig | None = None):
+                 chat_template: str = "auto", learner_cfg: LearnerConfig | None = None,
+                 rank: RankSpec | None = None):
         """``chat_template``: Jinja source (``data.chat_template`` read) is stored in the saved policy's
         tokenizer, so the trained policy renders chats as it was trained to. ``learner_cfg``: memory
-        and precision (the ``learner`` section; its defaults when None)."""
+        and precision (the ``learner`` section; its defaults when None). ``rank``: this learner's place
+        in a group (joins its process group here, blocking until every rank has)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from rlhf_ray.data.chat import ChatRenderer
 
         self.cfg, self.device = ppo_cfg, device or default_device()
         self.memory = learner_cfg or LearnerConfig()
+        self.rank, self.world_size = (rank.rank, rank.world_size) if rank else (0, 1)
+        self.sharded = rank is not None and rank.strategy == "fsdp"
+        if rank is not None:
+            init_process_group(rank, self.device)
         torch.manual_seed(ppo_cfg.seed)
         self.policy = AutoModelForCausalLM.from_pretrained(str(policy_path), dtype=torch.float32).to(self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(str(policy_path))
@@ -91,44 +151,26 @@ class Learner:
             self.value_head = nn.Linear(self.policy.config.hidden_size, 1).to(self.device)
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
-        params = list(self.policy.parameters()) + list(self.value_head.parameters() if self.value_head else [])
-        self.optimizer = torch.optim.AdamW(params, lr=ppo_cfg.lr, eps=1e-5, weight_decay=0.0)
+        # Without an entropy bonus the entropy is a statistic only: no graph through a softmax over V.
+        self.net = PolicyValue(self.policy, self.value_head, ppo_cfg.temperature,
+                               self.memory.logits_chunk_tokens if self.chunked else 0, bool(ppo_cfg.entropy_coef),
+                               self.autocast_dtype, self.device)
+        # What train() runs: DDP around the net (the net itself, unwrapped, for everything else), or the net
+        # sharded in place by FSDP (every forward is then a collective).
+        self.trained = self.net if rank is None else wrap(
+            self.net, self.policy, rank.strategy, self.device,
+            bf16_params=self.autocast_dtype is not None and self.device.startswith("cuda"))
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=ppo_cfg.lr, eps=1e-5, weight_decay=0.0)
         self.rng = np.random.default_rng(ppo_cfg.seed)
         self.version = 0  # bumped by every train(); stamped on the weights sent to the engines
 
     # ------------------------------------------------------------------ forward
 
-    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_entropy: bool = False):
-        """-> logprobs [B, T] and entropy [B, T] (or None) at ppo.temperature, values [B, T] (None without
-        a value head); column 0 is 0. With learner.logits_chunk_tokens the logits exist a chunk of tokens
-        at a time (``rlhf_ray.ops.chunked_logprobs_entropy``) and padding positions are 0."""
-        critic = self.value_head is not None
-        pad = lambda x: nn.functional.pad(x, (1, 0))  # noqa: E731  (B, T-1) -> (B, T)
-        # Without an entropy bonus the entropy is a statistic only: no graph through a softmax over V.
-        entropy_grad = bool(self.cfg.entropy_coef)
-        with torch.autocast(self.device.split(":")[0], dtype=self.autocast_dtype or torch.bfloat16,
-                            enabled=self.autocast_dtype is not None):
-            if self.chunked:
-                hidden = self.policy.base_model(input_ids=input_ids, attention_mask=attention_mask.long(),
-                                                use_cache=False).last_hidden_state[:, :-1]
-                head = self.policy.get_output_embeddings()
-                logprobs, entropy = chunked_logprobs_entropy(
-                    hidden, head.weight, input_ids[:, 1:], attention_mask[:, 1:].bool(), bias=head.bias,
-                    temperature=self.cfg.temperature, chunk_tokens=self.memory.logits_chunk_tokens,
-                    with_entropy=with_entropy, entropy_grad=entropy_grad)
-                logprobs, entropy = pad(logprobs), pad(entropy) if with_entropy else None
-            else:
-                out = self.policy(input_ids=input_ids, attention_mask=attention_mask.long(),
-                                  output_hidden_states=critic, use_cache=False)
-                hidden = out.hidden_states[-1][:, :-1] if critic else None
-                logits = out.logits[:, :-1]  # (B, T-1, V): predicts tokens 1..T-1
-                if self.cfg.temperature != 1.0:
-                    logits = logits / self.cfg.temperature  # the sampling distribution
-                logprobs = pad(logprobs_from_logits(logits, input_ids[:, 1:]))
-                entropy = pad(entropy_from_logits(logits if entropy_grad else logits.detach())) \
-                    if with_entropy else None
-            values = pad(self.value_head(hidden).squeeze(-1).float()) if critic else None
-        return logprobs, values, entropy
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_entropy: bool = False,
+                 train: bool = False, temperature: float | None = None):
+        """-> logprobs, values, entropy as :meth:`PolicyValue.forward` gives them; ``train``: through the
+        module train() steps (DDP's wrapper in a group)."""
+        return (self.trained if train else self.net)(input_ids, attention_mask, with_entropy, temperature)
 
     def _tensors(self, *arrays: np.ndarray, rows=None) -> list[torch.Tensor]:
         """numpy [B, T] (possibly read-only views from the object store) -> tensors on the device,
@@ -140,11 +182,14 @@ class Learner:
 
     def logprobs(self, input_ids: np.ndarray, attention_mask: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """float32 [B, T] logprobs of each token under the current policy (0 at column 0 and padding)."""
-        from rlhf_ray.ppo.advantage import sequence_logprobs
-
-        ids, am = (torch.tensor(a, device=self.device) for a in (input_ids, attention_mask))
-        lp = sequence_logprobs(self.policy, ids, am, batch_size)
-        return torch.where(am.bool().cpu(), lp, 0.0).numpy()
+        out = np.zeros(input_ids.shape, np.float32)
+        with torch.no_grad():
+            for i in range(0, len(input_ids), batch_size):
+                rows = np.arange(i, min(i + batch_size, len(input_ids)))
+                ids, am = self._tensors(input_ids, attention_mask, rows=rows)
+                lp, _, _ = self._forward(ids, am, temperature=1.0)
+                out[rows, :lp.shape[1]] = torch.where(am.bool(), lp, 0.0).cpu().numpy()
+        return out
 
     @torch.no_grad()
     def evaluate(self, scored: ScoredRollout, batch_size: int = 64) -> dict:
@@ -175,8 +220,9 @@ class Learner:
 
     # ------------------------------------------------------------------ PPO
 
-    def _minibatch_loss(self, batch: TrainBatch, rows: np.ndarray):
-        """(loss, PPOStats, (behaviour weights [b, T] or None, response mask)) of the minibatch ``rows``."""
+    def _minibatch_loss(self, batch: TrainBatch, rows: np.ndarray, train: bool = False):
+        """(loss, PPOStats, (behaviour weights [b, T] or None, response mask)) of the minibatch ``rows``;
+        ``train``: through the module train() steps."""
         cfg = self.cfg
         decoupled = cfg.behaviour_weight_cap > 0 and batch.behaviour_logprobs is not None
         extra = (batch.behaviour_logprobs,) if decoupled else ()
@@ -184,7 +230,7 @@ class Learner:
             batch.input_ids, batch.attention_mask, batch.response_mask, batch.old_logprobs,
             batch.old_values, batch.advantages, batch.returns, batch.ref_logprobs, *extra, rows=rows)
         weights = behaviour_weights(old_lp, behaviour[0], cfg.behaviour_weight_cap) if decoupled else None
-        lp, v, ent = self._forward(ids, am, with_entropy=True)
+        lp, v, ent = self._forward(ids, am, with_entropy=True, train=train)
         loss, stats = ppo_objective(lp, old_lp, adv, v, old_v, ret, mask, clip_eps=cfg.clip_eps, beta=cfg.beta,
                                     c1=cfg.c1, value_clip_eps=cfg.value_clip_eps or None, entropy=ent,
                                     entropy_coef=cfg.entropy_coef, weights=weights,
@@ -200,7 +246,8 @@ class Learner:
 
     def train(self, batch: TrainBatch) -> dict:
         """ppo.epochs passes of shuffled minibatches over the batch; returns small scalar stats
-        (this batch's upstream stats merged in) and bumps ``version``."""
+        (this batch's upstream stats merged in) and bumps ``version``. In a group, every rank takes its
+        share of each minibatch (``rlhf_ray.ppo.distributed``) and the stats are the minibatch's."""
         start, cfg = time.perf_counter(), self.cfg
         B = len(batch.input_ids)
         sums: dict[str, float] = {}
@@ -208,18 +255,29 @@ class Learner:
         for _ in range(cfg.epochs):
             order = self.rng.permutation(B)
             for i in range(0, B, cfg.minibatch_size):
-                loss, st, (weights, mask) = self._minibatch_loss(batch, order[i:i + cfg.minibatch_size])
+                rows = order[i:i + cfg.minibatch_size]
+                mine = rank_rows(rows, self.rank, self.world_size)
+                share = 1.0
+                if self.world_size > 1:  # a rank without rows still steps (the collectives), with no weight
+                    tokens = int(batch.response_mask[mine].sum())
+                    share = token_share(tokens, int(batch.response_mask[rows].sum()), self.world_size)
+                    mine = mine if len(mine) else rows[:1]
+                loss, st, (weights, mask) = self._minibatch_loss(batch, mine, train=True)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * share if self.world_size > 1 else loss).backward()
                 params = [p for g in self.optimizer.param_groups for p in g["params"]]
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                grad_norm = full(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
                 self.optimizer.step()
                 more = () if weights is None else (
                     ("behaviour_weight", masked_mean(weights, mask)),
                     ("behaviour_weight_capped", masked_mean((weights >= cfg.behaviour_weight_cap).float(), mask)))
                 for k, v in (*st._asdict().items(), ("loss", loss.detach()), ("grad_norm", grad_norm), *more):
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                    # The ranks' token means weighted by their token shares; the norm is the same on all.
+                    w = 1 / self.world_size if k == "grad_norm" else share / self.world_size
+                    sums[k] = sums.get(k, 0.0) + float(v) * (w if self.world_size > 1 else 1.0)
                 steps += 1
+        if self.world_size > 1:
+            sums = sum_over_ranks(sums, self.device)
         stats = {k: v / steps for k, v in sums.items()}
         seconds = time.perf_counter() - start
         lag = self.version - batch.policy_version  # staleness of the data vs the weights it trains
@@ -241,6 +299,13 @@ class Learner:
     def _exported(self) -> dict[str, torch.Tensor]:
         """The policy's state dict as the engines take it: a tensor tied to an earlier one (lm_head.weight
         with tie_word_embeddings) is left out, as in the model's saved files; vLLM ties it itself."""
+        if self.sharded:  # (FSDP's tensors are shards: tied names go by the parameters they name)
+            seen, tied = set(), set()
+            for k, p in self.policy.named_parameters(remove_duplicate=False):
+                if id(p) in seen:
+                    tied.add(k)
+                seen.add(id(p))
+            return {k: v for k, v in self.policy.state_dict().items() if k not in tied}
         seen, out = set(), {}
         for k, v in self.policy.state_dict().items():
             key = (v.data_ptr(), v.dtype, tuple(v.shape), v.stride(), v.device)
@@ -251,19 +316,29 @@ class Learner:
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The policy's weights for the engines (HF names, float32 numpy on CPU, tied copies left out);
-        the value head is not included."""
-        return {k: v.detach().to("cpu", torch.float32).numpy() for k, v in self._exported().items()}
+        the value head is not included. Sharded: gathered on every rank, returned by rank 0."""
+        out = {k: full(v).detach().to("cpu", torch.float32).numpy() for k, v in self._exported().items()}
+        return out if self.rank == 0 else {}
 
     def weight_buckets(self, bucket_bytes: int, copy: bool = True,
                        dtype: str = "float32") -> list[dict[str, np.ndarray]]:
         """The policy's weights split into buckets of about ``bucket_bytes`` (for the engines), floats
         in ``dtype`` (the engines' ``wire_dtype``). ``copy=False`` (the Ray driver: the return values
         are copied into the object store as the method returns) skips the extra copy of CPU weights
-        already in ``dtype``; see ``weights.state_dict_buckets``."""
-        from rlhf_ray.ppo.weights import state_dict_buckets
+        already in ``dtype``; see ``weights.state_dict_buckets``. Sharded: every rank gathers the whole
+        tensors a bucket at a time (the model is never whole in one process), rank 0 returns them and
+        the others as many empty buckets."""
+        from rlhf_ray.ppo.weights import bucket_names, exported_entries, state_dict_buckets
 
+        exported = self._exported()
         with torch.no_grad():
-            return state_dict_buckets(self._exported(), bucket_bytes, copy=copy, dtype=dtype)
+            if not self.sharded:
+                return state_dict_buckets(exported, bucket_bytes, copy=copy, dtype=dtype)
+            entries, out = dict(exported_entries(exported)), []
+            for names in bucket_names(exported, bucket_bytes, dtype=dtype):
+                whole = {n: full(entries[n]) for n in names}
+                out.append(state_dict_buckets(whole, 1 << 62, dtype=dtype)[0] if self.rank == 0 else {})
+            return out
 
     def num_buckets(self, bucket_bytes: int, dtype: str = "float32") -> int:
         """How many buckets :meth:`weight_buckets` returns, from the tensors' sizes (no export)."""
@@ -285,11 +360,15 @@ class Learner:
         from rlhf_ray.ppo.shared_weights import SharedSlots
 
         start = time.perf_counter()
+        if self.rank > 0:  # (sharded: the gathers rank 0's write needs, in its order)
+            with torch.no_grad():
+                nbytes = sum(full(v).numel() * 4 for v in self._exported().values())
+            return {"slot": slot, "bytes": nbytes, "seconds": time.perf_counter() - start, "version": self.version}
         slots = getattr(self, "_shared_slots", None)
         if slots is None or slots.spec["paths"] != spec["paths"]:
             slots = self._shared_slots = SharedSlots(spec)
         with torch.no_grad():
-            nbytes = slots.write(slot, self._exported().items())
+            nbytes = slots.write(slot, ((k, full(v)) for k, v in self._exported().items()))
         return {"slot": slot, "bytes": nbytes, "seconds": time.perf_counter() - start, "version": self.version}
 
     def close_shared_weights(self, spec: dict) -> None:
@@ -303,9 +382,11 @@ class Learner:
         """:meth:`save` plus what :meth:`train` needs to go on exactly where it stopped: the optimizer
         state, the minibatch shuffling RNG and the version. Returns the directory."""
         path = self.save(path)
-        torch.save({"optimizer": self.optimizer.state_dict(), "rng": self.rng.bit_generator.state,
-                    "version": self.version}, path / LEARNER_STATE_FILE)
-        make_private(path / LEARNER_STATE_FILE)
+        optimizer = full_optimizer_state(self.optimizer)  # (whole moments: resumes at any number of ranks)
+        if self.rank == 0:
+            torch.save({"optimizer": optimizer, "rng": self.rng.bit_generator.state, "version": self.version},
+                       path / LEARNER_STATE_FILE)
+            make_private(path / LEARNER_STATE_FILE)
         return str(path)
 
     def load_checkpoint(self, path: str | Path) -> int:
@@ -320,9 +401,11 @@ class Learner:
                                         f"another ppo.advantage_estimator?)" if name == VALUE_HEAD_FILE else
                                         f"PPO checkpoint {path}: {name} is missing")
         if self.value_head is not None:
-            self.value_head.load_state_dict(load_file(str(path / VALUE_HEAD_FILE), device=str(self.device)))
+            params = dict(self.value_head.named_parameters())
+            self.value_head.load_state_dict({k: like(v, params[k]) if k in params else v
+                                             for k, v in load_file(str(path / VALUE_HEAD_FILE)).items()})
         state = torch.load(path / LEARNER_STATE_FILE, map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], self.optimizer))
         self.rng.bit_generator.state = state["rng"]
         self.version = int(state["version"])
         return self.version
@@ -333,12 +416,17 @@ class Learner:
         (``rlhf_ray.private``)."""
         from safetensors.torch import save_file
 
+        # Sharded, every rank gathers the whole tensors (in the same order) and rank 0 writes them.
+        policy = {k: full(v).detach().cpu() for k, v in self._exported().items()} if self.sharded else None
+        head = {k: full(v).detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()} \
+            if self.value_head is not None else {}
+        if self.rank > 0:
+            return Path(path)
         path = private_dir(path)
-        self.policy.save_pretrained(path, safe_serialization=True)
+        self.policy.save_pretrained(path, safe_serialization=True, state_dict=policy)
         self.tokenizer.save_pretrained(path)
         if self.value_head is not None:
             (path / VALUE_HEAD_FILE).parent.mkdir(exist_ok=True)
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
-                      str(path / VALUE_HEAD_FILE))
+            save_file(head, str(path / VALUE_HEAD_FILE))
         (path / "ppo_version.txt").write_text(f"{self.version}\n")
         return make_private(path)

@@ -24,10 +24,12 @@ class RolloutPool:
     """The rollout workers of a job; resizable between iterations."""
 
     def __init__(self, model_path: str | Path, rollout_cfg: RolloutConfig, seed: int, log=print, version: int = 0,
-                 **engine_options):
+                 learner_workers: int = 1, **engine_options):
         """``version``: the policy version of the weights in ``model_path`` (0 unless resuming);
-        ``engine_options``: RolloutWorker's ``max_model_len`` and ``chat_template``."""
+        ``learner_workers``: the learner's ranks (for the CPUs a resize needs); ``engine_options``:
+        RolloutWorker's ``max_model_len`` and ``chat_template``."""
         self.model_path, self.cfg, self.seed, self.log = str(model_path), rollout_cfg, seed, log
+        self.learner_workers = learner_workers
         self.engine_options = engine_options
         self.version = version
         self.workers: list = []
@@ -46,7 +48,7 @@ class RolloutPool:
 
         if n < 1:
             raise ValueError(f"set_num_workers: need at least 1 worker, got {n}")
-        need, have = actors.cpus_needed(n, self.cfg), ray.cluster_resources().get("CPU", 0)
+        need, have = actors.cpus_needed(n, self.cfg, self.learner_workers), ray.cluster_resources().get("CPU", 0)
         if need > have:  # an actor that cannot be placed would pend forever
             raise ValueError(f"set_num_workers({n}): the PPO actors would need {need} CPUs, the Ray cluster "
                              f"has {have}")

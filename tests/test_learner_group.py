@@ -1,0 +1,154 @@
+"""The learner as a group of ranks (learner.num_workers = 2, gloo on CPU): a PPO step equals the single
+learner's on the same batch (ranks with different token counts), and checkpoints move between rank counts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import ray
+
+from rlhf_ray.ppo.distributed import rank_rows, token_share
+from rlhf_ray.ppo.types import TrainBatch
+
+STATS = ("loss", "grad_norm", "policy_loss", "value_loss", "kl_old", "entropy", "clip_frac", "objective", "kl_ref_k3")
+
+
+def test_token_shares_make_the_ranks_mean_the_minibatch_token_mean():
+    """Two ranks with 7 and 2 response tokens (token means m1, m2): the mean over ranks of the scaled
+    losses is the minibatch's token mean (7 m1 + 2 m2) / 9, not (m1 + m2) / 2."""
+    rows = np.arange(5)
+    assert rank_rows(rows, 0, 2).tolist() == [0, 2, 4] and rank_rows(rows, 1, 2).tolist() == [1, 3]
+    m1, m2 = 0.3, -1.1
+    scaled = [m1 * token_share(7, 9, 2), m2 * token_share(2, 9, 2)]
+    assert sum(scaled) / 2 == pytest.approx((7 * m1 + 2 * m2) / 9, abs=1e-12)
+    assert token_share(0, 0, 2) == 0.0
+
+
+def make_batch(learner, seed: int) -> TrainBatch:
+    """8 sequences of the tiny policy's vocabulary, a 4-token prompt and 1..11 response tokens each (the
+    ranks' shares of a minibatch differ in tokens), pi_old from ``learner``."""
+    rng = np.random.default_rng(seed)
+    B, T = 8, 16
+    ids = rng.integers(3, 60, (B, T))
+    ends = 4 + rng.permutation([1, 2, 3, 5, 7, 9, 11, 12])
+    t = np.arange(T)
+    am = t[None] < ends[:, None]
+    rm = am & (t[None] >= 4)
+    old = learner.logprobs(ids, am)
+    f = lambda x: np.where(rm, x, 0).astype(np.float32)  # noqa: E731
+    adv, ret = f(rng.normal(size=(B, T))), f(rng.normal(size=(B, T)))
+    return TrainBatch(ids, am, rm, old, f(old - 0.05), f(np.zeros((B, T))), f(np.zeros((B, T))), adv, ret,
+                      policy_version=learner.version)
+
+
+def weights(learner) -> dict:
+    """A copy of an in-process learner's weights (its state_dict() is a view of the live CPU tensors)."""
+    return {k: np.array(v) for k, v in learner.state_dict().items()}
+
+
+def assert_same_step(a: dict, b: dict) -> None:
+    for k in STATS:
+        assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+    assert a["policy_version"] == b["policy_version"]
+
+
+def assert_same_update(start: dict, a: dict, b: dict) -> None:
+    """Each weight moved, and by the same amount in ``a`` as in ``b`` (Adam's steps of ~lr)."""
+    assert a.keys() == b.keys() == start.keys()
+    for k in start:
+        assert not np.array_equal(a[k], start[k]), k
+        np.testing.assert_allclose(a[k] - start[k], b[k] - start[k], rtol=1e-3, atol=1e-6, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def group_cfg(test_config):
+    # The value head (gae), the KL penalty, the entropy bonus and the reference KL loss all in the loss;
+    # minibatches of 3 sequences (rank 0 takes 2, rank 1 one), two epochs.
+    return dataclasses.replace(test_config.ppo, lr=1e-4, epochs=2, minibatch_size=3, beta=0.1, entropy_coef=0.01,
+                               kl_loss_coef=0.1, temperature=1.0)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_train_as_the_single_learner_and_checkpoints_change_rank_count(
+        ray_cluster, policy_dir, group_cfg, strategy, tmp_path):
+    from rlhf_ray.config import LearnerConfig
+    from rlhf_ray.ppo import actors
+    from rlhf_ray.ppo.learner import Learner
+
+    single = Learner(policy_dir, group_cfg, device="cpu")
+    start = weights(single)
+    group = actors.start_learner(policy_dir, group_cfg, learner_cfg=LearnerConfig(num_workers=2, strategy=strategy))
+    try:
+        b1 = make_batch(single, seed=1)
+        # pi_old through the group: rank 0's forward (ddp), or every rank's sharded one (fsdp).
+        np.testing.assert_allclose(ray.get(group.logprobs.remote(b1.input_ids, b1.attention_mask)), b1.old_logprobs,
+                                   atol=1e-5)
+        assert_same_step(ray.get(group.train.remote(b1)), single.train(b1))
+        assert_same_update(start, ray.get(group.state_dict.remote()), single.state_dict())
+        n = ray.get(group.num_buckets.remote(1 << 20))
+        buckets = ray.get(group.weight_buckets.options(num_returns=n).remote(1 << 20))
+        buckets = buckets if n > 1 else [buckets]
+        assert {k: v for b in buckets for k, v in b.items()}.keys() == start.keys()
+
+        # The group's checkpoint resumes in a single learner, which then steps as the group does.
+        saved = ray.get(group.save_checkpoint.remote(str(tmp_path / "group")))
+        resumed = Learner(saved, group_cfg, device="cpu")
+        assert resumed.load_checkpoint(saved) == 1
+        b2 = make_batch(single, seed=2)
+        before = weights(single)
+        mine = single.train(b2)
+        assert_same_step(ray.get(group.train.remote(b2)), mine)
+        assert_same_step(resumed.train(b2), mine)
+        assert_same_update(before, resumed.state_dict(), single.state_dict())
+    finally:
+        actors.stop(group)
+    if strategy == "fsdp":  # and a single learner's checkpoint resumes in a group
+        saved = single.save_checkpoint(tmp_path / "single")
+        group = actors.start_learner(saved, group_cfg, learner_cfg=LearnerConfig(num_workers=2, strategy=strategy))
+        try:
+            assert ray.get(group.load_checkpoint.remote(saved)) == 2
+            b3, before = make_batch(single, seed=3), weights(single)
+            assert_same_step(ray.get(group.train.remote(b3)), single.train(b3))
+            assert_same_update(before, ray.get(group.state_dict.remote()), single.state_dict())
+        finally:
+            actors.stop(group)
+
+
+def test_ppo_with_a_sharded_learner_group_is_the_single_learners_run_and_restarts_after_losing_a_rank(
+        ray_cluster, test_config, policy_dir, rm_dir, tmp_path):
+    """The driver's run with learner.num_workers=2, strategy fsdp (every forward, weight write and
+    checkpoint a collective; the engines read the gathered weights from shared memory) against the same
+    run with one learner: the same metrics and final weights. Its rank 1 is killed after iteration 1:
+    rank 0's collective fails, the run sees the learner die and restarts from iteration 1's checkpoint
+    (ppo.max_failures), saved by two ranks and resumed by two new ones."""
+    from safetensors.numpy import load_file
+
+    from rlhf_ray.config import LearnerConfig
+    from rlhf_ray.ppo.driver import run_ppo
+
+    ppo = dataclasses.replace(test_config.ppo, iterations=2, prompts_per_iteration=8, max_new_tokens=8,
+                              minibatch_size=4, checkpoint_every=1, max_failures=1)
+    cfg = dataclasses.replace(test_config, ppo=ppo, rollout=dataclasses.replace(test_config.rollout, num_workers=1))
+    one = run_ppo(cfg, policy_dir, rm_dir, tmp_path / "one", log=lambda *_: None, eval_every=0)
+
+    killed, lines = [], []
+
+    def kill_rank_1(m, ctx):
+        if m["iteration"] == 1 and not killed:
+            killed.append(ctx.learner.ranks[1])
+            ray.kill(ctx.learner.ranks[1])
+
+    two = run_ppo(dataclasses.replace(cfg, learner=LearnerConfig(num_workers=2, strategy="fsdp")), policy_dir,
+                  rm_dir, tmp_path / "two", log=lines.append, eval_every=0, on_iteration=kill_rank_1)
+    restarts = [x for x in lines if "restarting the PPO actors" in x]
+    assert killed and len(restarts) == 1 and "iter_000001 (failure 1" in restarts[0], lines
+    assert any(x.startswith("[ppo] ActorDiedError (LearnerRank): ") for x in lines), lines
+    assert {h["sync_mode"] for h in two.history} == {"shared_memory"}
+    assert [h["iteration"] for h in two.history] == [1, 2]
+    for h1, h2 in zip(one.history, two.history, strict=True):
+        for k in ("reward", "rm_score", "kl_ref", "policy_loss", "value_loss", "entropy", "grad_norm", "drift"):
+            assert h2[k] == pytest.approx(h1[k], rel=1e-4, abs=1e-6), k
+    w1, w2 = (load_file(str(r.policy_dir / "model.safetensors")) for r in (one, two))
+    assert w1.keys() == w2.keys() and max(float(np.abs(w1[k] - w2[k]).max()) for k in w1) < 1e-5
