@@ -543,6 +543,17 @@ def test_a_run_that_does_not_fit_the_cluster_is_a_config_error_that_changes_noth
     with pytest.raises(ConfigError, match=r"^rollout.num_workers=64 x rollout.cpus_per_worker=1.0 .* the Ray "
                                           r"cluster has 4"):
         run_ppo(cfg, "policy", "rm", tmp_path, log=lambda *_: None, task=load_prompt_task(cfg.ppo))
+    # Two learner ranks count too; a node resource no node has would leave the actors waiting forever.
+    cfg = dataclasses.replace(test_config, rollout=dataclasses.replace(test_config.rollout, num_workers=2),
+                              learner=dataclasses.replace(test_config.learner, num_workers=2))
+    with pytest.raises(ConfigError, match=r"\+ learner.num_workers=2 .* PPO needs 4.5 CPUs, the Ray cluster has 4"):
+        run_ppo(cfg, "policy", "rm", tmp_path, log=lambda *_: None, task=load_prompt_task(cfg.ppo))
+    cfg = dataclasses.replace(test_config, rollout=dataclasses.replace(test_config.rollout, num_workers=1,
+                                                                       node_resource="gpu_box"))
+    with pytest.raises(ConfigError, match=r"^rollout.node_resource='gpu_box': no node of the Ray cluster has that "
+                                          r"resource \(start the nodes meant for it with ray start "
+                                          r"--resources='\{\"gpu_box\": 1\}'\)"):
+        run_ppo(cfg, "policy", "rm", tmp_path, log=lambda *_: None, task=load_prompt_task(cfg.ppo))
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 0}\n'
     assert (tmp_path / "checkpoints" / "latest").is_symlink() and (tmp_path / "rollout_workers").exists()
     assert not (tmp_path / "tensorboard").exists()

@@ -523,3 +523,91 @@ def test_model_version_counts_epochs_from_one(rm_dir, tmp_path):
     assert model_version(copy) == f"epoch6-{digest}"
     (copy / "trainer_state.json").unlink()
     assert model_version(copy) == f"epoch?-{digest}"
+
+
+def running_replicas(app: str) -> int:
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    if status is None:
+        return 0
+    return sum(int(d.replica_states.get("RUNNING", 0)) for d in status.deployments.values())
+
+
+def replica_actors(app: str) -> list[str]:
+    """The names (namespace "serve") of the app's live replica actors (no dashboard needed)."""
+    import ray
+
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{app}#"))
+
+
+def wait_until(what: str, ok, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ok():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout} s")
+        time.sleep(0.2)
+
+
+def test_autoscaling_adds_a_replica_under_load_and_a_killed_replica_is_replaced(service, scorer, groups, rm_dir):
+    """serve.min_replicas=1, max_replicas=2: 6 concurrent clients take the app from 1 replica to 2; one
+    replica is killed under that load and replaced; every request is answered (a client retries a failed
+    one, up to 5 times), each answer the in-process scorer's; without load it goes back to 1 replica.
+    Waits on the replica count, not on sleeps."""
+    import ray
+
+    from rlhf_ray.reward.service import deploy_rm
+
+    app = "rm_scale"
+    cfg = dataclasses.replace(service.cfg, num_replicas=1, min_replicas=1, max_replicas=2, target_ongoing_requests=1,
+                              upscale_delay_s=1, downscale_delay_s=3)
+    url, _ = deploy_rm(cfg, rm_dir, max_length=64, name=app, route_prefix="/scale")
+    prompt, responses = groups[0]
+    expected = scorer.score_groups([groups[0]])[0]
+    stop, answers, given_up, lock = threading.Event(), [], [], threading.Lock()
+
+    def client():
+        with requests.Session() as s:
+            while not stop.is_set():
+                for _ in range(5):
+                    try:
+                        r = s.post(f"{url}/score", json={"prompt": prompt, "responses": responses}, timeout=60)
+                        if r.status_code == 200:
+                            with lock:
+                                answers.append(r.json())
+                            break
+                        failure = (r.status_code, r.text[:200])
+                    except requests.RequestException as e:
+                        failure = (-1, repr(e)[:200])
+                else:
+                    with lock:
+                        given_up.append(failure)
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        assert running_replicas(app) == 1
+        wait_until("autoscaled to 2 replicas", lambda: running_replicas(app) == 2)
+        first = replica_actors(app)
+        assert len(first) == 2
+        ray.kill(ray.get_actor(first[0], namespace="serve"), no_restart=True)
+        wait_until("the killed replica replaced", lambda: running_replicas(app) == 2 and first[0] not in
+                   replica_actors(app) and len(replica_actors(app)) == 2)
+        n = len(answers)
+        wait_until("answers after the replacement", lambda: len(answers) >= n + 20, timeout=60)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    try:
+        assert not given_up, given_up[:3]
+        assert len(answers) > 40
+        for body in answers:
+            check_answer(body, expected, scorer.model_version)
+        wait_until("back to 1 replica without load", lambda: running_replicas(app) == 1, timeout=90)
+    finally:
+        from ray import serve
+
+        serve.delete(app)

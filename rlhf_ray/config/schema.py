@@ -91,6 +91,10 @@ class ServeConfig:
     min_replicas: int = 1
     max_replicas: int = 1
     target_ongoing_requests: float = 4.0
+    # Seconds the load must stay above (below) target before autoscaling adds (removes) a replica; Ray
+    # Serve's autoscaling_config upscale_delay_s / downscale_delay_s.
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     max_batch_size: int = 64
@@ -217,6 +221,10 @@ class RolloutConfig:
     num_workers: int = 2
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    # Place the rollout workers on the nodes that have this custom Ray resource (started with
+    # ray start --resources='{"NAME": 1}'); each asks for a thousandth of it, so it places, not counts.
+    # "" = any node.
+    node_resource: str = ""
     # KV cache of a CPU engine (vLLM needs a size on CPU). A chunk that does not fit runs in parts
     # (the worker warns once, with the size that would fit).
     kv_cache_mib: int = 64
@@ -252,7 +260,9 @@ class RolloutConfig:
     # engines, and one copy of the weights in memory for all of them); needs CPU engines with plain
     # weights. "object_store": bucketed through Ray's object store (any node, any device). "auto":
     # shared memory where it applies, else the object store.
-    weight_sync: Literal["auto", "shared_memory", "object_store"] = "auto"
+    # "collective": the learner broadcasts each bucket once to every engine, on any node, through a
+    # process group of the learner and the engines (vLLM's weight-transfer API; gloo).
+    weight_sync: Literal["auto", "shared_memory", "collective", "object_store"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -282,6 +292,9 @@ class LearnerConfig:
     # Ray placement of the ranks (one bundle each): "PACK" on as few nodes as possible, "SPREAD" across
     # nodes, or their STRICT_ forms.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # As rollout.node_resource, for the learner's ranks and the actors beside it (the reference policy
+    # and the scorer). "" = any node.
+    node_resource: str = ""
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,31 @@ def cluster_has_gpu() -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
+NODE_RESOURCE_UNIT = 0.001  # what an actor asks of a node_resource: a place, not a share of it
+
+
+def placed_on(node_resource: str) -> dict:
+    """Ray options that place an actor on the nodes having the custom resource ``node_resource`` ("": any)."""
+    return {"resources": {node_resource: NODE_RESOURCE_UNIT}} if node_resource else {}
+
+
+def check_cluster(cfg, num_workers: int) -> None:
+    """ConfigError when the Ray cluster cannot place the PPO actors with ``num_workers`` rollout
+    workers: too few CPUs, or a node_resource no node has (the actors would wait forever)."""
+    from rlhf_ray.config import ConfigError
+
+    rc, lc, have = cfg.rollout, cfg.learner, ray.cluster_resources()
+    need = cpus_needed(num_workers, rc, lc.num_workers)
+    if need > have.get("CPU", 0):
+        raise ConfigError(f"rollout.num_workers={num_workers} x rollout.cpus_per_worker={rc.cpus_per_worker} "
+                          f"+ learner.num_workers={lc.num_workers} + scorer + advantage: PPO needs {need} "
+                          f"CPUs, the Ray cluster has {have.get('CPU', 0)}")
+    for name, resource in (("rollout.node_resource", rc.node_resource), ("learner.node_resource", lc.node_resource)):
+        if resource and not have.get(resource):
+            raise ConfigError(f"{name}={resource!r}: no node of the Ray cluster has that resource (start the "
+                              f"nodes meant for it with ray start --resources='{{\"{resource}\": 1}}')")
+
+
 def cpus_needed(num_workers: int, rollout_cfg: RolloutConfig, learner_workers: int = 1) -> float:
     """CPUs the PPO actors reserve with ``num_workers`` rollout workers and ``learner_workers`` learner ranks."""
     return num_workers * rollout_cfg.cpus_per_worker + learner_workers * LEARNER_CPUS + 2 * SMALL_CPUS
@@ -56,7 +81,8 @@ def start_learner(policy_path: str | Path, ppo_cfg: PPOConfig, chat_template: st
         from rlhf_ray.ppo.learner_group import start_learner_group
 
         return start_learner_group(str(policy_path), ppo_cfg, learner_cfg, LEARNER_CPUS, gpu, chat_template)
-    cls = ray.remote(num_cpus=LEARNER_CPUS, num_gpus=LEARNER_GPU if gpu else 0)(Learner)
+    cls = ray.remote(num_cpus=LEARNER_CPUS, num_gpus=LEARNER_GPU if gpu else 0,
+                     **placed_on(learner_cfg.node_resource if learner_cfg else ""))(Learner)
     return cls.remote(str(policy_path), ppo_cfg, device="cuda" if gpu else "cpu", chat_template=chat_template,
                       learner_cfg=learner_cfg)
 
@@ -71,14 +97,14 @@ def stop(actor) -> None:
         ray.kill(actor)
 
 
-def start_advantage(ref_model_path: str | Path, ppo_cfg: PPOConfig):
+def start_advantage(ref_model_path: str | Path, ppo_cfg: PPOConfig, node_resource: str = ""):
     gpu = cluster_has_gpu()
-    cls = ray.remote(num_cpus=SMALL_CPUS, num_gpus=SMALL_GPU if gpu else 0)(AdvantageWorker)
+    cls = ray.remote(num_cpus=SMALL_CPUS, num_gpus=SMALL_GPU if gpu else 0, **placed_on(node_resource))(AdvantageWorker)
     return cls.remote(str(ref_model_path), ppo_cfg, device="cuda" if gpu else "cpu")
 
 
 def start_scorer(rm_dir: str | Path | None, max_length: int, handle=None, max_pairs: int = 4096,
-                 reward_functions=(), eval_function=None, chat_template: str = "auto"):
+                 reward_functions=(), eval_function=None, chat_template: str = "auto", node_resource: str = ""):
     """The scorer. ``reward_functions`` and ``eval_function`` are RewardFunctions, imported here; the
     code of those whose module is not installed travels with them (``functions.ship_by_value``)."""
     from rlhf_ray.reward.functions import ship_by_value
@@ -87,7 +113,7 @@ def start_scorer(rm_dir: str | Path | None, max_length: int, handle=None, max_pa
     # In process, the RM runs on the GPU Ray assigns (RewardScorer picks CUDA when it sees one);
     # through a Serve handle, the deployment has its own resources (serve.num_gpus).
     gpu = handle is None and cluster_has_gpu()
-    cls = ray.remote(num_cpus=SMALL_CPUS, num_gpus=SMALL_GPU if gpu else 0)(RolloutScorer)
+    cls = ray.remote(num_cpus=SMALL_CPUS, num_gpus=SMALL_GPU if gpu else 0, **placed_on(node_resource))(RolloutScorer)
     return cls.remote(None if handle is not None else str(rm_dir), max_length, handle, max_pairs,
                       list(reward_functions), eval_function, chat_template)
 
@@ -104,6 +130,6 @@ def start_rollout_worker(model_path: str | Path, rollout_cfg: RolloutConfig, wor
     if not on_gpu:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     cls = ray.remote(num_cpus=rollout_cfg.cpus_per_worker, num_gpus=rollout_cfg.gpus_per_worker,
-                     runtime_env={"env_vars": env})(RolloutWorker)
+                     runtime_env={"env_vars": env}, **placed_on(rollout_cfg.node_resource))(RolloutWorker)
     return cls.remote(str(model_path), rollout_cfg, worker_id=worker_id, seed=seed,
                       device="cuda" if on_gpu else "cpu", version=version, **options)

@@ -266,8 +266,6 @@ def _open_run(cfg: Config, policy_dir, out_dir, progress: dict, log) -> _Run:
     """Checks first (an error leaves ``out_dir`` as it was), then ``metrics.jsonl`` holds this run:
     fresh, or the checkpoint's lines (a failed run's later lines go; TensorBoard likewise drops what
     earlier runs in this directory logged from that step on)."""
-    import ray
-
     from rlhf_ray.ppo import actors
 
     rc = cfg.rollout
@@ -276,11 +274,7 @@ def _open_run(cfg: Config, policy_dir, out_dir, progress: dict, log) -> _Run:
     resume_dir, resumed = resume_point(cfg.ppo, policy_dir)
     restarted = progress.get("attempts", 0) > 0  # (from the start when no checkpoint was committed yet)
     progress["attempts"] = progress.get("attempts", 0) + 1
-    need, have = actors.cpus_needed(rc.num_workers, rc, cfg.learner.num_workers), ray.cluster_resources().get("CPU", 0)
-    if need > have:
-        raise ConfigError(f"rollout.num_workers={rc.num_workers} x rollout.cpus_per_worker={rc.cpus_per_worker} "
-                          f"+ learner.num_workers={cfg.learner.num_workers} + scorer + advantage: PPO needs {need} "
-                          f"CPUs, the Ray cluster has {have}")
+    actors.check_cluster(cfg, rc.num_workers)
     control_file = out_dir / CONTROL_FILE
     num_workers = workers_at_start(control_file, rc.num_workers, bool(resumed) or restarted, log)
     (out_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in resumed["lines"])
@@ -312,12 +306,12 @@ class _Actors:
                 f"{f'deployed at {url}' if self.deployed else 'already running'}")
         start_policy = run.resume_dir / "policy" if run.resumed else policy_dir
         self.learner = actors.start_learner(start_policy, self.ppo, task.chat_template, self.cfg.learner)
-        self.advantage = actors.start_advantage(policy_dir, self.ppo)
+        self.advantage = actors.start_advantage(policy_dir, self.ppo, cfg.learner.node_resource)
         self.scorer = actors.start_scorer(rm_dir, cfg.rm.max_length, rm_handle,
                                           max_pairs=cfg.serve.max_prompts * cfg.serve.max_responses,
                                           reward_functions=load_reward_functions(self.ppo.reward_functions),
                                           eval_function=load_eval_function(task.eval_reward),
-                                          chat_template=task.chat_template)
+                                          chat_template=task.chat_template, node_resource=cfg.learner.node_resource)
         self.pool = RolloutPool(start_policy, cfg.rollout, seed=self.ppo.seed, log=log,
                                 version=run.resumed["policy_version"] if run.resumed else 0,
                                 learner_workers=cfg.learner.num_workers,

@@ -371,6 +371,47 @@ class Learner:
             nbytes = slots.write(slot, ((k, full(v)) for k, v in self._exported().items()))
         return {"slot": slot, "bytes": nbytes, "seconds": time.perf_counter() - start, "version": self.version}
 
+    def weight_meta(self, dtype: str = "float32") -> dict:
+        """Names, dtype names and shapes of the weights :meth:`broadcast_weights` sends, in order (floats
+        in ``dtype``): the engines' side of a collective sync (``rlhf_ray.ppo.collective``)."""
+        from rlhf_ray.ppo.weights import exported_entries
+
+        entries = list(exported_entries(self._exported()))
+        return {"names": [k for k, _ in entries], "shapes": [list(v.shape) for _, v in entries],
+                "dtype_names": [dtype if v.is_floating_point() else str(v.dtype).removeprefix("torch.")
+                                for _, v in entries]}
+
+    def weight_group_address(self) -> tuple[str, int]:
+        """This node's address and a free port on it: where the weight group meets."""
+        from rlhf_ray.ppo.distributed import node_address
+
+        return node_address()
+
+    def join_weight_group(self, host: str, port: int, world_size: int) -> None:
+        """Host the weight group as its rank 0 (blocks until the engines have joined); leaves the last one."""
+        from rlhf_ray.ppo.collective import join_group, leave_group
+
+        if getattr(self, "_weight_group", None) is not None:
+            leave_group(self._weight_group)
+        self._weight_group = join_group(host, port, 0, world_size)
+
+    def broadcast_weights(self, meta: dict, bucket_bytes: int) -> dict:
+        """Send the policy to every engine of the weight group, a bucket at a time (``meta``: from
+        :meth:`weight_meta`). Sharded, every rank gathers the tensors and rank 0 sends them.
+        Returns {"bytes", "seconds", "version"}."""
+        from rlhf_ray.ppo.collective import send
+        from rlhf_ray.ppo.weights import exported_entries
+
+        start = time.perf_counter()
+        with torch.no_grad():
+            tensors = (full(v).to(getattr(torch, d)) for (_, v), d in
+                       zip(exported_entries(self._exported()), meta["dtype_names"]))
+            if self.rank > 0:
+                nbytes = sum(t.numel() * t.element_size() for t in tensors)
+            else:
+                nbytes = send(self._weight_group, tensors, meta, bucket_bytes)
+        return {"bytes": nbytes, "seconds": time.perf_counter() - start, "version": self.version, "mode": "collective"}
+
     def close_shared_weights(self, spec: dict) -> None:
         """Remove the shared-weight files of ``spec`` (mappings stay valid until their processes exit)."""
         from rlhf_ray.ppo.shared_weights import unlink_slots

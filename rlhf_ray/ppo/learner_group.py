@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 import sys
 import traceback
 
@@ -22,13 +21,13 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf_ray.config import LearnerConfig, PPOConfig
-from rlhf_ray.ppo.distributed import RankSpec
+from rlhf_ray.ppo.distributed import RankSpec, node_address
 from rlhf_ray.ppo.learner import Learner
 
 EVERY_RANK = frozenset({"train", "load_checkpoint"})
 # Sharded (fsdp), a forward or an export gathers parameters from every rank.
 EVERY_RANK_SHARDED = EVERY_RANK | {"evaluate", "probe", "logprobs", "loss", "state_dict", "weight_buckets",
-                                   "write_shared_weights", "save", "save_checkpoint"}
+                                   "write_shared_weights", "broadcast_weights", "save", "save_checkpoint"}
 PLACEMENT_TIMEOUT_S = 120
 
 
@@ -87,21 +86,16 @@ LearnerRank = type("LearnerRank", (Learner,), {
 LearnerRank.__doc__ = "A Learner rank of a group (``Learner`` whose failed collectives end the process)."
 
 
-def _rendezvous() -> tuple[str, int]:
-    """Rank 0's node address and a free port on it, for the ranks' process group."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    return ray.util.get_node_ip_address(), port
-
-
 def start_learner_group(policy_path: str, ppo_cfg: PPOConfig, learner_cfg: LearnerConfig, cpus: float,
                         gpu: bool, chat_template: str = "auto") -> LearnerGroup:
     """``learner_cfg.num_workers`` Learner ranks, each ``cpus`` CPUs (and one GPU when ``gpu``) in one
     placement group placed by ``learner_cfg.placement_strategy``; they join their process group as they
     start. Raises RuntimeError when the cluster cannot place them."""
+    from rlhf_ray.ppo.actors import NODE_RESOURCE_UNIT
+
     n = learner_cfg.num_workers
-    bundle = {"CPU": cpus, **({"GPU": 1} if gpu else {})}
+    bundle = {"CPU": cpus, **({"GPU": 1} if gpu else {}),
+              **({learner_cfg.node_resource: NODE_RESOURCE_UNIT} if learner_cfg.node_resource else {})}
     pg = placement_group([dict(bundle) for _ in range(n)], strategy=learner_cfg.placement_strategy)
     try:
         ray.get(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
@@ -110,7 +104,7 @@ def start_learner_group(policy_path: str, ppo_cfg: PPOConfig, learner_cfg: Learn
         raise RuntimeError(f"learner.num_workers={n}: the cluster could not place {n} x {bundle} "
                            f"({learner_cfg.placement_strategy}) within {PLACEMENT_TIMEOUT_S} s") from None
     on = lambda i: PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)  # noqa: E731
-    host, port = ray.get(ray.remote(num_cpus=0)(_rendezvous).options(scheduling_strategy=on(0)).remote())
+    host, port = ray.get(ray.remote(num_cpus=0)(node_address).options(scheduling_strategy=on(0)).remote())
     cls = ray.remote(num_cpus=cpus, num_gpus=1 if gpu else 0)(LearnerRank)
     ranks = [cls.options(scheduling_strategy=on(i)).remote(
         policy_path, ppo_cfg, device="cuda" if gpu else "cpu", chat_template=chat_template, learner_cfg=learner_cfg,

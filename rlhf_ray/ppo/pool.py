@@ -38,6 +38,7 @@ class RolloutPool:
         self.shared: dict | None = None  # the shared-memory weights' spec, once the engines read them
         self._slot = (version % 2, version)  # (slot, version) the engines read, for workers added later
         self._shared_node = None  # the learner's node, where every engine must run to share memory
+        self.collective: dict | None = None  # the learner, weight meta and bucket size of a collective sync
 
     def set_num_workers(self, n: int) -> None:
         """Start or stop workers so that ``n`` run. Call between iterations (no rollout in flight).
@@ -75,6 +76,11 @@ class RolloutPool:
             w = self.workers.pop()
             refs.get_small(w.shutdown.remote())  # also waits for the worker's earlier tasks
             ray.kill(w)
+        if self.collective is not None and n != len(self.collective["members"]):
+            # Another set of engines: a new group; the learner's weights (the last synced ones, in the
+            # synchronous mode; one-step-off, the next sync follows before any rollout of the new engines).
+            self._form_group()
+            self.sync_collective(self.collective["version"])
 
     def start(self, n: int, configured: int, control_file: Path) -> None:
         """Start ``n`` workers (what :func:`workers_at_start` chose); when the control file's count does
@@ -166,6 +172,31 @@ class RolloutPool:
         """Every engine switches to ``slot`` once the learner's write (``written_ref``) is done."""
         self._slot = (slot, version)
         return [w.use_shared_weights.remote(written_ref, version) for w in self.workers]
+
+    def join_collective(self, learner, meta: dict, bucket_bytes: int) -> None:
+        """Form the weight group of ``learner`` and every engine (``rlhf_ray.ppo.collective``); waits
+        for it. ``meta``: the weights' names, dtypes and shapes (``Learner.weight_meta``)."""
+        self.collective = {"learner": learner, "meta": meta, "bucket_bytes": bucket_bytes, "members": [],
+                           "version": self.version}
+        refs.get_small(self._form_group())
+
+    def _form_group(self) -> list:
+        """Submit the (re)forming of the weight group with the current engines; refs of the joins."""
+        c = self.collective
+        host, port = refs.get_small(c["learner"].weight_group_address.remote())
+        world = 1 + len(self.workers)
+        c["members"] = list(self.workers)
+        return [c["learner"].join_weight_group.remote(host, port, world),
+                *(w.join_weight_group.remote(host, port, 1 + i, world, c["bucket_bytes"])
+                  for i, w in enumerate(self.workers))]
+
+    def sync_collective(self, version: int) -> list:
+        """The learner broadcasts its weights to the group; every engine takes them as ``version``.
+        Returns refs of the engines' info dicts and, last, the learner's."""
+        c = self.collective
+        c["version"] = version
+        sent = c["learner"].broadcast_weights.remote(c["meta"], c["bucket_bytes"])
+        return [*(w.receive_weights.remote(c["meta"], version) for w in self.workers), sent]
 
     def sync(self, bucket_refs, version: int) -> list:
         """Load the same weights (refs: put once) into every worker; returns refs of their info dicts."""

@@ -308,6 +308,30 @@ class RolloutWorker:
         return {"version": self._version, "seconds": time.perf_counter() - t0,
                 "fetch_seconds": t_fetched - t0, "bytes": nbytes, "mode": loaded["mode"]}
 
+    def join_weight_group(self, host: str, port: int, rank: int, world_size: int, bucket_bytes: int) -> None:
+        """Join the learner's weight group as ``rank`` (``rlhf_ray.ppo.collective``; blocks until every
+        member has), leaving the group it was in."""
+        self.llm.shutdown_weight_transfer_engine()
+        self.llm.init_weight_transfer_engine({"init_info": {
+            "master_address": host, "master_port": port, "rank": rank, "world_size": world_size,
+            "bucket_bytes": bucket_bytes}})
+
+    def receive_weights(self, meta: dict, version: int) -> dict:
+        """Take the weights the learner broadcasts to the group (``meta``: their names, dtype names and
+        shapes, in order) and stamp ``version`` on later rollouts. Returns as :meth:`update_weights`."""
+        t0 = time.perf_counter()
+        with plain_cpu_linear(self.device == "cpu" and self.cfg.cpu_plain_weights):  # as the engine was built
+            self.llm.start_weight_update()
+            self.llm.update_weights({"update_info": meta})
+            self.llm.finish_weight_update()
+        self._reset_prefix_cache()
+        self._version = int(version)
+        from rlhf_ray.ppo.collective import nbytes
+
+        return {"version": self._version, "seconds": time.perf_counter() - t0, "fetch_seconds": 0.0,
+                "bytes": sum(nbytes(d, s) for d, s in zip(meta["dtype_names"], meta["shapes"])),
+                "mode": "collective"}
+
     def sync_info(self) -> dict:
         """Where this engine runs and how it can take weights (for the driver's choice of sync path)."""
         import ray

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 
 from rlhf_ray.config import RolloutConfig
-from rlhf_ray.ppo import refs
+from rlhf_ray.ppo import collective, refs
 
 DRIFT_PROBE_ROWS = 4
 
@@ -40,13 +40,21 @@ class WeightSync:
         self.engine_dtypes = sorted({i["dtype"] for i in engines})
         self.configured_drift = rc.max_logprob_drift
         self.max_drift = drift_limit(rc.max_logprob_drift, set(self.engine_dtypes))
-        self.why_not_shared = "rollout.weight_sync=object_store"
-        if rc.weight_sync != "object_store":
+        self.why_not_shared = f"rollout.weight_sync={rc.weight_sync}"
+        self.collective = rc.weight_sync == "collective"
+        if self.collective:  # one group of the learner and every engine, on any node
+            self.meta = refs.get_small(learner.weight_meta.remote(self.wire_dtype))
+            pool.join_collective(learner, self.meta, bucket_bytes)
+        elif rc.weight_sync != "object_store":
             self.why_not_shared = pool.attach_shared_weights(learner, required=rc.weight_sync == "shared_memory")
         self.synced: list = []  # refs of the last sync (every engine's info dict)
 
     def describe(self) -> str:
         why, shared = self.why_not_shared, self.pool.shared
+        if self.collective:
+            return (f"weight sync: collective (a {collective.BACKEND} group of the learner and "
+                    f"{len(self.pool.workers)} engine(s)), {self.wire_dtype} weights in buckets of "
+                    f"{self.bucket_bytes >> 20} MiB; drift limit {self.max_drift:g} ({'/'.join(self.engine_dtypes)} engines)")
         return ("weight sync: " + (f"object store ({why}), {self.wire_dtype} weights" if why else
                                    f"shared memory, 2 x {shared['numel'] * 4 >> 20} MiB in "
                                    f"{shared['paths'][0][:-1]}{{0,1}}")
@@ -56,7 +64,9 @@ class WeightSync:
         """Submit the sync of the learner's weights after its ``version``-th update (runs after the
         train call submitted before it)."""
         pool, learner = self.pool, self.learner
-        if pool.shared is not None:
+        if self.collective:  # each bucket broadcast once to every engine
+            self.synced = pool.sync_collective(version)
+        elif pool.shared is not None:
             # Slot version % 2; the write waits until every engine has left that slot (last sync).
             slot = version % 2
             self.synced = pool.sync_shared(learner.write_shared_weights.remote(pool.shared, slot, *self.synced),
@@ -87,8 +97,8 @@ class WeightSync:
             raise WeightSyncError(f"engines report versions {[i['version'] for i in infos]}, expected {version}")
         if not drift <= self.max_drift:
             self._drifted(iteration, version, checked, drift)
-        # Shared memory: one write serves every engine (each reports it); else one load per engine.
-        shared = infos[0]["mode"] == "shared_memory"
+        # Shared memory, collective: one write or broadcast serves every engine; else one load per engine.
+        shared = infos[0]["mode"] in ("shared_memory", "collective")
         sync_bytes = infos[0]["bytes"] if shared else sum(i["bytes"] for i in infos)
         sync_busy = max(i["seconds"] for i in infos) if shared else sum(i["seconds"] for i in infos)
         return {"sync_seconds": max(i["seconds"] for i in infos), "sync_wall_seconds": sync_wall,

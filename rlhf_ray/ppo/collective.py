@@ -1,0 +1,162 @@
+"""Collective weight sync (``rollout.weight_sync=collective``): the learner broadcasts each bucket of
+its weights once to every engine through one process group, on any node.
+
+The engines take the weights through vLLM 0.32's weight-transfer API (an engine built with
+``weight_transfer_config``; ``LLM.init_weight_transfer_engine`` / ``start_weight_update`` /
+``update_weights`` / ``finish_weight_update``). vLLM ships NCCL and CUDA-IPC backends; this module
+registers a gloo one in its factory (:func:`register`), so CPU engines take part (and GPU engines
+without NCCL to the learner). vLLM loads what arrives with its layerwise reload, which reprocesses each
+layer once its weights are in (packed CPU weights are repacked).
+
+The group: the learner's rank 0 is rank 0, engine i is rank 1 + i (one worker per engine). It is
+formed when the set of engines changes (start, resize, restart) and reused for every sync. Per sync,
+the names, dtypes and shapes travel as the call's arguments (they never change within a run); only
+the bytes go over the group, in buckets of at most ``bucket_bytes`` that both sides derive from the
+same sizes (:func:`plan_buckets`), a tensor larger than that alone in its bucket.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+BACKEND = "gloo"
+TIMEOUT_S = 1800.0
+
+
+def plan_buckets(sizes: list[int], bucket_bytes: int) -> list[list[int]]:
+    """Indices of consecutive tensors grouped into buckets of at most ``bucket_bytes`` (a tensor larger
+    than that alone). sizes: bytes of each tensor, in send order -> [[indices of bucket 0], ...]."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    out: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for i, n in enumerate(sizes):
+        if current and size + n > bucket_bytes:
+            out.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += n
+    return out + [current] if current else out
+
+
+def nbytes(dtype_name: str, shape) -> int:
+    return math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype_name)).element_size()
+
+
+def join_group(host: str, port: int, rank: int, world_size: int, timeout_s: float = TIMEOUT_S):
+    """A gloo process group of its own (not torch's default group, which a learner rank may have
+    already), rank 0 hosting the rendezvous at host:port; blocks until every rank has joined."""
+    from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+
+    return stateless_init_torch_distributed_process_group(host, port, rank, world_size, backend=BACKEND,
+                                                          timeout=timedelta(seconds=timeout_s))
+
+
+def leave_group(group) -> None:
+    from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
+
+    try:
+        stateless_destroy_torch_distributed_process_group(group)
+    except Exception:  # (a group whose peer died: nothing left to release)
+        pass
+
+
+def send(group, tensors, meta: dict, bucket_bytes: int) -> int:
+    """Broadcast ``tensors`` (an iterable of whole tensors in ``meta``'s order, names, dtypes and
+    shapes as it says) from rank 0 of ``group``, a bucket at a time. Returns the bytes sent."""
+    sizes = [nbytes(d, s) for d, s in zip(meta["dtype_names"], meta["shapes"])]
+    it, sent = iter(tensors), 0
+    for bucket in plan_buckets(sizes, bucket_bytes):
+        parts = []
+        for i in bucket:
+            t = next(it)
+            if list(t.shape) != list(meta["shapes"][i]) or str(t.dtype).removeprefix("torch.") != meta["dtype_names"][i]:
+                raise ValueError(f"collective weight sync: {meta['names'][i]} is {t.dtype} {list(t.shape)}, "
+                                 f"announced {meta['dtype_names'][i]} {meta['shapes'][i]}")
+            parts.append(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8))
+        buf = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+        group.broadcast(buf, 0).wait()
+        sent += buf.numel()
+    return sent
+
+
+# ---- the engine side: a vLLM weight-transfer backend -----------------------------------------------
+
+def register() -> None:
+    """Register the gloo backend in vLLM's factory (once per process; before the engine is built)."""
+    from vllm.distributed.weight_transfer import WeightTransferEngineFactory
+
+    if BACKEND not in WeightTransferEngineFactory._registry:
+        WeightTransferEngineFactory.register_engine(BACKEND, _engine_class())
+
+
+def _engine_class():
+    from vllm.distributed.weight_transfer.base import (WeightTransferEngine, WeightTransferInitInfo,
+                                                       WeightTransferUpdateInfo)
+
+    @dataclass(kw_only=True)
+    class GlooInitInfo(WeightTransferInitInfo):
+        master_address: str
+        master_port: int
+        rank: int
+        world_size: int
+        bucket_bytes: int
+        timeout_s: float = TIMEOUT_S
+
+    @dataclass
+    class GlooUpdateInfo(WeightTransferUpdateInfo):
+        names: list[str]
+        dtype_names: list[str]
+        shapes: list[list[int]]
+
+    class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo]):
+        """Receives the buckets rank 0 broadcasts and loads them with vLLM's layerwise reload."""
+        init_info_cls, update_info_cls = GlooInitInfo, GlooUpdateInfo
+
+        def __init__(self, config, vllm_config, device, model) -> None:
+            super().__init__(config, vllm_config, device, model)
+            self.group, self.bucket_bytes = None, 0
+
+        def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
+            self.bucket_bytes = init_info.bucket_bytes
+            self.group = join_group(init_info.master_address, init_info.master_port, init_info.rank,
+                                    init_info.world_size, init_info.timeout_s)
+
+        def start_weight_update(self) -> None:
+            from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+            initialize_layerwise_reload(self.model)
+
+        def finish_weight_update(self) -> None:
+            from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+            finalize_layerwise_reload(self.model, self.model_config)
+
+        def update_weights(self, update_info: dict) -> None:
+            # (the base class ends with torch.accelerator.synchronize(), which a CPU-only torch refuses)
+            self.receive_weights(self.parse_update_info(update_info))
+
+        def receive_weights(self, info: GlooUpdateInfo) -> None:
+            if self.group is None:
+                raise RuntimeError("collective weight sync: this engine has not joined the learner's group")
+            dtypes = [getattr(torch, d) for d in info.dtype_names]
+            sizes = [nbytes(d, s) for d, s in zip(info.dtype_names, info.shapes)]
+            for bucket in plan_buckets(sizes, self.bucket_bytes):
+                # A fresh buffer per bucket: the layerwise reload may keep views of it until a layer is whole.
+                buf = torch.empty(sum(sizes[i] for i in bucket), dtype=torch.uint8)
+                self.group.broadcast(buf, 0).wait()
+                pieces = buf.split([sizes[i] for i in bucket])
+                self.model.load_weights([(info.names[i], p.view(dtypes[i]).view(info.shapes[i]))
+                                         for i, p in zip(bucket, pieces)])
+
+        def shutdown(self) -> None:
+            if self.group is not None:
+                leave_group(self.group)
+                self.group = None
+
+    return GlooWeightTransferEngine

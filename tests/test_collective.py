@@ -1,0 +1,48 @@
+"""rollout.weight_sync=collective: the learner broadcasts its weights to every engine through one gloo
+group (vLLM's weight-transfer API with the backend rlhf_ray registers), re-formed when the pool resizes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from rlhf_ray.ppo.collective import nbytes, plan_buckets
+
+
+def test_buckets_are_consecutive_and_bounded_and_a_big_tensor_goes_alone():
+    assert plan_buckets([4, 4, 4, 10, 1, 1], 8) == [[0, 1], [2], [3], [4, 5]]
+    assert plan_buckets([], 8) == []
+    assert nbytes("bfloat16", [3, 5]) == 30 and nbytes("float32", [2]) == 8
+    with pytest.raises(ValueError, match="bucket_bytes"):
+        plan_buckets([1], 0)
+
+
+def test_ppo_syncs_weights_collectively_and_re_forms_the_group_when_the_pool_grows(
+        ray_cluster, test_config, policy_dir, rm_dir, tmp_path):
+    """One engine, then (the operator's control file after iteration 1) two: the group of the learner and
+    the engines is formed at start and again for the two engines, which take the learner's weights before
+    their next rollout. Each iteration's drift probe (engine 0, then the new engine 1) matches the learner's
+    logprobs to float32 rounding, and every engine reports the synced version."""
+    from rlhf_ray.ppo.driver import run_ppo
+    from rlhf_ray.ppo.pool import CONTROL_FILE
+
+    ppo = dataclasses.replace(test_config.ppo, iterations=2, prompts_per_iteration=8, max_new_tokens=8,
+                              minibatch_size=4)
+    cfg = dataclasses.replace(test_config, ppo=ppo, rollout=dataclasses.replace(
+        test_config.rollout, num_workers=1, weight_sync="collective", weight_bucket_mib=1))
+    lines = []
+
+    def grow(m, ctx):
+        if m["iteration"] == 1:
+            (tmp_path / CONTROL_FILE).write_text("2\n")
+
+    result = run_ppo(cfg, policy_dir, rm_dir, tmp_path, log=lines.append, eval_every=0, on_iteration=grow)
+    said = [x for x in lines if "weight sync:" in x]
+    assert len(said) == 1 and "collective (a gloo group of the learner and 1 engine(s))" in said[0], said
+    assert any("rollout workers -> 2" in x for x in lines), lines
+    h = result.history
+    assert [x["sync_mode"] for x in h] == ["collective", "collective"]
+    assert [x["drift_worker"] for x in h] == [0, 1] and [x["num_workers"] for x in h] == [1, 2]
+    assert all(x["drift"] < 1e-4 for x in h), [x["drift"] for x in h]
+    assert h[0]["sync_bytes"] == h[1]["sync_bytes"] > 0  # one broadcast for one engine or two
