@@ -5,8 +5,9 @@ The engines take the weights through vLLM 0.32's weight-transfer API (an engine 
 ``weight_transfer_config``; ``LLM.init_weight_transfer_engine`` / ``start_weight_update`` /
 ``update_weights`` / ``finish_weight_update``). vLLM ships NCCL and CUDA-IPC backends; this module
 registers a gloo one in its factory (:func:`register`), so CPU engines take part (and GPU engines
-without NCCL to the learner). vLLM loads what arrives with its layerwise reload, which reprocesses each
-layer once its weights are in (packed CPU weights are repacked).
+without NCCL to the learner). An engine whose layers read their parameters (GPU engines; CPU engines
+with rollout.cpu_plain_weights) copies each weight in place as it arrives; one with packed CPU weights
+loads through vLLM's layerwise reload, which repacks each layer once its weights are in.
 
 The group: the learner's rank 0 is rank 0, engine i is rank 1 + i (one worker per engine). It is
 formed when the set of engines changes (start, resize, restart) and reused for every sync. Per sync,
@@ -127,15 +128,27 @@ def _engine_class():
             self.group = join_group(init_info.master_address, init_info.master_port, init_info.rank,
                                     init_info.world_size, init_info.timeout_s)
 
+        def _in_place(self) -> bool:
+            """Whether every layer computes from its parameter itself (``vllm_ext.plain_weights``): then
+            a weight is copied where the kernels read it, as it arrives; else vLLM's layerwise reload
+            reprocesses (repacks) each layer once its weights are in."""
+            if getattr(self, "_plain", None) is None:
+                from rlhf_ray.ppo.vllm_ext import plain_weights
+
+                self._plain = plain_weights(self.model) and self.model_config.quantization is None
+            return self._plain
+
         def start_weight_update(self) -> None:
             from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
-            initialize_layerwise_reload(self.model)
+            if not self._in_place():
+                initialize_layerwise_reload(self.model)
 
         def finish_weight_update(self) -> None:
             from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
-            finalize_layerwise_reload(self.model, self.model_config)
+            if not self._in_place():
+                finalize_layerwise_reload(self.model, self.model_config)
 
         def update_weights(self, update_info: dict) -> None:
             # (the base class ends with torch.accelerator.synchronize(), which a CPU-only torch refuses)
@@ -151,8 +164,9 @@ def _engine_class():
                 buf = torch.empty(sum(sizes[i] for i in bucket), dtype=torch.uint8)
                 self.group.broadcast(buf, 0).wait()
                 pieces = buf.split([sizes[i] for i in bucket])
-                self.model.load_weights([(info.names[i], p.view(dtypes[i]).view(info.shapes[i]))
-                                         for i, p in zip(bucket, pieces)])
+                with torch.no_grad():
+                    self.model.load_weights([(info.names[i], p.view(dtypes[i]).view(info.shapes[i]))
+                                             for i, p in zip(bucket, pieces)])
 
         def shutdown(self) -> None:
             if self.group is not None:
