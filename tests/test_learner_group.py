@@ -129,4 +129,3 @@ def test_two_ranks_train_as_the_single_learner_and_checkpoints_change_rank_count
             assert_same_update(before, ray.get(group.state_dict.remote()), single.state_dict())
         finally:
             actors.stop(group)
-

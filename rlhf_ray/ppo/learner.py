@@ -398,7 +398,7 @@ class Learner:
     def broadcast_weights(self, meta: dict, bucket_bytes: int) -> dict:
         """Send the policy to every engine of the weight group, a bucket at a time (``meta``: from
         :meth:`weight_meta`). Sharded, every rank gathers the tensors and rank 0 sends them.
-        Returns {"bytes", "seconds", "version"}."""
+        Returns {"bytes", "seconds", "version", "mode": "collective"}."""
         from rlhf_ray.ppo.collective import send
         from rlhf_ray.ppo.weights import exported_entries
 

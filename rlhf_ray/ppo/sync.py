@@ -1,10 +1,11 @@
 """New weights from the learner into every rollout engine after each update, and the drift check
 that proves they arrived.
 
-Two paths (``rollout.weight_sync``): engines on the learner's node read their weights from shared
+Three paths (``rollout.weight_sync``): engines on the learner's node read their weights from shared
 memory that the learner writes (``rlhf_ray.ppo.shared_weights``: one copy per sync, however many
-engines); otherwise the learner's weight buckets are put once in the object store and every engine
-loads the same refs. After each sync one engine (round robin) computes the logprobs of a few sampled
+engines); "collective": the learner broadcasts each bucket once to a process group of every engine
+(``rlhf_ray.ppo.collective``); otherwise the learner's weight buckets are put once in the object store
+and every engine loads the same refs. After each sync one engine (round robin) computes the logprobs of a few sampled
 sequences, which must match the learner's within ``rollout.max_logprob_drift`` (0: a limit chosen by
 the engines' dtype, :func:`rlhf_ray.ppo.weights.drift_limit`); version stamps catch a missed sync.
 """
