@@ -7,7 +7,8 @@ import dataclasses
 
 import pytest
 
-from rlhf_ray.ppo.collective import nbytes, plan_buckets
+from rlhf_ray.ppo.collective import nbytes
+from rlhf_ray.ppo.weights import plan_buckets
 
 
 def test_buckets_are_consecutive_and_bounded_and_a_big_tensor_goes_alone():

@@ -13,7 +13,8 @@ The group: the learner's rank 0 is rank 0, engine i is rank 1 + i (one worker pe
 formed when the set of engines changes (start, resize, restart) and reused for every sync. Per sync,
 the names, dtypes and shapes travel as the call's arguments (they never change within a run); only
 the bytes go over the group, in buckets of at most ``bucket_bytes`` that both sides derive from the
-same sizes (:func:`plan_buckets`), a tensor larger than that alone in its bucket.
+same sizes (``weights.plan_buckets``, as the object store's buckets), a tensor larger than that alone in
+its bucket.
 """
 
 from __future__ import annotations
@@ -24,25 +25,10 @@ from datetime import timedelta
 
 import torch
 
+from rlhf_ray.ppo.weights import plan_buckets
+
 BACKEND = "gloo"
 TIMEOUT_S = 1800.0
-
-
-def plan_buckets(sizes: list[int], bucket_bytes: int) -> list[list[int]]:
-    """Indices of consecutive tensors grouped into buckets of at most ``bucket_bytes`` (a tensor larger
-    than that alone). sizes: bytes of each tensor, in send order -> [[indices of bucket 0], ...]."""
-    if bucket_bytes <= 0:
-        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
-    out: list[list[int]] = []
-    current: list[int] = []
-    size = 0
-    for i, n in enumerate(sizes):
-        if current and size + n > bucket_bytes:
-            out.append(current)
-            current, size = [], 0
-        current.append(i)
-        size += n
-    return out + [current] if current else out
 
 
 def nbytes(dtype_name: str, shape) -> int:
@@ -116,7 +102,8 @@ def _engine_class():
         shapes: list[list[int]]
 
     class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo]):
-        """Receives the buckets rank 0 broadcasts and loads them with vLLM's layerwise reload."""
+        """Receives the buckets rank 0 broadcasts and loads each as it arrives (in place, or through vLLM's
+        layerwise reload for packed CPU weights)."""
         init_info_cls, update_info_cls = GlooInitInfo, GlooUpdateInfo
 
         def __init__(self, config, vllm_config, device, model) -> None:

@@ -90,26 +90,31 @@ def _exported_nbytes(value, dtype: str = "float32") -> int:
     return arr.size * (_ITEMSIZE[dtype] if arr.dtype.kind == "f" else arr.itemsize)
 
 
+def plan_buckets(sizes: list[int], bucket_bytes: int) -> list[list[int]]:
+    """Indices of consecutive tensors grouped into buckets of at most ``bucket_bytes`` (a tensor larger
+    than that alone). sizes: bytes of each tensor, in send order -> [[indices of bucket 0], ...]."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    out: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for i, n in enumerate(sizes):
+        if current and size + n > bucket_bytes:
+            out.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += n
+    return out + [current] if current else out
+
+
 def bucket_names(state_dict: Mapping, bucket_bytes: int, strip_prefix: str = "",
                  dtype: str = "float32") -> list[list[str]]:
     """The names (prefix stripped) of each bucket :func:`state_dict_buckets` would make, from the
     sizes alone (nothing is copied)."""
     _check_wire_dtype(dtype)
-    if bucket_bytes <= 0:
-        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
-    out: list[list[str]] = []
-    current: list[str] = []
-    size = 0
-    for name, value in exported_entries(state_dict, strip_prefix):
-        n = _exported_nbytes(value, dtype)
-        if current and size + n > bucket_bytes:
-            out.append(current)
-            current, size = [], 0
-        current.append(name)
-        size += n
-    if current:
-        out.append(current)
-    return out
+    entries = list(exported_entries(state_dict, strip_prefix))
+    buckets = plan_buckets([_exported_nbytes(value, dtype) for _, value in entries], bucket_bytes)
+    return [[entries[i][0] for i in bucket] for bucket in buckets]
 
 
 def state_dict_buckets(state_dict: Mapping, bucket_bytes: int = 256 << 20, strip_prefix: str = "",
