@@ -71,7 +71,8 @@ def test_rm_training_on_gpu_matches_cpu(test_config, policy_dir):
 def test_learner_and_reference_on_gpu_match_cpu(test_config, policy_dir, scored):
     from transformers import AutoModelForCausalLM
 
-    from rlhf_ray.ppo.advantage import AdvantageWorker, sequence_logprobs
+    from rlhf_ray.models.causal_lm import sequence_logprobs
+    from rlhf_ray.ppo.advantage import AdvantageWorker
     from rlhf_ray.ppo.learner import Learner
 
     cfg = dataclasses.replace(test_config.ppo, minibatch_size=8, epochs=2)

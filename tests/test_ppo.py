@@ -272,6 +272,29 @@ def test_reference_computed_ahead_gives_the_same_batch(ref_worker, scored, test_
                            {"ref_logprobs": ahead["ref_logprobs"][:, :-1], "seconds": 0.0})
 
 
+def test_reference_logprobs_in_chunks_equal_the_whole_logits(ref_worker, policy_dir, scored):
+    """The reference policy's logprobs a few tokens of logits at a time (learner.logits_chunk_tokens)
+    equal those of its whole [B, T, V] logits on every real token, at the sampling temperature too;
+    padding columns are 0."""
+    from rlhf_ray.models.causal_lm import sequence_logprobs
+
+    ro, model = scored.rollout, ref_worker.ref
+    assert ref_worker.chunk_tokens == 1024  # the default, and the tiny model's logits are its head's
+    ids, am = torch.tensor(ro.input_ids), torch.tensor(ro.attention_mask)
+    real = ro.attention_mask.copy()
+    real[:, 0] = False
+    assert (~ro.attention_mask).any()  # the batch has padding
+    for temperature in (1.0, 0.7):
+        whole = sequence_logprobs(model, ids, am, temperature=temperature).numpy()
+        chunked = sequence_logprobs(model, ids, am, batch_size=3, temperature=temperature, chunk_tokens=5).numpy()
+        assert np.all(whole[real] < 0) and whole[real].mean() < -1  # real logprobs, not zeros
+        np.testing.assert_allclose(chunked[real], whole[real], rtol=1e-5, atol=1e-5)
+        assert np.all(chunked[~real] == 0)
+    np.testing.assert_allclose(ref_worker.ref_logprobs(ro.input_ids, ro.attention_mask)[real],
+                               sequence_logprobs(model, ids, am, temperature=ref_worker.cfg.temperature)[real],
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_adaptive_kl_coefficient_moves_towards_target(policy_dir, scored, test_config):
     from rlhf_ray.ppo.advantage import AdvantageWorker
 

@@ -271,7 +271,8 @@ class LearnerConfig:
     # ppo.minibatch_size). Logprobs and entropy come from the LM head's logits of at most this many
     # tokens at a time, each chunk recomputed in backward instead of kept: a step holds [chunk, vocab]
     # floats, not [minibatch x length, vocab] (1.6 GB for a 49k vocabulary at 8 x 1024 tokens); padding
-    # is skipped. 0 = the whole minibatch's logits at once (the plain Hugging Face forward).
+    # is skipped. The reference policy's logprobs come in the same chunks. 0 = the whole minibatch's
+    # logits at once (the plain Hugging Face forward).
     logits_chunk_tokens: int = 1024
     # Recompute each decoder layer's activations in backward (Hugging Face gradient checkpointing):
     # less memory per token, about a third more compute per step.

@@ -97,10 +97,11 @@ def stop(actor) -> None:
         ray.kill(actor)
 
 
-def start_advantage(ref_model_path: str | Path, ppo_cfg: PPOConfig, node_resource: str = ""):
+def start_advantage(ref_model_path: str | Path, ppo_cfg: PPOConfig, node_resource: str = "",
+                    chunk_tokens: int = 1024):
     gpu = cluster_has_gpu()
     cls = ray.remote(num_cpus=SMALL_CPUS, num_gpus=SMALL_GPU if gpu else 0, **placed_on(node_resource))(AdvantageWorker)
-    return cls.remote(str(ref_model_path), ppo_cfg, device="cuda" if gpu else "cpu")
+    return cls.remote(str(ref_model_path), ppo_cfg, device="cuda" if gpu else "cpu", chunk_tokens=chunk_tokens)
 
 
 def start_scorer(rm_dir: str | Path | None, max_length: int, handle=None, max_pairs: int = 4096,

@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 from rlhf_ray.config import PPOConfig
+from rlhf_ray.models.causal_lm import head_is_last, sequence_logprobs
 from rlhf_ray.ops import (
     AdaptiveKLController,
     FixedKLController,
     gae,
     grpo_advantages,
     kl_penalized_rewards,
-    logprobs_from_logits,
     masked_mean,
     masked_whiten,
     reinforce_pp_advantages,
@@ -36,24 +36,6 @@ from rlhf_ray.ops import (
     sequence_to_tokens,
 )
 from rlhf_ray.ppo.types import ScoredRollout, TrainBatch
-
-
-@torch.no_grad()
-def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      batch_size: int = 64, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(token_t | tokens_<t) for every column t >= 1 of a right-padded batch; column 0 is 0;
-    pi = softmax(logits / temperature).
-
-    input_ids: long [B, T], attention_mask: bool/0-1 [B, T] -> float32 [B, T].
-    """
-    out = torch.zeros(input_ids.shape, dtype=torch.float32)
-    for i in range(0, len(input_ids), batch_size):
-        ids, am = input_ids[i:i + batch_size], attention_mask[i:i + batch_size]
-        logits = model(input_ids=ids, attention_mask=am.long()).logits  # (b, T, V)
-        if temperature != 1.0:
-            logits = logits / temperature
-        out[i:i + batch_size, 1:] = logprobs_from_logits(logits[:, :-1], ids[:, 1:]).cpu()
-    return out
 
 
 def sequence_rewards(scores: np.ndarray, truncated: np.ndarray, truncation_penalty: float) -> np.ndarray:
@@ -108,12 +90,16 @@ class AdvantageWorker:
     Stateful only through the adaptive KL controller (one instance per job).
     """
 
-    def __init__(self, ref_model_path: str, ppo_cfg: PPOConfig, device: str = "cpu"):
+    def __init__(self, ref_model_path: str, ppo_cfg: PPOConfig, device: str = "cpu", chunk_tokens: int = 1024):
+        """``chunk_tokens``: the reference's logits of at most that many tokens at a time
+        (``learner.logits_chunk_tokens``; 0, or a model whose logits are more than its head of its last
+        hidden state: each batch's whole logits)."""
         from transformers import AutoModelForCausalLM
 
         self.cfg, self.device = ppo_cfg, device
         self.ref = AutoModelForCausalLM.from_pretrained(str(ref_model_path), dtype=torch.float32).to(device)
         self.ref.eval().requires_grad_(False)
+        self.chunk_tokens = chunk_tokens if chunk_tokens > 0 and head_is_last(self.ref) else 0
         if ppo_cfg.adaptive_kl:
             self.kl_ctl = AdaptiveKLController(ppo_cfg.kl_coef, ppo_cfg.target_kl, ppo_cfg.kl_horizon)
         else:
@@ -127,7 +113,8 @@ class AdvantageWorker:
         """float32 [B, T] reference-policy logprobs of each token (column 0 is 0), at the sampling
         temperature ``ppo.temperature`` like the learner's."""
         ids, am = torch.tensor(input_ids, device=self.device), torch.tensor(attention_mask, device=self.device)
-        return sequence_logprobs(self.ref, ids, am, temperature=self.cfg.temperature).numpy()
+        return sequence_logprobs(self.ref, ids, am, temperature=self.cfg.temperature,
+                                 chunk_tokens=self.chunk_tokens).numpy()
 
     def reference(self, scored: ScoredRollout) -> dict:
         """{"ref_logprobs": float32 [B, T] of the merged rollout, "seconds"}."""

@@ -306,7 +306,8 @@ class _Actors:
                 f"{f'deployed at {url}' if self.deployed else 'already running'}")
         start_policy = run.resume_dir / "policy" if run.resumed else policy_dir
         self.learner = actors.start_learner(start_policy, self.ppo, task.chat_template, self.cfg.learner)
-        self.advantage = actors.start_advantage(policy_dir, self.ppo, cfg.learner.node_resource)
+        self.advantage = actors.start_advantage(policy_dir, self.ppo, cfg.learner.node_resource,
+                                                cfg.learner.logits_chunk_tokens)
         self.scorer = actors.start_scorer(rm_dir, cfg.rm.max_length, rm_handle,
                                           max_pairs=cfg.serve.max_prompts * cfg.serve.max_responses,
                                           reward_functions=load_reward_functions(self.ppo.reward_functions),

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from rlhf_ray.config import LearnerConfig, PPOConfig
+from rlhf_ray.models.causal_lm import head_is_last
 from rlhf_ray.ops import (behaviour_weights, chunked_logprobs_entropy, entropy_from_logits, logprobs_from_logits,
                           masked_mean, ppo_objective)
 from rlhf_ray.ppo.distributed import (RankSpec, full, full_optimizer_state, init_process_group, like,
@@ -39,21 +40,6 @@ LEARNER_STATE_FILE = "learner_state.pt"  # optimizer, minibatch RNG and version,
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def head_is_last(model, tokens: int = 8) -> bool:
-    """Whether ``model``'s logits are its output embedding applied to its base model's last hidden state
-    and nothing more (checked on a few tokens): what computing them a chunk at a time needs. Models that
-    transform their logits after the head (soft-capping, scaling) are run whole."""
-    head = model.get_output_embeddings()
-    if not isinstance(head, nn.Linear) or model.base_model is model:
-        return False
-    device = head.weight.device
-    ids = torch.arange(tokens, device=device).remainder(head.out_features).unsqueeze(0)
-    with torch.no_grad():
-        full = model(input_ids=ids, use_cache=False).logits.float()
-        mine = head(model.base_model(input_ids=ids, use_cache=False).last_hidden_state).float()
-    return bool(torch.allclose(full, mine, rtol=1e-4, atol=1e-4 * max(1.0, float(full.abs().max()))))
 
 
 class PolicyValue(nn.Module):
