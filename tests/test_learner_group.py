@@ -117,6 +117,18 @@ def test_two_ranks_train_as_the_single_learner_and_checkpoints_change_rank_count
         assert_same_step(ray.get(group.train.remote(b2)), mine)
         assert_same_step(resumed.train(b2), mine)
         assert_same_update(before, resumed.state_dict(), single.state_dict())
+        if strategy == "ddp":
+            # A rank failing on its own (rank 1 handed a checkpoint that is not there, while rank 0
+            # trains and waits for it in the gradient all-reduce) ends its process; rank 0's collective
+            # then fails at once and it ends too (the run restarts from its checkpoint), instead of
+            # waiting out the group's 30-minute timeout. Rank 0's own such error comes back as it is.
+            with pytest.raises(FileNotFoundError, match="value_head.safetensors is missing"):
+                ray.get(group.ranks[0].load_checkpoint.remote(str(tmp_path / "none")))
+            waiting = group.ranks[0].train.remote(b2)
+            failed = group.ranks[1].load_checkpoint.remote(str(tmp_path / "none"))
+            for ref in (failed, waiting):
+                with pytest.raises(ray.exceptions.ActorDiedError):
+                    ray.get(ref, timeout=120)
     finally:
         actors.stop(group)
     if strategy == "fsdp":  # and a single learner's checkpoint resumes in a group

@@ -65,12 +65,14 @@ class _GroupMethod:
         return out[0]
 
 
-def _ends_its_rank_on_runtime_error(method):
+def _ends_its_rank_on_failure(method):
     @functools.wraps(method)
     def call(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
-        except RuntimeError:
+        except Exception as e:
+            if self.rank == 0 and not isinstance(e, RuntimeError):
+                raise
             traceback.print_exc()
             sys.stderr.flush()
             os._exit(1)
@@ -80,9 +82,11 @@ def _ends_its_rank_on_runtime_error(method):
 # A rank whose collective failed (a peer died: gloo's "Connection reset by peer", NCCL's errors; a
 # timeout) cannot go on with its peers. It ends its process, so that the run sees an actor death, as for
 # a lost node, and restarts from its last checkpoint (ppo.max_failures) instead of failing on the error.
-# Other errors (a missing checkpoint file) come back as they are; every rank raises them alike.
+# Rank 0's other errors (a missing checkpoint file) come back to the driver as they are. The driver
+# waits on rank 0 alone, so any error of another rank ends that rank (its traceback in the log): its
+# peers' collectives then fail at once instead of waiting out the group's timeout.
 LearnerRank = type("LearnerRank", (Learner,), {
-    name: _ends_its_rank_on_runtime_error(getattr(Learner, name)) for name in sorted(EVERY_RANK_SHARDED)})
+    name: _ends_its_rank_on_failure(getattr(Learner, name)) for name in sorted(EVERY_RANK_SHARDED)})
 LearnerRank.__doc__ = "A Learner rank of a group (``Learner`` whose failed collectives end the process)."
 
 
