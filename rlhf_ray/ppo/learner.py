@@ -283,22 +283,15 @@ class Learner:
     # ------------------------------------------------------------------ weights
 
     def _exported(self) -> dict[str, torch.Tensor]:
-        """The policy's state dict as the engines take it: a tensor tied to an earlier one (lm_head.weight
-        with tie_word_embeddings) is left out, as in the model's saved files; vLLM ties it itself."""
-        if self.sharded:  # (FSDP's tensors are shards: tied names go by the parameters they name)
-            seen, tied = set(), set()
-            for k, p in self.policy.named_parameters(remove_duplicate=False):
-                if id(p) in seen:
-                    tied.add(k)
-                seen.add(id(p))
-            return {k: v for k, v in self.policy.state_dict().items() if k not in tied}
-        seen, out = set(), {}
-        for k, v in self.policy.state_dict().items():
-            key = (v.data_ptr(), v.dtype, tuple(v.shape), v.stride(), v.device)
-            if key not in seen or v.numel() == 0:
-                seen.add(key)
-                out[k] = v
-        return out
+        """The policy's state dict as the engines take it: a parameter tied to an earlier one
+        (lm_head.weight with tie_word_embeddings) is left out, as in the model's saved files; vLLM ties
+        it itself. Tied names go by the parameters they name (under FSDP the tensors are shards)."""
+        seen, tied = set(), set()
+        for k, p in self.policy.named_parameters(remove_duplicate=False):
+            if id(p) in seen:
+                tied.add(k)
+            seen.add(id(p))
+        return {k: v for k, v in self.policy.state_dict().items() if k not in tied}
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The policy's weights for the engines (HF names, float32 numpy on CPU, tied copies left out);
