@@ -27,6 +27,29 @@ def test_token_shares_make_the_ranks_mean_the_minibatch_token_mean():
     assert token_share(0, 0, 2) == 0.0
 
 
+def test_whole_optimizer_state_is_kept_only_where_it_is_written():
+    """full_optimizer_state keeps every moment and the non-tensor entries of each parameter (the single
+    learner's format); keep=False (a rank that does not write the checkpoint) returns nothing."""
+    import torch
+
+    from rlhf_ray.ppo.distributed import full_optimizer_state, gathered
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).square().sum().backward()
+    opt.step()
+    state, ref = full_optimizer_state(opt), opt.state_dict()
+    assert state["param_groups"] == ref["param_groups"] and state["state"].keys() == ref["state"].keys() == {0, 1}
+    for idx, per in ref["state"].items():
+        assert state["state"][idx].keys() == per.keys() == {"step", "exp_avg", "exp_avg_sq"}
+        for k, v in per.items():
+            assert torch.equal(state["state"][idx][k], v), (idx, k)
+    assert full_optimizer_state(opt, keep=False) is None
+    assert gathered(model.state_dict().items(), keep=False) is None
+    assert gathered(model.state_dict().items()).keys() == {"weight", "bias"}
+
+
 def make_batch(learner, seed: int) -> TrainBatch:
     """8 sequences of the tiny policy's vocabulary, a 4-token prompt and 1..11 response tokens each (the
     ranks' shares of a minibatch differ in tokens), pi_old from ``learner``."""

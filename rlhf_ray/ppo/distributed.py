@@ -125,12 +125,31 @@ def like(full_value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return full_value.to(param.device)
 
 
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+def gathered(tensors, keep: bool = True) -> dict[str, torch.Tensor] | None:
+    """(name, tensor) pairs -> {name: the whole tensor on the CPU}, gathered one at a time (a collective
+    under FSDP: every rank calls it, in the same order). ``keep=False`` (a rank that does not write):
+    each whole tensor is dropped as soon as it is gathered, so only the writer holds the whole model."""
+    out = {}
+    for k, v in tensors:
+        t = full(v).detach().cpu().contiguous()
+        if keep:
+            out[k] = t
+    return out if keep else None
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool = True) -> dict | None:
     """``optimizer.state_dict()`` with every sharded moment gathered whole, on the CPU: the single
-    learner's format, so a checkpoint resumes at any number of ranks (a collective under FSDP)."""
+    learner's format, so a checkpoint resumes at any number of ranks (a collective under FSDP).
+    ``keep=False``: gathers and drops (see :func:`gathered`), returns None."""
     state = optimizer.state_dict()  # (its per-parameter dicts are the optimizer's own: not changed here)
-    state["state"] = {idx: {k: full(v).detach().cpu() if torch.is_tensor(v) else v for k, v in sorted(per.items())}
-                      for idx, per in sorted(state["state"].items())}
+    per_param = {}
+    for idx, per in sorted(state["state"].items()):
+        moments = gathered(((k, v) for k, v in sorted(per.items()) if torch.is_tensor(v)), keep)
+        if keep:
+            per_param[idx] = {k: moments[k] if torch.is_tensor(v) else v for k, v in sorted(per.items())}
+    if not keep:
+        return None
+    state["state"] = per_param
     return state
 
 

@@ -27,7 +27,7 @@ from rlhf_ray.config import LearnerConfig, PPOConfig
 from rlhf_ray.models.causal_lm import head_is_last
 from rlhf_ray.ops import (behaviour_weights, chunked_logprobs_entropy, entropy_from_logits, logprobs_from_logits,
                           masked_mean, ppo_objective)
-from rlhf_ray.ppo.distributed import (RankSpec, full, full_optimizer_state, init_process_group, like,
+from rlhf_ray.ppo.distributed import (RankSpec, full, full_optimizer_state, gathered, init_process_group, like,
                                       rank_rows, shard_optimizer_state, sum_over_ranks, token_share, wrap)
 from rlhf_ray.ppo.types import ScoredRollout, TrainBatch
 from rlhf_ray.private import make_private, private_dir
@@ -295,9 +295,9 @@ class Learner:
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The policy's weights for the engines (HF names, float32 numpy on CPU, tied copies left out);
-        the value head is not included. Sharded: gathered on every rank, returned by rank 0."""
-        out = {k: full(v).detach().to("cpu", torch.float32).numpy() for k, v in self._exported().items()}
-        return out if self.rank == 0 else {}
+        the value head is not included. Sharded: gathered on every rank, kept and returned by rank 0."""
+        out = gathered(self._exported().items(), keep=self.rank == 0)
+        return {k: v.to(torch.float32).numpy() for k, v in out.items()} if out is not None else {}
 
     def weight_buckets(self, bucket_bytes: int, copy: bool = True,
                        dtype: str = "float32") -> list[dict[str, np.ndarray]]:
@@ -402,7 +402,8 @@ class Learner:
         """:meth:`save` plus what :meth:`train` needs to go on exactly where it stopped: the optimizer
         state, the minibatch shuffling RNG and the version. Returns the directory."""
         path = self.save(path)
-        optimizer = full_optimizer_state(self.optimizer)  # (whole moments: resumes at any number of ranks)
+        # Whole moments (resumes at any number of ranks), kept by rank 0 alone.
+        optimizer = full_optimizer_state(self.optimizer, keep=self.rank == 0)
         if self.rank == 0:
             torch.save({"optimizer": optimizer, "rng": self.rng.bit_generator.state, "version": self.version},
                        path / LEARNER_STATE_FILE)
@@ -424,7 +425,10 @@ class Learner:
             params = dict(self.value_head.named_parameters())
             self.value_head.load_state_dict({k: like(v, params[k]) if k in params else v
                                              for k, v in load_file(str(path / VALUE_HEAD_FILE)).items()})
-        state = torch.load(path / LEARNER_STATE_FILE, map_location=self.device, weights_only=True)
+        # Sharded: the whole moments stay in the file (mapped, not read in) until each is cut to this
+        # rank's shard, one at a time on the device.
+        state = torch.load(path / LEARNER_STATE_FILE, map_location="cpu" if self.sharded else self.device,
+                           mmap=self.sharded, weights_only=True)
         self.optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], self.optimizer))
         self.rng.bit_generator.state = state["rng"]
         self.version = int(state["version"])
@@ -436,11 +440,12 @@ class Learner:
         (``rlhf_ray.private``)."""
         from safetensors.torch import save_file
 
-        # Sharded, every rank gathers the whole tensors (in the same order) and rank 0 writes them.
-        policy = {k: full(v).detach().cpu() for k, v in self._exported().items()} if self.sharded else None
-        head = {k: full(v).detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()} \
-            if self.value_head is not None else {}
-        if self.rank > 0:
+        # Sharded, every rank gathers the whole tensors (in the same order) and rank 0, which alone keeps
+        # them, writes them.
+        keep = self.rank == 0
+        policy = gathered(self._exported().items(), keep) if self.sharded else None
+        head = gathered(self.value_head.state_dict().items(), keep) if self.value_head is not None else {}
+        if not keep:
             return Path(path)
         path = private_dir(path)
         self.policy.save_pretrained(path, safe_serialization=True, state_dict=policy)
