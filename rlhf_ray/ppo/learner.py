@@ -115,7 +115,11 @@ class Learner:
         if rank is not None:
             init_process_group(rank, self.device)
         torch.manual_seed(ppo_cfg.seed)
-        self.policy = AutoModelForCausalLM.from_pretrained(str(policy_path), dtype=torch.float32).to(self.device)
+        self.policy = AutoModelForCausalLM.from_pretrained(str(policy_path), dtype=torch.float32)
+        # Sharded, the policy stays in host memory: FSDP moves each unit to the device as it shards it
+        # (one whole decoder layer on the device at a time, never the whole model).
+        if not self.sharded:
+            self.policy.to(self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(str(policy_path))
         ChatRenderer(self.tokenizer, chat_template).apply_to()
         # Dropout off throughout: pi_old recomputed in evaluate() must equal the first train forward.
