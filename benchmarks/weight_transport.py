@@ -26,17 +26,21 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import ray
 import torch
+from model_limits import memcpy_gbs  # (this directory: the script's own)
+
+
+def bucket_numels(total_bytes: int, bucket_bytes: int) -> list[int]:
+    """float32 elements of each bucket: full ones, then what is left."""
+    return [min(bucket_bytes, total_bytes - i) // 4 for i in range(0, total_bytes, bucket_bytes)]
 
 
 @ray.remote(num_cpus=0)
 class Sender:
     def __init__(self, total_bytes: int, bucket_bytes: int):
         torch.manual_seed(0)
-        n = bucket_bytes // 4
-        self.buckets = [torch.randn(min(n, (total_bytes - i) // 4)) for i in range(0, total_bytes, bucket_bytes)]
+        self.buckets = [torch.randn(n) for n in bucket_numels(total_bytes, bucket_bytes)]
         self.group = None
 
     def num_buckets(self) -> int:
@@ -70,8 +74,7 @@ class Sender:
 @ray.remote(num_cpus=0, enable_tensor_transport=True)  # (else it never receives an RDT tensor: Ray 2.60)
 class Receiver:
     def __init__(self, total_bytes: int, bucket_bytes: int):
-        n = bucket_bytes // 4
-        self.dest = [torch.empty(min(n, (total_bytes - i) // 4)) for i in range(0, total_bytes, bucket_bytes)]
+        self.dest = [torch.empty(n) for n in bucket_numels(total_bytes, bucket_bytes)]
         self.group = None
 
     def from_store(self, refs: list) -> float:
@@ -93,18 +96,6 @@ class Receiver:
         for d, t in zip(self.dest, tensors):
             d.copy_(t)
         return float(self.dest[-1][-1])
-
-
-def memcpy_seconds(nbytes: int, repeats: int) -> float:
-    src = np.random.default_rng(0).random(nbytes // 8)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def best_of(fn, repeats: int) -> float:
@@ -164,7 +155,7 @@ def main() -> None:
     total, bucket = args.mib << 20, args.bucket_mib << 20
     ray.init(num_cpus=2, include_dashboard=False, logging_level="error", log_to_driver=False)
     gb = total / 1e9
-    copy = memcpy_seconds(total, args.repeats) / gb
+    copy = 1 / memcpy_gbs(total, args.repeats)  # s/GB
     print(f"{args.mib} MiB of float32 weights in buckets of {args.bucket_mib} MiB; memcpy {copy:.3f} s/GB")
     print("| receivers | transport | s/GB | x memcpy |\n|---|---|---|---|")
     for n in (int(x) for x in args.receivers.split(",")):
