@@ -141,16 +141,12 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool = True) ->
     """``optimizer.state_dict()`` with every sharded moment gathered whole, on the CPU: the single
     learner's format, so a checkpoint resumes at any number of ranks (a collective under FSDP).
     ``keep=False``: gathers and drops (see :func:`gathered`), returns None."""
-    state = optimizer.state_dict()  # (its per-parameter dicts are the optimizer's own: not changed here)
-    per_param = {}
+    state = optimizer.state_dict()  # (its per-parameter dicts are the optimizer's own: replaced, not changed)
     for idx, per in sorted(state["state"].items()):
         moments = gathered(((k, v) for k, v in sorted(per.items()) if torch.is_tensor(v)), keep)
         if keep:
-            per_param[idx] = {k: moments[k] if torch.is_tensor(v) else v for k, v in sorted(per.items())}
-    if not keep:
-        return None
-    state["state"] = per_param
-    return state
+            state["state"][idx] = {**per, **moments}
+    return state if keep else None
 
 
 def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict:
