@@ -94,6 +94,35 @@ def group_cfg(test_config):
                                kl_loss_coef=0.1, temperature=1.0)
 
 
+def test_a_sharded_rank_reads_no_weights_and_receives_its_shards_from_rank_0(ray_cluster, policy_dir, group_cfg,
+                                                                              tmp_path):
+    """Under fsdp a rank other than 0 builds the policy from its config alone (meta device) and rank 0
+    scatters the weights: rank 1 given a copy of the policy directory without its weights file computes
+    the single learner's logprobs with rank 0, and trains with it."""
+    import shutil
+
+    from rlhf_ray.config import LearnerConfig
+    from rlhf_ray.ppo.distributed import RankSpec, node_address
+    from rlhf_ray.ppo.learner import Learner
+
+    bare = tmp_path / "no-weights"
+    shutil.copytree(policy_dir, bare, ignore=shutil.ignore_patterns("*.safetensors"))
+    assert not list(bare.glob("*.safetensors")) and (bare / "config.json").is_file()
+    single = Learner(policy_dir, group_cfg, device="cpu")
+    host, port = ray.get(ray.remote(num_cpus=0)(node_address).remote())
+    cls = ray.remote(num_cpus=1)(Learner)
+    ranks = [cls.remote(str(path), group_cfg, device="cpu", learner_cfg=LearnerConfig(num_workers=2, strategy="fsdp"),
+                        rank=RankSpec(i, 2, f"tcp://{host}:{port}", "fsdp")) for i, path in enumerate((policy_dir, bare))]
+    try:
+        b = make_batch(single, seed=4)
+        for lp in ray.get([r.logprobs.remote(b.input_ids, b.attention_mask) for r in ranks]):
+            np.testing.assert_allclose(lp, b.old_logprobs, atol=1e-5)
+        assert_same_step(ray.get([r.train.remote(b) for r in ranks])[0], single.train(b))
+    finally:
+        for r in ranks:
+            ray.kill(r)
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_ranks_train_as_the_single_learner_and_checkpoints_change_rank_count(
         ray_cluster, policy_dir, group_cfg, strategy, tmp_path):

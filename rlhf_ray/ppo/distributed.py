@@ -103,6 +103,46 @@ def wrap(net: nn.Module, policy: nn.Module, strategy: str, device: str, bf16_par
     return net
 
 
+def empty_policy(path) -> nn.Module:
+    """The Hugging Face causal LM of the directory ``path`` built from its config alone, every parameter
+    and buffer on the meta device: no memory, the weights file not read. A sharded rank other than 0
+    starts from this and receives its shards from rank 0 (:func:`fill_from_rank0`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)), dtype=torch.float32)
+
+
+def rank0_value(compute):
+    """``compute()`` as rank 0 computes it, on every rank (a collective; the others do not call it: a
+    question only rank 0's real weights can answer)."""
+    import torch.distributed as dist
+
+    value = [compute() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(value, 0)
+    return value[0]
+
+
+def fill_from_rank0(module: nn.Module, source: dict[str, torch.Tensor] | None, device: str) -> None:
+    """Give every rank's ``module`` (sharded by :func:`wrap`) rank 0's values, one tensor at a time (a
+    collective: every rank calls it). ``source``: on rank 0, {name: whole tensor} of every parameter and
+    buffer of ``module`` as loaded, before it was sharded; None elsewhere, where ``module`` was built on
+    the meta device and is given memory on ``device`` here (its shards only). A sharded parameter is
+    scattered from rank 0 (each rank receives its shard alone); the rest (buffers: rotary tables) is
+    broadcast."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    if rank > 0:
+        module.to_empty(device=device)
+    with torch.no_grad():
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            if is_sharded(t):
+                t.copy_(like(source[name] if rank == 0 else torch.empty(t.shape, dtype=t.dtype), t))
+            else:
+                dist.broadcast(t.data, 0)
+
+
 def is_sharded(t) -> bool:
     from torch.distributed.tensor import DTensor
 

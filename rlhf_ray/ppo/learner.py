@@ -27,8 +27,9 @@ from rlhf_ray.config import LearnerConfig, PPOConfig
 from rlhf_ray.models.causal_lm import head_is_last
 from rlhf_ray.ops import (behaviour_weights, chunked_logprobs_entropy, entropy_from_logits, logprobs_from_logits,
                           masked_mean, ppo_objective)
-from rlhf_ray.ppo.distributed import (RankSpec, full, full_optimizer_state, gathered, init_process_group, like,
-                                      rank_rows, shard_optimizer_state, sum_over_ranks, token_share, wrap)
+from rlhf_ray.ppo.distributed import (RankSpec, empty_policy, fill_from_rank0, full, full_optimizer_state, gathered,
+                                      init_process_group, like, rank0_value, rank_rows, shard_optimizer_state,
+                                      sum_over_ranks, token_share, wrap)
 from rlhf_ray.ppo.types import ScoredRollout, TrainBatch
 from rlhf_ray.private import make_private, private_dir
 
@@ -115,9 +116,13 @@ class Learner:
         if rank is not None:
             init_process_group(rank, self.device)
         torch.manual_seed(ppo_cfg.seed)
-        self.policy = AutoModelForCausalLM.from_pretrained(str(policy_path), dtype=torch.float32)
-        # Sharded, the policy stays in host memory: FSDP moves each unit to the device as it shards it
-        # (one whole decoder layer on the device at a time, never the whole model).
+        # Sharded, rank 0 alone reads the weights, into host memory: FSDP moves each unit to the device as
+        # it shards it (one decoder layer on the device at a time, never the whole model), and the other
+        # ranks, built on the meta device, receive their shards from it (fill_from_rank0 below).
+        if self.sharded and self.rank > 0:
+            self.policy = empty_policy(policy_path)
+        else:
+            self.policy = AutoModelForCausalLM.from_pretrained(str(policy_path), dtype=torch.float32)
         if not self.sharded:
             self.policy.to(self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(str(policy_path))
@@ -134,7 +139,8 @@ class Learner:
         mp = self.memory.mixed_precision
         self.autocast_dtype = torch.bfloat16 if mp == "bf16" or (mp == "auto" and self.device.startswith("cuda")) \
             else None
-        self.chunked = self.memory.logits_chunk_tokens > 0 and head_is_last(self.policy)
+        self.chunked = self.memory.logits_chunk_tokens > 0 and (
+            rank0_value(lambda: head_is_last(self.policy)) if self.sharded else head_is_last(self.policy))
         # A value head for GAE only; the critic-free estimators (grpo, rloo, reinforce_plus_plus) have none.
         self.value_head = None
         if ppo_cfg.advantage_estimator == "gae":
@@ -147,9 +153,14 @@ class Learner:
                                self.autocast_dtype, self.device)
         # What train() runs: DDP around the net (the net itself, unwrapped, for everything else), or the net
         # sharded in place by FSDP (every forward is then a collective).
+        source = {k: t.detach() for k, t in [*self.net.named_parameters(), *self.net.named_buffers()]} \
+            if self.sharded and self.rank == 0 else None
         self.trained = self.net if rank is None else wrap(
             self.net, self.policy, rank.strategy, self.device,
             bf16_params=self.autocast_dtype is not None and self.device.startswith("cuda"))
+        if self.sharded:
+            fill_from_rank0(self.net, source, self.device)
+            del source  # (rank 0's whole policy: each rank now holds its shards alone)
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=ppo_cfg.lr, eps=1e-5, weight_decay=0.0)
         self.rng = np.random.default_rng(ppo_cfg.seed)
         self.version = 0  # bumped by every train(); stamped on the weights sent to the engines
