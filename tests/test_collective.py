@@ -19,19 +19,23 @@ def test_buckets_are_consecutive_and_bounded_and_a_big_tensor_goes_alone():
         plan_buckets([1], 0)
 
 
+@pytest.mark.parametrize("one_step_off", [False, True])
 def test_ppo_syncs_weights_collectively_and_re_forms_the_group_when_the_pool_grows(
-        ray_cluster, test_config, policy_dir, rm_dir, tmp_path):
+        ray_cluster, test_config, policy_dir, rm_dir, tmp_path, one_step_off):
     """One engine, then (the operator's control file after iteration 1) two: the group of the learner and
-    the engines is formed at start and again for the two engines, which take the learner's weights before
-    their next rollout. Each iteration's drift probe (engine 0, then the new engine 1) matches the learner's
-    logprobs to float32 rounding, and every engine reports the synced version."""
+    the engines is formed at start and again for the two engines. Synchronous, the new engine takes the
+    learner's weights before its first rollout (every batch's sampling logprobs are pi_old's); one step
+    off, the group forms while the learner trains on (the driver does not wait for it) and the next sync
+    is the new engine's first. Each iteration's drift probe (engine 0, then the new engine 1) matches the
+    learner's logprobs to float32 rounding, and every engine reports the synced version."""
     from rlhf_ray.ppo.driver import run_ppo
     from rlhf_ray.ppo.pool import CONTROL_FILE
 
     ppo = dataclasses.replace(test_config.ppo, iterations=2, prompts_per_iteration=8, max_new_tokens=8,
                               minibatch_size=4)
     cfg = dataclasses.replace(test_config, ppo=ppo, rollout=dataclasses.replace(
-        test_config.rollout, num_workers=1, weight_sync="collective", weight_bucket_mib=1))
+        test_config.rollout, num_workers=1, weight_sync="collective", weight_bucket_mib=1,
+        async_one_step_off=one_step_off))
     lines = []
 
     def grow(m, ctx):
@@ -47,3 +51,5 @@ def test_ppo_syncs_weights_collectively_and_re_forms_the_group_when_the_pool_gro
     assert [x["drift_worker"] for x in h] == [0, 1] and [x["num_workers"] for x in h] == [1, 2]
     assert all(x["drift"] < 1e-4 for x in h), [x["drift"] for x in h]
     assert h[0]["sync_bytes"] == h[1]["sync_bytes"] > 0  # one broadcast for one engine or two
+    gaps = [x["behaviour_logprob_gap"] for x in h]  # one step off, batch 2 was sampled one update back
+    assert (gaps[1] > 10 * gaps[0] if one_step_off else max(gaps) < 1e-4), gaps

@@ -375,12 +375,6 @@ class Learner:
                 "dtype_names": [dtype if v.is_floating_point() else str(v.dtype).removeprefix("torch.")
                                 for _, v in entries]}
 
-    def weight_group_address(self) -> tuple[str, int]:
-        """This node's address and a free port on it: where the weight group meets."""
-        from rlhf_ray.ppo.distributed import node_address
-
-        return node_address()
-
     def join_weight_group(self, host: str, port: int, world_size: int) -> None:
         """Host the weight group as its rank 0 (blocks until the engines have joined); leaves the last one."""
         from rlhf_ray.ppo.collective import join_group, leave_group

@@ -77,10 +77,13 @@ class RolloutPool:
             refs.get_small(w.shutdown.remote())  # also waits for the worker's earlier tasks
             ray.kill(w)
         if self.collective is not None and n != len(self.collective["members"]):
-            # Another set of engines: a new group; the learner's weights (the last synced ones, in the
-            # synchronous mode; one-step-off, the next sync follows before any rollout of the new engines).
+            # Another set of engines: a new group, formed as each member reaches its join (the learner
+            # after the training queued before it: the driver does not wait for that). Synchronous, the
+            # new engines' next rollout follows at once: the learner's weights (the last synced ones)
+            # first. One-step-off, the next sync comes before any rollout of the new engines.
             self._form_group()
-            self.sync_collective(self.collective["version"])
+            if not self.cfg.async_one_step_off:
+                self.sync_collective(self.collective["version"])
 
     def start(self, n: int, configured: int, control_file: Path) -> None:
         """Start ``n`` workers (what :func:`workers_at_start` chose); when the control file's count does
@@ -123,7 +126,7 @@ class RolloutPool:
         import ray
 
         infos = refs.get_small([w.sync_info.remote() for w in self.workers])
-        node = refs.get_small(learner.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()))
+        node = node_of(learner)
         why = None
         if any(i["node_id"] != node for i in infos):
             why = "a rollout worker runs on another node than the learner"
@@ -177,13 +180,22 @@ class RolloutPool:
         """Form the weight group of ``learner`` and every engine (``rlhf_ray.ppo.collective``); waits
         for it. ``meta``: the weights' names, dtypes and shapes (``Learner.weight_meta``)."""
         self.collective = {"learner": learner, "meta": meta, "bucket_bytes": bucket_bytes, "members": [],
-                           "version": self.version}
+                           "version": self.version, "node": node_of(learner)}
         refs.get_small(self._form_group())
 
     def _form_group(self) -> list:
-        """Submit the (re)forming of the weight group with the current engines; refs of the joins."""
+        """Submit the (re)forming of the weight group with the current engines; refs of the joins. Where
+        it meets (the learner's node, a free port there) comes from a task on that node, not from the
+        learner, which may be training."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from rlhf_ray.ppo.distributed import node_address
+
         c = self.collective
-        host, port = refs.get_small(c["learner"].weight_group_address.remote())
+        on_learner_node = NodeAffinitySchedulingStrategy(c["node"], soft=False)
+        host, port = refs.get_small(ray.remote(num_cpus=0)(node_address).options(
+            scheduling_strategy=on_learner_node).remote())
         world = 1 + len(self.workers)
         c["members"] = list(self.workers)
         return [c["learner"].join_weight_group.remote(host, port, world),
@@ -213,6 +225,13 @@ class RolloutPool:
                 pass
             ray.kill(w)
         self.workers = []
+
+
+def node_of(actor) -> str:
+    """The Ray id of ``actor``'s node (waits for the calls submitted to it before)."""
+    import ray
+
+    return refs.get_small(actor.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()))
 
 
 def requested_workers(path: Path, log) -> int | None:
