@@ -377,11 +377,12 @@ class Learner:
 
     def join_weight_group(self, host: str, port: int, world_size: int) -> None:
         """Host the weight group as its rank 0 (blocks until the engines have joined); leaves the last one."""
-        from rlhf_ray.ppo.collective import join_group, leave_group
+        from rlhf_ray.ppo.collective import Scratch, join_group, leave_group
 
         if getattr(self, "_weight_group", None) is not None:
             leave_group(self._weight_group)
         self._weight_group = join_group(host, port, 0, world_size)
+        self._weight_scratch = getattr(self, "_weight_scratch", None) or Scratch()  # (every bucket's pages)
 
     def broadcast_weights(self, meta: dict, bucket_bytes: int) -> dict:
         """Send the policy to every engine of the weight group, a bucket at a time (``meta``: from
@@ -397,7 +398,7 @@ class Learner:
             if self.rank > 0:
                 nbytes = sum(t.numel() * t.element_size() for t in tensors)
             else:
-                nbytes = send(self._weight_group, tensors, meta, bucket_bytes)
+                nbytes = send(self._weight_group, tensors, meta, bucket_bytes, self._weight_scratch)
         return {"bytes": nbytes, "seconds": time.perf_counter() - start, "version": self.version, "mode": "collective"}
 
     def close_shared_weights(self, spec: dict) -> None:
