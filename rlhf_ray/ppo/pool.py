@@ -193,7 +193,9 @@ class RolloutPool:
         from rlhf_ray.ppo.distributed import node_address
 
         c = self.collective
-        on_learner_node = NodeAffinitySchedulingStrategy(c["node"], soft=False)
+        # (soft: were the node lost, the task runs elsewhere and the learner's death surfaces at its next
+        # call, which restarts the run, instead of an unschedulable task failing it)
+        on_learner_node = NodeAffinitySchedulingStrategy(c["node"], soft=True)
         host, port = refs.get_small(ray.remote(num_cpus=0)(node_address).options(
             scheduling_strategy=on_learner_node).remote())
         world = 1 + len(self.workers)
