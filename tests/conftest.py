@@ -34,6 +34,26 @@ def policy_dir(test_config) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tied_policy_dir(policy_dir, tmp_path_factory) -> Path:
+    """A 2-layer Llama of the embedded policy's shape whose LM head is its input embedding
+    (tie_word_embeddings, as Qwen2.5-0.5B, Llama-3.2-1B, SmolLM2), random weights, the policy's tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    base = LlamaConfig.from_pretrained(policy_dir)
+    cfg = LlamaConfig(**{**base.to_dict(), "tie_word_embeddings": True, "num_hidden_layers": 2})
+    torch.manual_seed(0)
+    tied = tmp_path_factory.mktemp("tied") / "model"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tied)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (policy_dir / f).exists():
+            shutil.copy(policy_dir / f, tied / f)
+    return tied
+
+
+@pytest.fixture(scope="session")
 def rm_dir(test_config, policy_dir, tmp_path_factory) -> Path:
     """A small RM trained in-process for one epoch and saved as a checkpoint directory (~5 s)."""
     from rlhf_ray.data import synthetic

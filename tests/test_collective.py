@@ -19,6 +19,52 @@ def test_buckets_are_consecutive_and_bounded_and_a_big_tensor_goes_alone():
         plan_buckets([1], 0)
 
 
+@pytest.mark.parametrize("plain", [True, False])
+def test_a_broadcast_lands_every_weight_in_place_or_through_vllms_reload(tied_policy_dir, test_config, plain):
+    """In process, a learner and one engine in a group of two: two syncs (training moved every weight
+    before each) land the learner's weights in the engine, copied in place (plain CPU weights) or through
+    vLLM's layerwise reload (its packed ones), a model whose LM head is its embedding included: the
+    engine's logprobs are the learner's after each."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from rlhf_ray.data import synthetic
+    from rlhf_ray.ppo.learner import Learner
+    from rlhf_ray.ppo.rollout import RolloutWorker
+    from rlhf_ray.ppo.weights import logprob_drift
+
+    learner = Learner(tied_policy_dir, test_config.ppo, device="cpu")
+    meta = learner.weight_meta()
+    threads = torch.get_num_threads()
+    w = RolloutWorker(str(tied_policy_dir), dataclasses.replace(
+        test_config.rollout, weight_sync="collective", cpu_plain_weights=plain), worker_id=9, seed=0)
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        r = w.generate(synthetic.prompts(4, seed=1), 6, 1.0, 1.0, seed=0)
+        with ThreadPoolExecutor(1) as learner_side:  # each side blocks until the other is there
+            joined = learner_side.submit(learner.join_weight_group, "127.0.0.1", port, 2)
+            w.join_weight_group("127.0.0.1", port, 1, 2, 64 << 10)
+            joined.result()
+            for version in (1, 2):
+                with torch.no_grad():  # stands in for a PPO step: every weight moves, the tie holds
+                    for p in learner.policy.parameters():
+                        p.add_(0.05 * torch.randn_like(p))
+                sent = learner_side.submit(learner.broadcast_weights, meta, 64 << 10)
+                info = w.receive_weights(meta, version)
+                assert sent.result()["bytes"] == info["bytes"] == sum(a.nbytes for a in learner.state_dict().values())
+                assert info["version"] == version and info["mode"] == "collective"
+                lp = w.logprobs_of(r.input_ids, r.attention_mask, r.response_mask)
+                drift = logprob_drift(lp, learner.logprobs(r.input_ids, r.attention_mask), r.response_mask)
+                assert drift < 1e-4, (version, drift)
+    finally:
+        w.shutdown()
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("one_step_off", [False, True])
 def test_ppo_syncs_weights_collectively_and_re_forms_the_group_when_the_pool_grows(
         ray_cluster, test_config, policy_dir, rm_dir, tmp_path, one_step_off):

@@ -587,27 +587,16 @@ def test_every_stop_token_of_the_generation_config_ends_a_response(policy_dir, t
 
 
 @pytest.mark.parametrize("plain", [True, False])
-def test_a_model_with_tied_embeddings_syncs_once_per_weight(policy_dir, test_config, tmp_path, plain):
+def test_a_model_with_tied_embeddings_syncs_once_per_weight(tied_policy_dir, test_config, plain):
     """tie_word_embeddings (Qwen2.5-0.5B, Llama-3.2-1B, SmolLM2): the learner exports the shared
     embedding once (lm_head.weight is the same tensor; its saved files and vLLM tie it themselves), and a
     sync still lands every weight in the engine, with plain weights (in place) and with vLLM's packed
     ones (reload, where the LM head's packed copy must be rebuilt from the new embedding): logprobs
     match the learner's after training moved them."""
-    import shutil
-
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from rlhf_ray.ppo.learner import Learner
     from rlhf_ray.ppo.rollout import RolloutWorker
 
-    base = LlamaConfig.from_pretrained(policy_dir)
-    cfg = LlamaConfig(**{**base.to_dict(), "tie_word_embeddings": True, "num_hidden_layers": 2})
-    torch.manual_seed(0)
-    tied = tmp_path / "tied"
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(tied)
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (policy_dir / f).exists():
-            shutil.copy(policy_dir / f, tied / f)
+    tied = tied_policy_dir
     learner = Learner(tied, test_config.ppo, device="cpu")
     exported = learner.state_dict()
     assert "lm_head.weight" not in exported and "model.embed_tokens.weight" in exported

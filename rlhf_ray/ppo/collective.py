@@ -153,8 +153,11 @@ def _engine_class():
         def finish_weight_update(self) -> None:
             from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
+            from rlhf_ray.ppo.vllm_ext import repack_shared
+
             if not self._in_place():
                 finalize_layerwise_reload(self.model, self.model_config)
+                repack_shared(self.model)  # (a tied LM head's packed copy: its embedding just changed)
 
         def update_weights(self, update_info: dict) -> None:
             # (the base class ends with torch.accelerator.synchronize(), which a CPU-only torch refuses)

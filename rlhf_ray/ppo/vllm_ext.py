@@ -38,6 +38,21 @@ from rlhf_ray.ppo.shared_weights import SharedSlots, check_order, find_placement
 from rlhf_ray.ppo.weights import as_torch, iter_named_arrays
 
 
+def repack_shared(model: torch.nn.Module) -> None:
+    """After vLLM's layerwise reload: rebuild the packed copy of every layer that keeps its weight beside
+    one (vLLM passes ``remove_weight=False`` for embeddings and LM heads). The reload reprocesses only the
+    layers whose weights it loaded; a tied LM head shares the embedding's parameter but loads nothing
+    itself, so its oneDNN copy would keep the old weights (measured: logprobs 1.3-1.4 off after one
+    update of a tied model). Rebuilding an up-to-date copy again is harmless."""
+    for module in model.modules():
+        fn, weight = getattr(module, "cpu_linear", None), getattr(module, "weight", None)
+        method = getattr(module, "quant_method", None)
+        if fn is None or getattr(fn, "__closure__", None) is None or weight is None or weight.numel() == 0:
+            continue
+        if method is not None and hasattr(method, "process_weights_after_loading"):
+            method.process_weights_after_loading(module)
+
+
 def plain_weights(model: torch.nn.Module) -> bool:
     """True when no layer of a vLLM model computes from a packed copy of its weight.
 
@@ -108,22 +123,8 @@ class WeightSyncExtension:
             if not last:
                 raise ValueError("load_buckets: a 'reload' engine takes every weight in one call (last=True)")
             self.reload_weights(weights_iterator=tensors(), is_checkpoint_format=True)
-            self._rlhf_repack_shared()
+            repack_shared(self.model_runner.get_model())
         return {"bytes": nbytes, "mode": mode}
-
-    def _rlhf_repack_shared(self) -> None:
-        """Rebuild the packed copy of every layer that keeps its weight beside one (vLLM passes
-        ``remove_weight=False`` for embeddings and LM heads). vLLM's reload reprocesses only the layers
-        whose weights it loaded; a tied LM head shares the embedding's parameter but loads nothing
-        itself, so its oneDNN copy would keep the old weights (measured: logprobs 1.4 off after one
-        update of a tied model). Rebuilding an up-to-date copy again is harmless."""
-        for module in self.model_runner.get_model().modules():
-            fn, weight = getattr(module, "cpu_linear", None), getattr(module, "weight", None)
-            method = getattr(module, "quant_method", None)
-            if fn is None or getattr(fn, "__closure__", None) is None or weight is None or weight.numel() == 0:
-                continue
-            if method is not None and hasattr(method, "process_weights_after_loading"):
-                method.process_weights_after_loading(module)
 
     # ---- shared memory (same node as the learner) ------------------------------------------------
 
