@@ -53,7 +53,7 @@ class Sender:
         return [ray.put(b.numpy()) for b in self.buckets]
 
     def address(self) -> tuple[str, int]:
-        from rlhf_ray.ppo.distributed import node_address
+        from rlhf_ray.ppo.nodes import node_address
 
         return node_address()
 

@@ -22,9 +22,7 @@ import numpy as np
 import ray
 from ray.cluster_utils import Cluster
 
-
-def node_of(actor) -> str:
-    return ray.get(actor.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()))
+from rlhf_ray.ppo.nodes import node_of
 
 
 def main(policy_dir: str, rm_dir: str, out: str) -> None:

@@ -102,14 +102,15 @@ def test_a_sharded_rank_reads_no_weights_and_receives_its_shards_from_rank_0(ray
     import shutil
 
     from rlhf_ray.config import LearnerConfig
-    from rlhf_ray.ppo.distributed import RankSpec, node_address
+    from rlhf_ray.ppo.distributed import RankSpec
     from rlhf_ray.ppo.learner import Learner
+    from rlhf_ray.ppo.nodes import address_on
 
     bare = tmp_path / "no-weights"
     shutil.copytree(policy_dir, bare, ignore=shutil.ignore_patterns("*.safetensors"))
     assert not list(bare.glob("*.safetensors")) and (bare / "config.json").is_file()
     single = Learner(policy_dir, group_cfg, device="cpu")
-    host, port = ray.get(ray.remote(num_cpus=0)(node_address).remote())
+    host, port = address_on()
     cls = ray.remote(num_cpus=1)(Learner)
     ranks = [cls.remote(str(path), group_cfg, device="cpu", learner_cfg=LearnerConfig(num_workers=2, strategy="fsdp"),
                         rank=RankSpec(i, 2, f"tcp://{host}:{port}", "fsdp")) for i, path in enumerate((policy_dir, bare))]

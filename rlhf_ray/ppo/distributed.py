@@ -31,18 +31,6 @@ class RankSpec:
     strategy: str = "ddp"
 
 
-def node_address() -> tuple[str, int]:
-    """This node's address and a free port on it (where a process group meets)."""
-    import socket
-
-    import ray
-
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    return ray.util.get_node_ip_address(), port
-
-
 def rank_rows(rows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     """This rank's rows of a minibatch: every world_size-th, from ``rank``. [b] -> [<= ceil(b / world)]."""
     return rows[rank::world_size]

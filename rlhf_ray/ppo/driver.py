@@ -322,15 +322,18 @@ class _Actors:
     def start(self, run: _Run, bucket_bytes: int, since: float) -> WeightSync:
         """The checkpoint's state into the learner (resuming), the rollout workers, and the weight sync
         between them; ``since``: when the actors were started (for the log)."""
+        # The engines start from the checkpoint's policy directory and need nothing of the learner's
+        # state: they start while the learner loads it.
+        loaded = self.learner.load_checkpoint.remote(str(run.resume_dir / "policy")) if run.resumed else None
+        self.pool.start(run.num_workers, self.cfg.rollout.num_workers, run.control_file)
         if run.resumed:
-            version = refs.get_small(self.learner.load_checkpoint.remote(str(run.resume_dir / "policy")))
+            version = refs.get_small(loaded)
             if version != run.resumed["policy_version"]:
                 raise ValueError(f"{run.resume_dir}: the learner's state is at version {version}, "
                                  f"trainer_state.json says {run.resumed['policy_version']}")
             if self.ppo.adaptive_kl:  # a fixed coefficient comes from the config, as set now
                 self.advantage.set_kl_coef.remote(run.resumed["kl_coef"])
             self.log(f"[ppo] resuming from {run.resume_dir}: iteration {run.start_it}, policy version {version}")
-        self.pool.start(run.num_workers, self.cfg.rollout.num_workers, run.control_file)
         self.log(f"[ppo] {len(self.pool.workers)} rollout workers, learner, scorer and advantage actors up "
                  f"in {time.perf_counter() - since:.1f}s")
         sync = WeightSync(self.pool, self.learner, self.cfg.rollout, bucket_bytes)

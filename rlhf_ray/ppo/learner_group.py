@@ -21,8 +21,9 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf_ray.config import LearnerConfig, PPOConfig
-from rlhf_ray.ppo.distributed import RankSpec, node_address
+from rlhf_ray.ppo.distributed import RankSpec
 from rlhf_ray.ppo.learner import Learner
+from rlhf_ray.ppo.nodes import address_on
 
 EVERY_RANK = frozenset({"train", "load_checkpoint"})
 # Sharded (fsdp), a forward or an export gathers parameters from every rank.
@@ -108,7 +109,7 @@ def start_learner_group(policy_path: str, ppo_cfg: PPOConfig, learner_cfg: Learn
         raise RuntimeError(f"learner.num_workers={n}: the cluster could not place {n} x {bundle} "
                            f"({learner_cfg.placement_strategy}) within {PLACEMENT_TIMEOUT_S} s") from None
     on = lambda i: PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)  # noqa: E731
-    host, port = ray.get(ray.remote(num_cpus=0)(node_address).options(scheduling_strategy=on(0)).remote())
+    host, port = address_on(on(0))
     cls = ray.remote(num_cpus=cpus, num_gpus=1 if gpu else 0)(LearnerRank)
     ranks = [cls.options(scheduling_strategy=on(i)).remote(
         policy_path, ppo_cfg, device="cuda" if gpu else "cpu", chat_template=chat_template, learner_cfg=learner_cfg,

@@ -15,6 +15,7 @@ import numpy as np
 
 from rlhf_ray.config import PPOConfig, RolloutConfig
 from rlhf_ray.ppo import refs
+from rlhf_ray.ppo.nodes import address_on, node_of
 from rlhf_ray.ppo.sync import WeightSyncError
 
 CONTROL_FILE = "rollout_workers"
@@ -187,17 +188,12 @@ class RolloutPool:
         """Submit the (re)forming of the weight group with the current engines; refs of the joins. Where
         it meets (the learner's node, a free port there) comes from a task on that node, not from the
         learner, which may be training."""
-        import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        from rlhf_ray.ppo.distributed import node_address
 
         c = self.collective
         # (soft: were the node lost, the task runs elsewhere and the learner's death surfaces at its next
         # call, which restarts the run, instead of an unschedulable task failing it)
-        on_learner_node = NodeAffinitySchedulingStrategy(c["node"], soft=True)
-        host, port = refs.get_small(ray.remote(num_cpus=0)(node_address).options(
-            scheduling_strategy=on_learner_node).remote())
+        host, port = address_on(NodeAffinitySchedulingStrategy(c["node"], soft=True))
         world = 1 + len(self.workers)
         c["members"] = list(self.workers)
         return [c["learner"].join_weight_group.remote(host, port, world),
@@ -227,13 +223,6 @@ class RolloutPool:
                 pass
             ray.kill(w)
         self.workers = []
-
-
-def node_of(actor) -> str:
-    """The Ray id of ``actor``'s node (waits for the calls submitted to it before)."""
-    import ray
-
-    return refs.get_small(actor.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()))
 
 
 def requested_workers(path: Path, log) -> int | None:
