@@ -855,13 +855,14 @@ def test_ppo_on_ray(ray_cluster, test_config, policy_dir, rm_dir, tmp_path, monk
 
 def test_ppo_deploys_the_rm_app_it_needs_and_removes_it(ray_cluster, test_config, policy_dir, rm_dir, tmp_path):
     """ppo.rm_scoring=serve with no app "rm" on the cluster: PPO deploys one from the RM directory for
-    the run, scores through it exactly as in process (same metrics as an in-process run), and removes
-    it at the end."""
+    the run, scores through it exactly as in process (every sample's reward), and removes it at the end."""
     import socket
 
+    import ray
     from ray import serve
 
     from rlhf_ray.ppo.driver import run_ppo
+    from rlhf_ray.ppo.scoring import RolloutScorer
     from rlhf_ray.reward.service import shutdown_rm
 
     with socket.socket() as sock:
@@ -872,19 +873,25 @@ def test_ppo_deploys_the_rm_app_it_needs_and_removes_it(ray_cluster, test_config
     cfg = dataclasses.replace(test_config, ppo=ppo,
                               serve=dataclasses.replace(test_config.serve, port=port, num_cpus=0.25),
                               rollout=dataclasses.replace(test_config.rollout, num_workers=1))
-    lines = []
+    lines, batches = [], []
+
+    def on_iteration(m, ctx):
+        batches.append((m["rm_score"], ray.get(ctx.scored, timeout=60)))
+
     try:
         via = run_ppo(dataclasses.replace(cfg, ppo=dataclasses.replace(ppo, rm_scoring="serve")), policy_dir,
-                      rm_dir, tmp_path / "serve", log=lines.append, eval_every=0)
+                      rm_dir, tmp_path / "serve", log=lines.append, eval_every=0, on_iteration=on_iteration)
         assert "rm" not in serve.status().applications
     finally:
         shutdown_rm()  # Serve itself, so that later tests start it on their own port
     said = [x for x in lines if "Serve app 'rm'" in x]
     assert said == [f"[ppo] RM scores through the Serve app 'rm': deployed at http://127.0.0.1:{port}"], lines
-    local = run_ppo(cfg, policy_dir, rm_dir, tmp_path / "local", log=lambda *_: None, eval_every=0)
-    assert len(via.history) == len(local.history) == 2
-    for hv, hl in zip(via.history, local.history):
-        assert hv["rm_score"] == pytest.approx(hl["rm_score"], abs=1e-5)
+    assert len(via.history) == len(batches) == 2
+    in_process = RolloutScorer(rm_dir, test_config.rm.max_length)
+    for rm_score, scored in batches:
+        want = in_process.rm_scores(scored.rollout.prompts, scored.rollout.responses)
+        np.testing.assert_allclose(scored.rm_scores, want, atol=1e-5)
+        assert rm_score == pytest.approx(float(want.mean()), abs=1e-5)
 
 
 def test_ppo_raises_the_gold_reward(ray_cluster, test_config, policy_dir, rm_dir, tmp_path):
