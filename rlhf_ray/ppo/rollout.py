@@ -122,12 +122,15 @@ class RolloutWorker:
         kwargs = {**engine_args(self.model_path, rollout_cfg, worker_id, seed, device, max_model_len),
                   **(engine_kwargs or {})}
         # vLLM collects garbage several times while it builds an engine, each time walking every object
-        # the imports made (~0.25 s a time on 2 cores): collect once and set the survivors aside, which
-        # takes an in-process engine's start from ~3 s to ~2 s.
+        # the imports made (~0.25 s a time on 2 cores): collect once and set the survivors aside while it
+        # builds, which takes an in-process engine's start from ~3 s to ~2 s.
         gc.collect()
         gc.freeze()
-        with plain_cpu_linear(device == "cpu" and rollout_cfg.cpu_plain_weights):
-            self.llm = LLM(**kwargs)
+        try:
+            with plain_cpu_linear(device == "cpu" and rollout_cfg.cpu_plain_weights):
+                self.llm = LLM(**kwargs)
+        finally:
+            gc.unfreeze()  # (collectable again: what the process drops later is freed as usual)
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         # Arguments of collective_rpc reach the worker as Python objects only in-process.
         self.in_process = type(self.llm.llm_engine.engine_core).__name__ == "InprocClient"
