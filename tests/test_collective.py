@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from ports import free_port
 
 from rlhf_ray.ppo.collective import nbytes
 from rlhf_ray.ppo.weights import plan_buckets
@@ -25,7 +26,6 @@ def test_a_broadcast_lands_every_weight_in_place_or_through_vllms_reload(tied_po
     before each) land the learner's weights in the engine, copied in place (plain CPU weights) or through
     vLLM's layerwise reload (its packed ones), a model whose LM head is its embedding included: the
     engine's logprobs are the learner's after each."""
-    import socket
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
@@ -41,9 +41,7 @@ def test_a_broadcast_lands_every_weight_in_place_or_through_vllms_reload(tied_po
     w = RolloutWorker(str(tied_policy_dir), dataclasses.replace(
         test_config.rollout, weight_sync="collective", cpu_plain_weights=plain), worker_id=9, seed=0)
     try:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         r = w.generate(synthetic.prompts(4, seed=1), 6, 1.0, 1.0, seed=0)
         with ThreadPoolExecutor(1) as learner_side:  # each side blocks until the other is there
             joined = learner_side.submit(learner.join_weight_group, "127.0.0.1", port, 2)

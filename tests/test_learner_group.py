@@ -9,6 +9,8 @@ import dataclasses
 import numpy as np
 import pytest
 import ray
+import torch
+from ports import free_port
 
 from rlhf_ray.ppo.distributed import rank_rows, token_share
 from rlhf_ray.ppo.types import TrainBatch
@@ -92,6 +94,35 @@ def group_cfg(test_config):
     # minibatches of 3 sequences (rank 0 takes 2, rank 1 one), two epochs.
     return dataclasses.replace(test_config.ppo, lr=1e-4, epochs=2, minibatch_size=3, beta=0.1, entropy_coef=0.01,
                                kl_loss_coef=0.1, temperature=1.0)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_a_group_of_one_rank_steps_as_the_single_learner(policy_dir, group_cfg, device, strategy):
+    """World size 1 in this process, gloo on the CPU and NCCL on a GPU (benchmarks/gpu_check.sh runs the
+    latter): the wrapped learner's pi_old, step statistics and update are the plain learner's. Float32
+    on both sides (learner.mixed_precision=no), so that they compute the same sums."""
+    import torch.distributed as dist
+
+    from rlhf_ray.config import LearnerConfig
+    from rlhf_ray.ppo.distributed import RankSpec
+    from rlhf_ray.ppo.learner import Learner
+
+    single = Learner(policy_dir, group_cfg, device=device, learner_cfg=LearnerConfig(mixed_precision="no"))
+    start = weights(single)
+    try:
+        one = Learner(policy_dir, group_cfg, device=device,
+                      learner_cfg=LearnerConfig(mixed_precision="no", strategy=strategy),
+                      rank=RankSpec(0, 1, f"tcp://127.0.0.1:{free_port()}", strategy))
+        assert dist.get_backend() == ("nccl" if device == "cuda" else "gloo") and dist.get_world_size() == 1
+        b = make_batch(single, seed=5)
+        np.testing.assert_allclose(one.logprobs(b.input_ids, b.attention_mask), b.old_logprobs, atol=1e-5)
+        assert_same_step(one.train(b), single.train(b))
+        assert_same_update(start, weights(one), weights(single))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_a_sharded_rank_reads_no_weights_and_receives_its_shards_from_rank_0(ray_cluster, policy_dir, group_cfg,

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ports import free_port
 
 from rlhf_ray.data import synthetic
 from rlhf_ray.data.prompts import load_prompt_task
@@ -856,8 +857,6 @@ def test_ppo_on_ray(ray_cluster, test_config, policy_dir, rm_dir, tmp_path, monk
 def test_ppo_deploys_the_rm_app_it_needs_and_removes_it(ray_cluster, test_config, policy_dir, rm_dir, tmp_path):
     """ppo.rm_scoring=serve with no app "rm" on the cluster: PPO deploys one from the RM directory for
     the run, scores through it exactly as in process (every sample's reward), and removes it at the end."""
-    import socket
-
     import ray
     from ray import serve
 
@@ -865,9 +864,7 @@ def test_ppo_deploys_the_rm_app_it_needs_and_removes_it(ray_cluster, test_config
     from rlhf_ray.ppo.scoring import RolloutScorer
     from rlhf_ray.reward.service import shutdown_rm
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     ppo = ppo_cfg(test_config, iterations=2, prompts_per_iteration=8, max_new_tokens=8, minibatch_size=8,
                   checkpoint_every=0)
     cfg = dataclasses.replace(test_config, ppo=ppo,

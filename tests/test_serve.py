@@ -4,9 +4,7 @@ checked against the in-process RewardScorer. Serve is started once for the modul
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
-import socket
 import threading
 import time
 import uuid
@@ -16,17 +14,12 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import requests
+from ports import free_port
 
 from rlhf_ray.data import synthetic
 from rlhf_ray.data.preferences import rm_text
 
 MAX_RESPONSES, MAX_PROMPTS, MAX_CHARS = 4, 3, 600
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Service(NamedTuple):

