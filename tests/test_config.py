@@ -62,6 +62,8 @@ def test_cli_version_and_serve_rm_refusing_an_open_public_host(capsys, monkeypat
     ("serve.num_cpus=-2", "serve.num_cpus: must be >= 0, got -2.0"),
     ("serve.batch_wait_timeout_s=-1", "serve.batch_wait_timeout_s: must be >= 0, got -1.0"),
     ("serve.target_ongoing_requests=0", "serve.target_ongoing_requests: must be > 0, got 0.0"),
+    ("serve.look_back_period_s=10", "serve.look_back_period_s: must be more than 10 s (how often Serve's "
+                                    "replicas report their load), got 10"),
     ("rollout.cpus_per_worker=-1", "rollout.cpus_per_worker: must be >= 0, got -1.0"),
     ("rollout.max_logprob_drift=-1e-3", "rollout.max_logprob_drift: must be >= 0, got -0.001"),
     ("rollout.dtype=fp8", "rollout.dtype: 'fp8' is not one of ['auto', 'float32', 'bfloat16', 'float16']"),

@@ -546,16 +546,23 @@ def wait_until(what: str, ok, timeout: float = 120.0) -> None:
 def test_autoscaling_adds_a_replica_under_load_and_a_killed_replica_is_replaced(service, scorer, groups, rm_dir):
     """serve.min_replicas=1, max_replicas=2: 6 concurrent clients take the app from 1 replica to 2; one
     replica is killed under that load and replaced; every request is answered (a client retries a failed
-    one, up to 5 times), each answer the in-process scorer's; without load it goes back to 1 replica.
+    one, up to 5 times), each answer the in-process scorer's; without load it goes back to 1 replica
+    (the load averaged over serve.look_back_period_s=12 s, not Serve's default 30).
     Waits on the replica count, not on sleeps."""
     import ray
+    from ray.serve.context import _get_global_client
 
     from rlhf_ray.reward.service import deploy_rm
 
     app = "rm_scale"
     cfg = dataclasses.replace(service.cfg, num_replicas=1, min_replicas=1, max_replicas=2, target_ongoing_requests=1,
-                              upscale_delay_s=1, downscale_delay_s=3)
+                              upscale_delay_s=1, downscale_delay_s=3, look_back_period_s=12)
     url, _ = deploy_rm(cfg, rm_dir, max_length=64, name=app, route_prefix="/scale")
+    deployments = _get_global_client().get_serve_details()["applications"][app]["deployments"]
+    (scaling,) = [d["deployment_config"]["autoscaling_config"] for d in deployments.values()]
+    want = {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 1, "target_ongoing_requests": 1.0,
+            "upscale_delay_s": 1.0, "downscale_delay_s": 3.0, "look_back_period_s": 12.0}
+    assert {k: scaling.get(k) for k in want} == want, scaling
     prompt, responses = groups[0]
     expected = scorer.score_groups([groups[0]])[0]
     stop, answers, given_up, lock = threading.Event(), [], [], threading.Lock()

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import yaml
 
-from rlhf_ray.config.schema import Config, ConfigError
+from rlhf_ray.config.schema import SERVE_METRICS_INTERVAL_S, Config, ConfigError
 
 
 _POSITIVE = {
@@ -146,6 +146,9 @@ def _check_ranges(cfg: Config) -> None:
                           f"model.max_positions={cfg.model.max_positions}")
     if cfg.serve.max_replicas < max(cfg.serve.min_replicas, 1):
         raise ConfigError(f"serve.max_replicas: must be >= serve.min_replicas ({cfg.serve.min_replicas})")
+    if cfg.serve.look_back_period_s <= SERVE_METRICS_INTERVAL_S:
+        raise ConfigError(f"serve.look_back_period_s: must be more than {SERVE_METRICS_INTERVAL_S:g} s (how often "
+                          f"Serve's replicas report their load), got {cfg.serve.look_back_period_s:g}")
     if not 0 < cfg.serve.port < 65536:
         raise ConfigError(f"serve.port: must be in 1..65535, got {cfg.serve.port}")
     ro = cfg.rollout

@@ -82,6 +82,9 @@ class RMConfig:
     max_failures: int = 0
 
 
+SERVE_METRICS_INTERVAL_S = 10.0  # Ray Serve 2.60's autoscaling_config metrics_interval_s (left at its default)
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     host: str = "127.0.0.1"
@@ -95,6 +98,10 @@ class ServeConfig:
     # Serve's autoscaling_config upscale_delay_s / downscale_delay_s.
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
+    # The window over which the replicas' ongoing requests are averaged for those decisions (Serve's
+    # look_back_period_s): a shorter one follows the load sooner, a longer one rides out bursts. More
+    # than SERVE_METRICS_INTERVAL_S, how often the replicas report their load.
+    look_back_period_s: float = 30.0
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     max_batch_size: int = 64

@@ -336,7 +336,8 @@ def build_app(serve_cfg: ServeConfig, checkpoint_dir: str | Path, max_length: in
             "min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
             "initial_replicas": min(max(cfg.num_replicas, cfg.min_replicas), cfg.max_replicas),
             "target_ongoing_requests": cfg.target_ongoing_requests,
-            "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s}
+            "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s,
+            "look_back_period_s": cfg.look_back_period_s}
     else:
         options["num_replicas"] = cfg.num_replicas
     return RewardModelServer.options(**options).bind(cfg, max_length, auth_token, batching, chat_template)
