@@ -35,20 +35,20 @@ VARIANTS = {"plain": (0, False), "chunked": (1, False), "chunked+ckpt": (1, True
 
 def build_model(args, dest: str) -> str:
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from rlhf_ray.config import load_config
-    from rlhf_ray.models.embedded import resolve_model
+    from rlhf_ray.models.embedded import build_tokenizer
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
                       num_key_value_heads=args.kv_heads, intermediate_size=args.intermediate,
                       vocab_size=args.vocab, max_position_embeddings=max(2048, args.seq), tie_word_embeddings=True)
     LlamaForCausalLM(cfg).save_pretrained(dest, safe_serialization=True)
-    # Any tokenizer will do (the batch is token ids): the embedded model's.
+    # Any tokenizer will do (the batch is token ids): the embedded model's, built in a second (no model
+    # to train for it).
     c = load_config(None, [])
-    tok = AutoTokenizer.from_pretrained(resolve_model(c.model, c.sft, log=lambda *_: None))
-    tok.save_pretrained(dest)
+    build_tokenizer(c.model.vocab_size, c.model.seed).save_pretrained(dest)
     return dest
 
 
