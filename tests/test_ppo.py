@@ -857,11 +857,9 @@ def test_ppo_on_ray(ray_cluster, test_config, policy_dir, rm_dir, tmp_path, monk
 def test_ppo_deploys_the_rm_app_it_needs_and_removes_it(ray_cluster, test_config, policy_dir, rm_dir, tmp_path):
     """ppo.rm_scoring=serve with no app "rm" on the cluster: PPO deploys one from the RM directory for
     the run, scores through it exactly as in process (every sample's reward), and removes it at the end."""
-    import ray
     from ray import serve
 
     from rlhf_ray.ppo.driver import run_ppo
-    from rlhf_ray.ppo.scoring import RolloutScorer
     from rlhf_ray.reward.service import shutdown_rm
 
     port = free_port()
@@ -870,11 +868,7 @@ def test_ppo_deploys_the_rm_app_it_needs_and_removes_it(ray_cluster, test_config
     cfg = dataclasses.replace(test_config, ppo=ppo,
                               serve=dataclasses.replace(test_config.serve, port=port, num_cpus=0.25),
                               rollout=dataclasses.replace(test_config.rollout, num_workers=1))
-    lines, batches = [], []
-
-    def on_iteration(m, ctx):
-        batches.append((m["rm_score"], ray.get(ctx.scored, timeout=60)))
-
+    lines, (on_iteration, batches) = [], batch_recorder()
     try:
         via = run_ppo(dataclasses.replace(cfg, ppo=dataclasses.replace(ppo, rm_scoring="serve")), policy_dir,
                       rm_dir, tmp_path / "serve", log=lines.append, eval_every=0, on_iteration=on_iteration)
@@ -884,11 +878,7 @@ def test_ppo_deploys_the_rm_app_it_needs_and_removes_it(ray_cluster, test_config
     said = [x for x in lines if "Serve app 'rm'" in x]
     assert said == [f"[ppo] RM scores through the Serve app 'rm': deployed at http://127.0.0.1:{port}"], lines
     assert len(via.history) == len(batches) == 2
-    in_process = RolloutScorer(rm_dir, test_config.rm.max_length)
-    for rm_score, scored in batches:
-        want = in_process.rm_scores(scored.rollout.prompts, scored.rollout.responses)
-        np.testing.assert_allclose(scored.rm_scores, want, atol=1e-5)
-        assert rm_score == pytest.approx(float(want.mean()), abs=1e-5)
+    assert_scored_by_the_rm(batches, rm_dir, test_config.rm.max_length)
 
 
 def test_ppo_raises_the_gold_reward(ray_cluster, test_config, policy_dir, rm_dir, tmp_path):
@@ -1322,6 +1312,30 @@ def worker_killer(after: int):
             killed.append(ctx.pool.workers[0])
             ray.kill(ctx.pool.workers[0])
     return kill, killed
+
+
+def batch_recorder():
+    """An on_iteration callback that records each iteration's (rm_score metric, scored batch); returns
+    (callback, the records)."""
+    import ray
+
+    batches = []
+
+    def record(m, ctx):
+        batches.append((m["rm_score"], ray.get(ctx.scored, timeout=60)))
+    return record, batches
+
+
+def assert_scored_by_the_rm(batches: list, rm_dir, max_length: int = 64) -> None:
+    """Every sample's reward in the recorded batches is the in-process RM's, and each iteration's
+    rm_score their mean."""
+    from rlhf_ray.ppo.scoring import RolloutScorer
+
+    in_process = RolloutScorer(rm_dir, max_length)
+    for rm_score, scored in batches:
+        want = in_process.rm_scores(scored.rollout.prompts, scored.rollout.responses)
+        np.testing.assert_allclose(scored.rm_scores, want, atol=1e-5)
+        assert rm_score == pytest.approx(float(want.mean()), abs=1e-5)
 
 
 def assert_restarted_once(lines: list[str], killed: list, iteration: int) -> None:

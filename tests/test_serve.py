@@ -341,22 +341,14 @@ def test_ppo_scores_through_the_rm_app_already_running(service, rm_dir, policy_d
         ppo=dataclasses.replace(test_config.ppo, iterations=2, prompts_per_iteration=8, max_new_tokens=8,
                                 minibatch_size=8, rm_scoring="serve", checkpoint_every=0),
         rollout=dataclasses.replace(test_config.rollout, num_workers=1))
-    import ray
+    from test_ppo import assert_scored_by_the_rm, batch_recorder
 
-    lines, batches = [], []
-
-    def on_iteration(m, ctx):
-        batches.append((m["rm_score"], ray.get(ctx.scored, timeout=60)))
-
+    lines, (on_iteration, batches) = [], batch_recorder()
     res = run_ppo(cfg, policy_dir, None, tmp_path, log=lines.append, eval_every=0, on_iteration=on_iteration)
     said = [x for x in lines if "Serve app 'rm'" in x]
     assert said == ["[ppo] RM scores through the Serve app 'rm': already running"]
     assert len(res.history) == len(batches) == 2
-    in_process = RolloutScorer(rm_dir)
-    for rm_score, scored in batches:  # each batch's rewards are the RM's, as in process
-        want = in_process.rm_scores(scored.rollout.prompts, scored.rollout.responses)
-        np.testing.assert_allclose(scored.rm_scores, want, atol=1e-5)
-        assert rm_score == pytest.approx(float(want.mean()), abs=1e-5)
+    assert_scored_by_the_rm(batches, rm_dir)  # each batch's rewards are the RM's, as in process
     assert requests.get(f"{service.url}/healthz", timeout=10).ok
 
 
