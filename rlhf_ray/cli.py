@@ -59,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--port", type=int, default=None, help="port (default serve.port, 8000)")
         if name == "ppo":
             s.add_argument("--rm-checkpoint", default=None,
-                           help="RM directory (default: <output_dir>/rm/latest from train-rm)")
+                           help="RM directory (default: <output_dir>/rm/latest from train-rm, if there is one); "
+                                "'none': no RM. Without an RM the reward functions of ppo.reward_functions "
+                                "alone score the responses")
             s.add_argument("--policy", default=None,
                            help="initial policy (default: model.name_or_path, the embedded model SFT'd)")
             s.add_argument("--rm-via-serve", action="store_true",
@@ -135,16 +137,22 @@ def cmd_ppo(args, cfg: Config) -> None:
     from rlhf_ray.data.files import is_remote
     from rlhf_ray.pipeline import policy_stage, ppo_table
     from rlhf_ray.ppo.checkpoints import resume_point
-    from rlhf_ray.ppo.driver import run_ppo
+    from rlhf_ray.ppo.driver import check_reward_source, run_ppo
     from rlhf_ray.ppo.task import prepare_task
 
     out = Path(cfg.output_dir).resolve()
-    rm_dir = Path(args.rm_checkpoint or out / "rm" / "latest")
     if args.rm_via_serve:
         cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, rm_scoring="serve"))
-    have_rm = (rm_dir / "config.json").exists()
-    if not have_rm and cfg.ppo.rm_scoring != "serve":  # through Serve, a running app needs no local RM
+    # The RM: --rm-checkpoint (which must be one; "none": no RM), else <output_dir>/rm/latest where
+    # train-rm wrote one. Without any, the reward functions alone score (through Serve, a running app
+    # needs no local RM).
+    explicit = args.rm_checkpoint not in (None, "none")
+    rm_dir = Path(args.rm_checkpoint) if explicit else out / "rm" / "latest"
+    have_rm = args.rm_checkpoint != "none" and (rm_dir / "config.json").exists()
+    if explicit and not have_rm and cfg.ppo.rm_scoring != "serve":
         raise ConfigError(f"--rm-checkpoint: {rm_dir} is not an RM directory (run `rlhf-ray train-rm` first)")
+    check_reward_source(cfg, have_rm or cfg.ppo.rm_scoring == "serve",
+                        f"--rm-checkpoint (default {rm_dir})" if args.rm_checkpoint is None else "--rm-checkpoint")
     policy = args.policy or policy_stage(cfg)
     resume_point(cfg.ppo, policy)  # a bad ppo.resume_from fails before Ray starts
     # Local prompt files, reward functions and the engines' size are checked before Ray starts;

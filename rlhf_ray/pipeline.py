@@ -118,7 +118,8 @@ def ppo_table(res) -> str:
     lines = [f"{'held-out prompts':{width}s} {'before PPO':>11s} {'after PPO':>10s}"]
     if name:
         lines.append(f"{name:{width}s} {b['eval_reward']:+11.3f} {a['eval_reward']:+10.3f}")
-    lines.append(f"{'RM reward':{width}s} {b['eval_rm_score']:+11.3f} {a['eval_rm_score']:+10.3f}")
+    if "eval_rm_score" in b:  # (a run without an RM has none)
+        lines.append(f"{'RM reward':{width}s} {b['eval_rm_score']:+11.3f} {a['eval_rm_score']:+10.3f}")
     if "kl_ref" in last:
         lines.append(f"{'KL to reference (last batch)':{width}s} {0.0:11.3f} {last['kl_ref']:10.3f}")
     lines.append(f"PPO took {res.seconds:.0f} s; policy saved to {res.policy_dir}")

@@ -222,6 +222,29 @@ class PPOConfig:
     max_failures: int = 0
     seed: int = 0
 
+    # What the objective reads, in one place: the driver, the learner and the advantage actor skip what
+    # nothing uses.
+    @property
+    def batch_size(self) -> int:
+        """Samples per iteration: prompts_per_iteration x samples_per_prompt."""
+        return self.prompts_per_iteration * self.samples_per_prompt
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether a KL term reads the reference policy (kl_coef in the reward, kl_loss_coef in the loss);
+        without one no reference policy is loaded or run."""
+        return self.kl_coef > 0 or self.kl_loss_coef > 0
+
+    @property
+    def pi_old_from_train_forward(self) -> bool:
+        """Whether pi_old is the training forward's own detached logprobs (as TRL takes it with
+        num_iterations=1): each batch is one optimizer step (1 epoch, one minibatch), so pi_old is the
+        policy that step starts from; nothing reads pi_old before training (no value head, whose values
+        GAE needs first, and no KL penalty in the reward, which needs log pi_old). The separate pi_old
+        pass is then skipped: same loss, gradients and update."""
+        return (self.epochs == 1 and self.minibatch_size >= self.batch_size
+                and self.advantage_estimator != "gae" and self.kl_coef == 0)
+
 
 @dataclass(frozen=True)
 class RolloutConfig:

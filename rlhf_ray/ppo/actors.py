@@ -107,15 +107,16 @@ def start_advantage(ref_model_path: str | Path, ppo_cfg: PPOConfig, node_resourc
 def start_scorer(rm_dir: str | Path | None, max_length: int, handle=None, max_pairs: int = 4096,
                  reward_functions=(), eval_function=None, chat_template: str = "auto", node_resource: str = ""):
     """The scorer. ``reward_functions`` and ``eval_function`` are RewardFunctions, imported here; the
-    code of those whose module is not installed travels with them (``functions.ship_by_value``)."""
+    code of those whose module is not installed travels with them (``functions.ship_by_value``).
+    Neither ``rm_dir`` nor ``handle``: the reward functions alone score (no RM is loaded)."""
     from rlhf_ray.reward.functions import ship_by_value
 
     ship_by_value([*reward_functions, *([eval_function] if eval_function else [])])
     # In process, the RM runs on the GPU Ray assigns (RewardScorer picks CUDA when it sees one);
     # through a Serve handle, the deployment has its own resources (serve.num_gpus).
-    gpu = handle is None and cluster_has_gpu()
+    gpu = handle is None and rm_dir is not None and cluster_has_gpu()
     cls = ray.remote(num_cpus=SMALL_CPUS, num_gpus=SMALL_GPU if gpu else 0, **placed_on(node_resource))(RolloutScorer)
-    return cls.remote(None if handle is not None else str(rm_dir), max_length, handle, max_pairs,
+    return cls.remote(None if handle is not None or rm_dir is None else str(rm_dir), max_length, handle, max_pairs,
                       list(reward_functions), eval_function, chat_template)
 
 

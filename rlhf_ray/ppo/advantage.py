@@ -88,6 +88,10 @@ class AdvantageWorker:
     TrainBatch. The reference forward needs only the rollout, so a pipeline can run
     ``reference(scored)`` first (while the learner is busy) and pass its result to ``compute``.
     Stateful only through the adaptive KL controller (one instance per job).
+
+    What nothing reads is not computed: without a KL term (``PPOConfig.uses_reference``) no reference
+    policy is loaded and the batch has no reference logprobs; with ``old`` None (pi_old taken from the
+    training forward: ``PPOConfig.pi_old_from_train_forward``) the batch has no pi_old either.
     """
 
     def __init__(self, ref_model_path: str, ppo_cfg: PPOConfig, device: str = "cpu", chunk_tokens: int = 1024):
@@ -97,9 +101,11 @@ class AdvantageWorker:
         from transformers import AutoModelForCausalLM
 
         self.cfg, self.device = ppo_cfg, device
-        self.ref = AutoModelForCausalLM.from_pretrained(str(ref_model_path), dtype=torch.float32).to(device)
-        self.ref.eval().requires_grad_(False)
-        self.chunk_tokens = chunk_tokens if chunk_tokens > 0 and head_is_last(self.ref) else 0
+        self.ref, self.chunk_tokens = None, 0
+        if ppo_cfg.uses_reference:
+            self.ref = AutoModelForCausalLM.from_pretrained(str(ref_model_path), dtype=torch.float32).to(device)
+            self.ref.eval().requires_grad_(False)
+            self.chunk_tokens = chunk_tokens if chunk_tokens > 0 and head_is_last(self.ref) else 0
         if ppo_cfg.adaptive_kl:
             self.kl_ctl = AdaptiveKLController(ppo_cfg.kl_coef, ppo_cfg.target_kl, ppo_cfg.kl_horizon)
         else:
@@ -117,57 +123,67 @@ class AdvantageWorker:
                                  chunk_tokens=self.chunk_tokens).numpy()
 
     def reference(self, scored: ScoredRollout) -> dict:
-        """{"ref_logprobs": float32 [B, T] of the merged rollout, "seconds"}."""
+        """{"ref_logprobs": float32 [B, T] of the merged rollout (None without a reference), "seconds"}."""
+        if self.ref is None:
+            return {"ref_logprobs": None, "seconds": 0.0}
         start = time.perf_counter()
         lp = self.ref_logprobs(scored.rollout.input_ids, scored.rollout.attention_mask)
         return {"ref_logprobs": lp, "seconds": time.perf_counter() - start}
 
-    def compute(self, scored: ScoredRollout, old: dict, ref: dict | None = None) -> TrainBatch:
+    def compute(self, scored: ScoredRollout, old: dict | None, ref: dict | None = None) -> TrainBatch:
         """scored: merged rollout [B, T] with RM scores [B]; old: {"old_logprobs", "values"} float32 [B, T]
-        from the learner (and optionally "seconds"); ref: :meth:`reference` of the same rollout
-        (computed here when None). Returns the TrainBatch with stats."""
+        from the learner (and optionally "seconds"), or None: no pi_old pass ran (critic-free, no KL in
+        the reward); ref: :meth:`reference` of the same rollout (computed here when None). Returns the
+        TrainBatch with stats."""
         ref = self.reference(scored) if ref is None else ref
         start = time.perf_counter()
         ro, cfg = scored.rollout, self.cfg
         # torch.tensor copies: arrays from the object store are read-only views.
         mask = torch.tensor(ro.response_mask)
-        old_lp = torch.tensor(old["old_logprobs"], dtype=torch.float32)
-        values = torch.tensor(old["values"], dtype=torch.float32)
-        ref_lp = torch.tensor(ref["ref_logprobs"], dtype=torch.float32)
-        if ref_lp.shape != mask.shape:
+        zeros = torch.zeros(mask.shape, dtype=torch.float32)
+        old_lp = None if old is None else torch.tensor(old["old_logprobs"], dtype=torch.float32)
+        values = zeros if old is None else torch.tensor(old["values"], dtype=torch.float32)
+        ref_lp = None if ref["ref_logprobs"] is None else torch.tensor(ref["ref_logprobs"], dtype=torch.float32)
+        if ref_lp is not None and ref_lp.shape != mask.shape:
             raise ValueError(f"ref logprobs {tuple(ref_lp.shape)} do not match the rollout {tuple(mask.shape)}")
+        if (old_lp is None or ref_lp is None) and self.kl_ctl.value:
+            raise ValueError("a KL penalty in the reward (ppo.kl_coef > 0) needs pi_old and reference logprobs")
 
         seq_reward = sequence_rewards(scored.scores, ro.truncated, cfg.truncation_penalty)
         kl_coef = self.kl_ctl.value
-        rewards, kl = kl_penalized_rewards(torch.tensor(seq_reward), old_lp, ref_lp, mask, kl_coef)
+        # (without a KL term the penalty is 0: kl_penalized_rewards then only places the scores)
+        rewards, kl = kl_penalized_rewards(torch.tensor(seq_reward), zeros if old_lp is None else old_lp,
+                                           zeros if ref_lp is None else ref_lp, mask, kl_coef)
         adv, returns = advantages(cfg, rewards, values, mask)
 
         # KL(pi_old || pi_ref) per sequence (sum of k1 over the response), the x-axis of reward-vs-KL plots.
         kl_seq = kl.sum(-1)
-        self.kl_ctl.update(kl_seq.mean().item(), n_steps=len(kl_seq))
+        measured_kl = old_lp is not None and ref_lp is not None
+        if measured_kl:
+            self.kl_ctl.update(kl_seq.mean().item(), n_steps=len(kl_seq))
         behaviour = torch.tensor(ro.rollout_logprobs, dtype=torch.float32)
         resp_len = ro.response_mask.sum(-1)
         stats = {
-            "rm_score": float(scored.rm_scores.mean()),
+            **({} if scored.rm_scores is None else {"rm_score": float(scored.rm_scores.mean())}),
             **{k: float(np.nanmean(v)) if (~np.isnan(v)).any() else float("nan")
                for k, v in scored.function_scores.items()},
             "reward": float(seq_reward.mean()),
-            "kl_ref": float(kl_seq.mean()),
-            "kl_ref_per_token": float(masked_mean(kl, mask)),
+            **({"kl_ref": float(kl_seq.mean()), "kl_ref_per_token": float(masked_mean(kl, mask))} if measured_kl else {}),
             "kl_coef": float(kl_coef),
             "kl_coef_next": float(self.kl_ctl.value),
             "truncated_frac": float(ro.truncated.mean()),
             "response_len": float(resp_len.mean()),
             "value_mean": float(masked_mean(values, mask)),
             "return_mean": float(masked_mean(returns, mask)),
-            # |log pi_behaviour - log pi_old|: engine-vs-learner mismatch, plus staleness in async mode.
-            "behaviour_logprob_gap": float(masked_mean((behaviour - old_lp).abs(), mask)),
-            **group_stats(scored.rm_scores, cfg.samples_per_prompt),
+            # |log pi_behaviour - log pi_old|: engine-vs-learner mismatch, plus staleness in async mode (the
+            # learner measures it when pi_old is its training forward's).
+            **({} if old_lp is None else {"behaviour_logprob_gap": float(masked_mean((behaviour - old_lp).abs(), mask))}),
+            **(group_stats(scored.rm_scores, cfg.samples_per_prompt) if scored.rm_scores is not None else {}),
             "batch_size": int(len(kl_seq)),
             "gen_seconds": float(ro.gen_seconds),
             "gen_tokens": int(ro.num_tokens),
             "score_seconds": float(scored.score_seconds),
-            "evaluate_seconds": float(old.get("seconds", float("nan"))),
+            "evaluate_seconds": 0.0 if old is None else float(old.get("seconds", float("nan"))),
             "reference_seconds": float(ref["seconds"]),
             "total_tokens": int(ro.attention_mask.sum()),
         }
@@ -175,6 +191,7 @@ class AdvantageWorker:
         f32 = lambda t: t.numpy().astype(np.float32, copy=False)  # noqa: E731
         return TrainBatch(
             input_ids=ro.input_ids, attention_mask=ro.attention_mask, response_mask=ro.response_mask,
-            old_logprobs=f32(old_lp), ref_logprobs=f32(ref_lp), old_values=f32(values),
+            old_logprobs=None if old_lp is None else f32(old_lp), ref_logprobs=None if ref_lp is None else f32(ref_lp),
+            old_values=f32(values),
             rewards=f32(rewards), advantages=f32(adv), returns=f32(returns),
             policy_version=ro.policy_version, stats=stats, behaviour_logprobs=f32(behaviour))

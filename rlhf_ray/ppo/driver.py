@@ -82,6 +82,15 @@ class PPOResult:
         return self.after["eval_reward"]
 
 
+def check_reward_source(cfg: Config, have_rm: bool, rm_field: str = "the RM checkpoint") -> None:
+    """ConfigError when nothing would score the responses: no RM (``have_rm``) and no reward function of
+    weight > 0 in ``ppo.reward_functions``. ``rm_field``: how the caller names where the RM comes from."""
+    if not have_rm and not any(f.weight for f in cfg.ppo.reward_functions):
+        raise ConfigError(f"no reward: {rm_field} is not given (or not an RM directory) and ppo.reward_functions "
+                          f"has no function of weight > 0; train an RM (`rlhf-ray train-rm`) or give a reward "
+                          f"function, e.g. ppo.reward_functions=[my_rewards:correct]")
+
+
 def _system_failure(e: BaseException) -> str | None:
     """What died, when ``e`` says an actor, worker process or node died or objects were lost (worth
     a restart; a RayTaskError's cause is followed); None when code raised."""
@@ -127,7 +136,11 @@ def run_ppo(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None, out_
     limit); ``on_iteration`` then sees the resumed iterations again.
 
     ``task``: what :func:`rlhf_ray.ppo.task.prepare_task` returns (the CLI calls it before starting Ray); None reads it here.
+
+    No RM (``rm_dir`` and ``rm_handle`` None, ``ppo.rm_scoring=in_process``): the reward functions of
+    ``ppo.reward_functions`` alone score the responses, and no RM is loaded anywhere.
     """
+    check_reward_source(cfg, rm_dir is not None or rm_handle is not None or cfg.ppo.rm_scoring == "serve")
     task = task or prepare_task(cfg, policy_dir)
     log(f"[ppo] prompts: {task.describe}; eval reward: {task.eval_reward or 'none'}")
     log(f"[ppo] advantages: {describe_estimator(cfg.ppo)}")
@@ -304,6 +317,9 @@ class _Actors:
                 raise ConfigError(f"ppo.rm_scoring=serve: {e}") from None
             log(f"[ppo] RM scores through the Serve app 'rm': "
                 f"{f'deployed at {url}' if self.deployed else 'already running'}")
+        elif rm_handle is None and rm_dir is None:
+            log(f"[ppo] no RM: the reward functions alone score the responses "
+                f"({', '.join(f.name for f in self.ppo.reward_functions if f.weight)})")
         start_policy = run.resume_dir / "policy" if run.resumed else policy_dir
         self.learner = actors.start_learner(start_policy, self.ppo, task.chat_template, self.cfg.learner)
         self.advantage = actors.start_advantage(policy_dir, self.ppo, cfg.learner.node_resource,
@@ -349,13 +365,15 @@ class _Actors:
         n = self.ppo.samples_per_prompt
         prompts, seed = [p for p in self.task.train.batch(it) for _ in range(n)], self.ppo.seed * 1_000_003 + it
         scored = self.scorer.score.remote(*self.pool.generate(prompts, self.ppo, seed=seed))
-        return scored, self.advantage.reference.remote(scored)
+        return scored, self.advantage.reference.remote(scored) if self.ppo.uses_reference else None
 
     def prepare(self, launched: tuple) -> tuple:
         """pi_old and values (Learner.evaluate, which runs after every learner call submitted before
-        it) -> advantages; returns (scored, TrainBatch ref, None: the PPO epochs, once submitted)."""
+        it; skipped when pi_old is the training forward's) -> advantages; returns (scored, TrainBatch
+        ref, None: the PPO epochs, once submitted)."""
         scored, ref = launched
-        return scored, self.advantage.compute.remote(scored, self.learner.evaluate.remote(scored), ref), None
+        old = None if self.ppo.pi_old_from_train_forward else self.learner.evaluate.remote(scored)
+        return scored, self.advantage.compute.remote(scored, old, ref), None
 
     def baseline(self, run: _Run, metrics_log: MetricsLog) -> tuple[dict, list[dict]]:
         """The held-out evaluation before training (a resumed run's from its checkpoint), and the

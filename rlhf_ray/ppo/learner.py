@@ -222,22 +222,31 @@ class Learner:
     # ------------------------------------------------------------------ PPO
 
     def _minibatch_loss(self, batch: TrainBatch, rows: np.ndarray, train: bool = False):
-        """(loss, PPOStats, (behaviour weights [b, T] or None, response mask)) of the minibatch ``rows``;
-        ``train``: through the module train() steps."""
+        """(loss, PPOStats, (behaviour weights [b, T] or None, response mask, {name: measured scalar}))
+        of the minibatch ``rows``; ``train``: through the module train() steps. A batch without
+        ``old_logprobs`` takes pi_old from this forward, detached (its ratio is 1 and its KL term 0, with
+        the gradients of a pi_old computed before: PPOConfig.pi_old_from_train_forward)."""
         cfg = self.cfg
         decoupled = cfg.behaviour_weight_cap > 0 and batch.behaviour_logprobs is not None
-        extra = (batch.behaviour_logprobs,) if decoupled else ()
-        ids, am, mask, old_lp, old_v, adv, ret, ref_lp, *behaviour = self._tensors(
-            batch.input_ids, batch.attention_mask, batch.response_mask, batch.old_logprobs,
-            batch.old_values, batch.advantages, batch.returns, batch.ref_logprobs, *extra, rows=rows)
-        weights = behaviour_weights(old_lp, behaviour[0], cfg.behaviour_weight_cap) if decoupled else None
+        # (None: pi_old is this forward's own logprobs; no reference: no KL term reads it)
+        # The engine-vs-pi_old gap is measured here when pi_old is this forward's (elsewhere: advantage.py).
+        gap = batch.old_logprobs is None and batch.behaviour_logprobs is not None
+        given = {"old": batch.old_logprobs, "ref": batch.ref_logprobs if cfg.kl_loss_coef > 0 else None,
+                 "behaviour": batch.behaviour_logprobs if decoupled or gap else None}
+        given = {k: v for k, v in given.items() if v is not None}
+        ids, am, mask, old_v, adv, ret, *extra = self._tensors(
+            batch.input_ids, batch.attention_mask, batch.response_mask, batch.old_values, batch.advantages,
+            batch.returns, *given.values(), rows=rows)
+        given = dict(zip(given, extra))
         lp, v, ent = self._forward(ids, am, with_entropy=True, train=train)
+        old_lp = given["old"] if "old" in given else lp.detach()
+        weights = behaviour_weights(old_lp, given["behaviour"], cfg.behaviour_weight_cap) if decoupled else None
         loss, stats = ppo_objective(lp, old_lp, adv, v, old_v, ret, mask, clip_eps=cfg.clip_eps, beta=cfg.beta,
                                     c1=cfg.c1, value_clip_eps=cfg.value_clip_eps or None, entropy=ent,
                                     entropy_coef=cfg.entropy_coef, weights=weights,
-                                    ref_logprobs=ref_lp if cfg.kl_loss_coef > 0 else None,
-                                    kl_loss_coef=cfg.kl_loss_coef)
-        return loss, stats, (weights, mask)
+                                    ref_logprobs=given.get("ref"), kl_loss_coef=cfg.kl_loss_coef)
+        more = {"behaviour_logprob_gap": masked_mean((given["behaviour"] - old_lp).abs(), mask)} if gap else {}
+        return loss, stats, (weights, mask, more)
 
     @torch.no_grad()
     def loss(self, batch: TrainBatch) -> float:
@@ -263,15 +272,15 @@ class Learner:
                     tokens = int(batch.response_mask[mine].sum())
                     share = token_share(tokens, int(batch.response_mask[rows].sum()), self.world_size)
                     mine = mine if len(mine) else rows[:1]
-                loss, st, (weights, mask) = self._minibatch_loss(batch, mine, train=True)
+                loss, st, (weights, mask, measured) = self._minibatch_loss(batch, mine, train=True)
                 self.optimizer.zero_grad(set_to_none=True)
                 (loss * share if self.world_size > 1 else loss).backward()
                 params = [p for g in self.optimizer.param_groups for p in g["params"]]
                 grad_norm = full(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
                 self.optimizer.step()
-                more = () if weights is None else (
+                more = (*measured.items(), *(() if weights is None else (
                     ("behaviour_weight", masked_mean(weights, mask)),
-                    ("behaviour_weight_capped", masked_mean((weights >= cfg.behaviour_weight_cap).float(), mask)))
+                    ("behaviour_weight_capped", masked_mean((weights >= cfg.behaviour_weight_cap).float(), mask)))))
                 for k, v in (*st._asdict().items(), ("loss", loss.detach()), ("grad_norm", grad_norm), *more):
                     # The ranks' token means weighted by their token shares; the norm is the same on all.
                     w = 1 / self.world_size if k == "grad_norm" else share / self.world_size
@@ -292,7 +301,8 @@ class Learner:
             "train_seconds": seconds,
             "train_tokens_per_s": cfg.epochs * float(batch.attention_mask.sum()) / seconds,
             "policy_version": self.version, "data_version": batch.policy_version, "version_lag": lag,
-            **{k: stats[k] for k in ("behaviour_weight", "behaviour_weight_capped") if k in stats},
+            **{k: stats[k] for k in ("behaviour_weight", "behaviour_weight_capped", "behaviour_logprob_gap")
+               if k in stats},
         }
 
     # ------------------------------------------------------------------ weights

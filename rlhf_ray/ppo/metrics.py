@@ -11,12 +11,13 @@ from rlhf_ray.ppo import refs
 
 
 def evaluate(worker, scorer, held_out: list, ppo: PPOConfig) -> dict:
-    """Mean eval reward (``ppo.eval_reward``; NaN without one) and RM reward of samples of the
-    held-out prompts from rollout ``worker``, with a fixed sampling seed."""
+    """Mean eval reward (``ppo.eval_reward``; NaN without one) and RM reward (absent without an RM) of
+    samples of the held-out prompts from rollout ``worker``, with a fixed sampling seed."""
     t = time.perf_counter()
     ro = worker.generate.remote(held_out, ppo.max_new_tokens, ppo.temperature, ppo.top_p, EVAL_SEED)
     s = refs.get_small(scorer.summary.remote(ro))
-    return {"eval_reward": s["eval_reward"], "eval_rm_score": s["rm_score"], "eval_response_len": s["response_len"],
+    return {"eval_reward": s["eval_reward"], **({"eval_rm_score": s["rm_score"]} if "rm_score" in s else {}),
+            "eval_response_len": s["response_len"],
             "eval_truncated_frac": s["truncated_frac"], "eval_policy_version": s["policy_version"],
             "eval_examples": s["examples"], "eval_seconds": time.perf_counter() - t}
 
@@ -39,15 +40,23 @@ def iteration_metrics(iteration: int, stats: dict, evaluation: dict, sync: dict,
     }
 
 
+def _held_out(m: dict) -> str:
+    """The held-out numbers of an evaluated iteration (``m``: an evaluation's keys), "" otherwise: eval
+    reward (NaN without an eval function) and RM reward (absent without an RM)."""
+    ev, rm = m.get("eval_reward", float("nan")), m.get("eval_rm_score")
+    parts = [f"eval {ev:+.3f}" if ev == ev else "", f"rm {rm:+.3f}" if rm is not None else ""]
+    return " ".join(p for p in parts if p)
+
+
 def progress_line(m: dict, iterations: int, left: str = "") -> str:
     """An iteration's line; ``left``: how long the rest of the run should take (progress.eta)."""
-    held_out = ""
-    if "eval_rm_score" in m:  # an evaluated iteration; eval_reward is NaN without an eval function
-        ev = m["eval_reward"]
-        held_out = f"(held-out: {'' if ev != ev else f'eval {ev:+.3f} '}rm {m['eval_rm_score']:+.3f}) "
+    held_out = _held_out(m)
+    held_out = f"(held-out: {held_out}) " if held_out else ""
+    rm = f"rm {m['rm_score']:+.3f} " if "rm_score" in m else ""
+    kl = f"kl_ref {m['kl_ref']:.3f} " if "kl_ref" in m else ""
     return (f"[ppo] it {m['iteration']}/{iterations} v{m['policy_version']} "
-            f"reward {m['reward']:+.3f} rm {m['rm_score']:+.3f} {held_out}"
-            f"kl_ref {m['kl_ref']:.3f} | pg {m['policy_loss']:+.4f} vf {m['value_loss']:.4f} "
+            f"reward {m['reward']:+.3f} {rm}{held_out}"
+            f"{kl}| pg {m['policy_loss']:+.4f} vf {m['value_loss']:.4f} "
             f"clip {m['clip_frac']:.3f} ent {m['entropy']:.2f} | gen {m['gen_seconds']:.2f}s "
             f"score {m['score_seconds']:.2f}s learn {m['learn_seconds']:.2f}s sync {m['sync_seconds']:.3f}s "
             f"drift {m['drift']:.1e} | {m['iteration_seconds']:.1f}s workers {m['num_workers']} "
@@ -56,15 +65,17 @@ def progress_line(m: dict, iterations: int, left: str = "") -> str:
 
 def before_line(before: dict, has_eval_reward: bool) -> str:
     evaluated = f"eval reward {before['eval_reward']:+.3f} " if has_eval_reward else ""
-    return f"[ppo] before: held-out {evaluated}rm {before['eval_rm_score']:+.3f} e.g. {before['eval_examples'][0]!r}"
+    rm = f"rm {before['eval_rm_score']:+.3f} " if "eval_rm_score" in before else ""
+    return f"[ppo] before: held-out {evaluated}{rm}e.g. {before['eval_examples'][0]!r}"
 
 
 def done_line(seconds: float, before: dict, after: dict, history: list[dict], has_eval_reward: bool,
               policy, plot) -> str:
-    evaluated = (f"eval reward {before['eval_reward']:+.3f} -> {after['eval_reward']:+.3f}, " if has_eval_reward
-                 else "")
-    return (f"[ppo] done in {seconds:.0f}s: held-out {evaluated}rm {before['eval_rm_score']:+.3f} -> "
-            f"{after['eval_rm_score']:+.3f}, kl_ref {history[-1]['kl_ref']:.3f}; policy {policy}, plot {plot}")
+    parts = [f"eval reward {before['eval_reward']:+.3f} -> {after['eval_reward']:+.3f}" if has_eval_reward else "",
+             f"rm {before['eval_rm_score']:+.3f} -> {after['eval_rm_score']:+.3f}" if "eval_rm_score" in before else "",
+             f"kl_ref {history[-1]['kl_ref']:.3f}" if history and "kl_ref" in history[-1] else ""]
+    said = ", ".join(p for p in parts if p)
+    return f"[ppo] done in {seconds:.0f}s: held-out {said}; policy {policy}, plot {plot}"
 
 
 def describe_estimator(ppo: PPOConfig) -> str:

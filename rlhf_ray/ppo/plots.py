@@ -23,10 +23,12 @@ def plot_ppo(history: list[dict], path: str | Path, before: dict | None = None, 
     label = f"eval: {eval_name.rpartition(':')[2]} (held-out)"
     fig, ax = plt.subplots(2, 2, figsize=(11, 8))
     a = ax[0][0]
-    x0, ev0, rm0 = ([0], [before["eval_reward"]], [before["eval_rm_score"]]) if before else ([], [], [])
+    has_rm = any("eval_rm_score" in h for h in [before or {}, *history])
+    x0, ev0, rm0 = ([0], [before["eval_reward"]], [before.get("eval_rm_score", math.nan)]) if before else ([], [], [])
     if eval_name:
         a.plot(x0 + it, ev0 + col("eval_reward"), "o-", label=label)
-    a.plot(x0 + it, rm0 + col("eval_rm_score"), "s--", label="RM (held-out)")
+    if has_rm:
+        a.plot(x0 + it, rm0 + col("eval_rm_score"), "s--", label="RM (held-out)")
     a.plot(it, col("reward"), ":", alpha=0.6, label="reward (train batch)")
     a.set(xlabel="iteration", ylabel="reward", title="reward per iteration")
     a.legend(fontsize=8)
@@ -37,8 +39,9 @@ def plot_ppo(history: list[dict], path: str | Path, before: dict | None = None, 
     order = x0 + it
     if eval_name:
         a.scatter(kl, ev0 + col("eval_reward"), c=order, cmap="Blues", marker="o", edgecolors="C0", label=label)
-    a.scatter(kl, rm0 + col("eval_rm_score"), c=order, cmap="Oranges", marker="s", edgecolors="C1",
-              label="RM (held-out)")
+    if has_rm:
+        a.scatter(kl, rm0 + col("eval_rm_score"), c=order, cmap="Oranges", marker="s", edgecolors="C1",
+                  label="RM (held-out)")
     a.set(xlabel="KL(pi || pi_ref) per sequence, nats (train batch)", ylabel="reward",
           title="reward vs KL to reference (darker = later)")
     a.legend(fontsize=8)

@@ -3,8 +3,9 @@ response its sequence score: the RM reward R(x, y) plus the weighted values of t
 (``ppo.reward_functions``, TRL's convention; see ``rlhf_ray.reward.functions``). Held-out samples
 are scored by the RM and by the evaluation function (``ppo.eval_reward``) alone.
 
-The RM is either in-process (``rlhf_ray.reward.scorer.RewardScorer``, the default) or the Ray Serve
-deployment (a handle from ``rlhf_ray.reward.service.deploy_rm``; its ``score_pairs`` method).
+The RM is either in-process (``rlhf_ray.reward.scorer.RewardScorer``, the default), the Ray Serve
+deployment (a handle from ``rlhf_ray.reward.service.deploy_rm``; its ``score_pairs`` method), or none:
+then the reward functions alone score the responses (GRPO with a verifier needs no RM).
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ def function_values(fn: RewardFunction, ro: Rollout) -> np.ndarray:
 
 
 class RolloutScorer:
-    """Scores rollouts with the RM (in-process from ``rm_dir`` or through a Serve ``handle``) and the
-    reward functions.
+    """Scores rollouts with the RM (in-process from ``rm_dir``, through a Serve ``handle``, or none of
+    them: the reward functions alone) and the reward functions.
 
     ``reward_functions``: RewardFunctions (``rlhf_ray.reward.functions.load_reward_functions``);
     ``eval_function``: the one for held-out samples (None: none); ``chat_template``: how the
@@ -80,21 +81,30 @@ class RolloutScorer:
                  eval_function: RewardFunction | None = None, chat_template: str = "auto"):
         """``max_pairs``: the most (prompt, response) pairs one request to the service may carry (its
         serve.max_prompts x serve.max_responses); bigger batches go as several concurrent requests."""
-        if (rm_dir is None) == (handle is None):
-            raise ValueError("RolloutScorer: give exactly one of rm_dir (in-process) or handle (Serve)")
+        if rm_dir is not None and handle is not None:
+            raise ValueError("RolloutScorer: give one of rm_dir (in-process) or handle (Serve), not both")
+        if rm_dir is None and handle is None and not any(f.weight for f in reward_functions):
+            raise ValueError("RolloutScorer: no RM (rm_dir or handle) and no reward function of weight > 0: "
+                             "nothing would score the responses")
         self.handle, self.scorer, self.max_pairs = handle, None, max(1, int(max_pairs))
         if handle is not None:  # (unpickling the handle imported Ray Serve, which set its logger to INFO)
             from rlhf_ray.runtime import quiet_serve_logger
 
             quiet_serve_logger()
         self.functions, self.eval_function = list(reward_functions), eval_function
-        if handle is None:
+        if rm_dir is not None:
             from rlhf_ray.reward.scorer import RewardScorer
 
             self.scorer = RewardScorer(rm_dir, max_length=max_length, chat_template=chat_template)
 
-    def rm_scores(self, prompts: list, responses: list[str]) -> np.ndarray:
-        """R(x_i, y_i), float32 [B]."""
+    @property
+    def has_rm(self) -> bool:
+        return self.handle is not None or self.scorer is not None
+
+    def rm_scores(self, prompts: list, responses: list[str]) -> np.ndarray | None:
+        """R(x_i, y_i), float32 [B]; None without an RM."""
+        if not self.has_rm:
+            return None
         if self.handle is not None:
             n = self.max_pairs
             calls = [self.handle.score_pairs.remote(list(prompts[i:i + n]), list(responses[i:i + n]))
@@ -104,11 +114,11 @@ class RolloutScorer:
 
     def score(self, *rollouts: Rollout) -> ScoredRollout:
         """Merge the chunks (one per rollout worker), then score every (prompt, response): RM reward
-        plus sum_f weight_f * f (a None from f adds nothing)."""
+        (0 without an RM) plus sum_f weight_f * f (a None from f adds nothing)."""
         start = time.perf_counter()
         merged = merge_rollouts(list(rollouts))
         rm = self.rm_scores(merged.prompts, merged.responses)
-        total = rm.astype(np.float64)
+        total = np.zeros(len(merged.prompts)) if rm is None else rm.astype(np.float64)
         values = {}
         for fn in self.functions:
             v = function_values(fn, merged)
@@ -119,15 +129,17 @@ class RolloutScorer:
                              score_seconds=time.perf_counter() - start, function_scores=values)
 
     def summary(self, *rollouts: Rollout, examples: int = 2) -> dict:
-        """The held-out evaluation in small numbers: mean RM reward and eval reward (NaN without an
-        eval function, or when it returned None for every sample), response length, truncation, and a
-        couple of example responses."""
+        """The held-out evaluation in small numbers: mean RM reward (absent without an RM) and eval
+        reward (NaN without an eval function, or when it returned None for every sample), response
+        length, truncation, and a couple of example responses."""
         merged = merge_rollouts(list(rollouts))
         rm = self.rm_scores(merged.prompts, merged.responses)
-        evaluated = function_values(self.eval_function, merged) if self.eval_function else np.full(len(rm), np.nan)
+        evaluated = function_values(self.eval_function, merged) if self.eval_function else \
+            np.full(len(merged.prompts), np.nan)
         known = evaluated[~np.isnan(evaluated)]
         show = lambda p: p if isinstance(p, str) else p[-1]["content"]  # noqa: E731  (a chat: its last message)
-        return {"eval_reward": float(known.mean()) if known.size else float("nan"), "rm_score": float(rm.mean()),
+        return {"eval_reward": float(known.mean()) if known.size else float("nan"),
+                **({} if rm is None else {"rm_score": float(rm.mean())}),
                 "response_len": float(merged.response_mask.sum(-1).mean()),
                 "truncated_frac": float(merged.truncated.mean()), "n": len(merged.prompts),
                 "policy_version": merged.policy_version,

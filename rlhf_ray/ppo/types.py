@@ -41,8 +41,8 @@ class ScoredRollout:
     """Rollouts from all workers merged into one batch, with the sequence score of every response."""
 
     rollout: Rollout  # merged (worker_id = -1, policy_version = the oldest of the chunks)
-    scores: np.ndarray  # float32 [B] the score PPO maximises: R(x, y) + the weighted reward functions
-    rm_scores: np.ndarray  # float32 [B] RM reward R(x, y)
+    scores: np.ndarray  # float32 [B] the score PPO maximises: R(x, y) (if an RM) + the weighted reward functions
+    rm_scores: np.ndarray | None  # float32 [B] RM reward R(x, y); None when the run has no RM
     score_seconds: float
     # Each reward function's values by metric name ("rewards/<name>"), float32 [B], NaN where it returned None.
     function_scores: dict[str, np.ndarray] = field(default_factory=dict)
@@ -55,9 +55,11 @@ class TrainBatch:
     input_ids: np.ndarray  # int64 [B, T]
     attention_mask: np.ndarray  # bool [B, T]
     response_mask: np.ndarray  # bool [B, T]
-    old_logprobs: np.ndarray  # float32 [B, T] log pi_old (learner recomputation)
-    ref_logprobs: np.ndarray  # float32 [B, T]
-    old_values: np.ndarray  # float32 [B, T]
+    # float32 [B, T] log pi_old (learner recomputation); None: the training forward's own, detached
+    # (one optimizer step per batch: PPOConfig.pi_old_from_train_forward)
+    old_logprobs: np.ndarray | None
+    ref_logprobs: np.ndarray | None  # float32 [B, T]; None when no KL term reads them (PPOConfig.uses_reference)
+    old_values: np.ndarray  # float32 [B, T] (0 without a value head)
     rewards: np.ndarray  # float32 [B, T] per-token rewards (score on last response token, minus KL penalty)
     advantages: np.ndarray  # float32 [B, T] (whitened if configured)
     returns: np.ndarray  # float32 [B, T]
