@@ -212,7 +212,9 @@ def test_sequence_reward_on_last_token_with_truncation_penalty(ref_worker, score
                                rtol=1e-5)
     np.testing.assert_allclose(batch.advantages[ro.response_mask],
                                np.repeat(expected, ro.response_mask.sum(1)) - 0.3, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(batch.ref_logprobs, ref, atol=1e-6)
+    # (the reference scores the response tokens only: nothing reads the prompt's)
+    np.testing.assert_allclose(batch.ref_logprobs[ro.response_mask], ref[ro.response_mask], atol=1e-6)
+    assert np.all(batch.ref_logprobs[~ro.response_mask] == 0)
     assert batch.stats["kl_ref"] == pytest.approx(0.0, abs=1e-6)
 
 
@@ -563,10 +565,16 @@ def test_a_run_that_does_not_fit_the_cluster_is_a_config_error_that_changes_noth
     (tmp_path / "checkpoints" / "iter_000002").mkdir(parents=True)
     (tmp_path / "checkpoints" / "latest").symlink_to("iter_000002")
     (tmp_path / "rollout_workers").write_text("1\n")
-    cfg = dataclasses.replace(test_config, rollout=dataclasses.replace(test_config.rollout, num_workers=64))
+    cfg = dataclasses.replace(test_config, rollout=dataclasses.replace(test_config.rollout, num_workers=64),
+                              placement="disaggregated")
     with pytest.raises(ConfigError, match=r"^rollout.num_workers=64 x rollout.cpus_per_worker=1.0 .* the Ray "
                                           r"cluster has 4"):
         run_ppo(cfg, "policy", "rm", tmp_path, log=lambda *_: None, task=load_prompt_task(cfg.ppo))
+    # colocated (auto, on this one-node cluster): each actor asks a quarter CPU of one bundle
+    with pytest.raises(ConfigError, match=r"^67 actors x 0.25 \(placement=colocated\): PPO needs 16.75 CPUs, the "
+                                          r"Ray cluster has 4"):
+        run_ppo(dataclasses.replace(cfg, placement="auto"), "policy", "rm", tmp_path, log=lambda *_: None,
+                task=load_prompt_task(cfg.ppo))
     # Two learner ranks count too; a node resource no node has would leave the actors waiting forever.
     cfg = dataclasses.replace(test_config, rollout=dataclasses.replace(test_config.rollout, num_workers=2),
                               learner=dataclasses.replace(test_config.learner, num_workers=2))
@@ -1232,10 +1240,11 @@ def test_cli_ppo_runs_and_resumes(ray_cluster, policy_dir, rm_dir, tmp_path, cap
 
     args = ["ppo", "--policy", str(policy_dir), "--rm-checkpoint", str(rm_dir), f"output_dir={tmp_path}",
             "ppo.prompts_per_iteration=8", "ppo.max_new_tokens=8", "ppo.minibatch_size=8", "ppo.eval_prompts=8",
-            "ppo.checkpoint_every=1", "rollout.num_workers=1"]
+            "ppo.checkpoint_every=1", "rollout.num_workers=1", "placement=disaggregated"]  # (auto colocates here)
     assert main([*args, "ppo.iterations=2"]) == 0
     out = capsys.readouterr().out
     assert "eval reward (rlhf_ray.data.synthetic:gold)" in out and f"policy saved to {tmp_path / 'ppo' / 'policy'}" in out
+    assert "[ppo] placement: disaggregated" in out
     rows = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if "iteration" in r] == [1, 2]
     assert (tmp_path / "ppo" / "ppo.png").stat().st_size > 10_000

@@ -30,7 +30,7 @@ _NONNEG = {
     "rm.num_workers", "ppo.eval_every", "ppo.log_every", "ppo.eval_prompts", "ppo.checkpoint_every", "serve.min_replicas", "ppo.beta", "ppo.c1",
     "ppo.entropy_coef", "ppo.kl_coef", "ppo.kl_loss_coef",
     "ppo.truncation_penalty", "serve.num_gpus", "rollout.gpus_per_worker", "rm.weight_decay",
-    "ppo.value_clip_eps", "ppo.behaviour_weight_cap", "rm.cpus_per_worker", "serve.num_cpus", "rollout.cpus_per_worker",
+    "ppo.value_clip_eps", "ppo.behaviour_weight_cap", "rm.cpus_per_worker", "serve.num_cpus", "rollout.cpus_per_worker", "learner.cpus_per_worker",
     "serve.batch_wait_timeout_s", "serve.upscale_delay_s", "serve.downscale_delay_s", "rollout.max_logprob_drift", "learner.logits_chunk_tokens",
 }
 _POSITIVE_FLOAT = {

@@ -310,6 +310,9 @@ class LearnerConfig:
     # "auto": bfloat16 autocast on GPUs (float32 weights, optimizer and logprobs), float32 on CPU;
     # "bf16": autocast on CPU too; "no": float32 everywhere.
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    # CPUs of the learner's actor (each rank's, with num_workers > 1) under placement=disaggregated; Ray
+    # gives it that many threads. (Colocated, it takes every core of the node while it trains.)
+    cpus_per_worker: float = 1.0
     # Learner ranks. 1: one actor (one GPU at most). More: that many Ray actors in one placement group
     # (one GPU each on a cluster with GPUs) training data-parallel with torch.distributed (gloo on CPU,
     # NCCL on GPUs): each minibatch of ppo.minibatch_size sequences is split across the ranks and its loss
@@ -338,5 +341,11 @@ class Config:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    # Where PPO's actors run. "colocated": all on one node, taking turns, each stage using every core
+    # of the node while it runs (synchronous mode; CPU nodes). "disaggregated": each role on its own
+    # CPUs and GPUs (rollout.cpus_per_worker, learner.cpus_per_worker, ...), on any nodes; needed by
+    # rollout.async_one_step_off (rollouts overlap training), learner groups and GPU clusters. "auto":
+    # colocated on a one-node Ray cluster without GPUs where it applies, else disaggregated.
+    placement: Literal["auto", "colocated", "disaggregated"] = "auto"
     # Everything a run writes goes under here.
     output_dir: str = "runs/demo"

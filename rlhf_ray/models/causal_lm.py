@@ -26,22 +26,26 @@ def head_is_last(model, tokens: int = 8) -> bool:
 
 @torch.no_grad()
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 64,
-                      temperature: float = 1.0, chunk_tokens: int = 0) -> torch.Tensor:
+                      temperature: float = 1.0, chunk_tokens: int = 0,
+                      score_mask: torch.Tensor | None = None) -> torch.Tensor:
     """log pi(token_t | tokens_<t) for every column t >= 1 of a right-padded batch; column 0 is 0;
     pi = softmax(logits / temperature).
 
     input_ids: long [B, T], attention_mask: bool/0-1 [B, T] -> float32 [B, T] (on the CPU).
     ``chunk_tokens`` > 0: the logits of at most that many tokens exist at once, computed from the last
     hidden states (``model`` must pass :func:`head_is_last`), and padding columns are 0 instead of
-    computed; 0: each batch's whole [b, T, V] logits.
+    computed; 0: each batch's whole [b, T, V] logits. ``score_mask`` [B, T]: in chunks, only these
+    columns are computed (the others are 0), e.g. the response tokens.
     """
     out = torch.zeros(input_ids.shape, dtype=torch.float32)
+    score_mask = attention_mask if score_mask is None else score_mask
     for i in range(0, len(input_ids), batch_size):
         ids, am = input_ids[i:i + batch_size], attention_mask[i:i + batch_size]
         if chunk_tokens > 0:
             hidden = model.base_model(input_ids=ids, attention_mask=am.long(), use_cache=False).last_hidden_state
             head = model.get_output_embeddings()
-            lp, _ = chunked_logprobs_entropy(hidden[:, :-1], head.weight, ids[:, 1:], am[:, 1:].bool(),
+            sm = score_mask[i:i + batch_size]
+            lp, _ = chunked_logprobs_entropy(hidden[:, :-1], head.weight, ids[:, 1:], sm[:, 1:].bool(),
                                              bias=head.bias, temperature=temperature, chunk_tokens=chunk_tokens)
         else:
             logits = model(input_ids=ids, attention_mask=am.long(), use_cache=False).logits  # (b, T, V)

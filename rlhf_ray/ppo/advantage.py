@@ -115,19 +115,22 @@ class AdvantageWorker:
         """Set the reward's KL coefficient (a resumed run continues its controller from here)."""
         self.kl_ctl.value = float(value)
 
-    def ref_logprobs(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """float32 [B, T] reference-policy logprobs of each token (column 0 is 0), at the sampling
-        temperature ``ppo.temperature`` like the learner's."""
+    def ref_logprobs(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                     score_mask: np.ndarray | None = None) -> np.ndarray:
+        """float32 [B, T] reference-policy logprobs of each token (column 0 is 0; in chunks, only those of
+        ``score_mask`` when given), at the sampling temperature ``ppo.temperature`` like the learner's."""
         ids, am = torch.tensor(input_ids, device=self.device), torch.tensor(attention_mask, device=self.device)
+        sm = None if score_mask is None else torch.tensor(score_mask, device=self.device)
         return sequence_logprobs(self.ref, ids, am, temperature=self.cfg.temperature,
-                                 chunk_tokens=self.chunk_tokens).numpy()
+                                 chunk_tokens=self.chunk_tokens, score_mask=sm).numpy()
 
     def reference(self, scored: ScoredRollout) -> dict:
         """{"ref_logprobs": float32 [B, T] of the merged rollout (None without a reference), "seconds"}."""
         if self.ref is None:
             return {"ref_logprobs": None, "seconds": 0.0}
         start = time.perf_counter()
-        lp = self.ref_logprobs(scored.rollout.input_ids, scored.rollout.attention_mask)
+        ro = scored.rollout
+        lp = self.ref_logprobs(ro.input_ids, ro.attention_mask, ro.response_mask)  # (only the responses are read)
         return {"ref_logprobs": lp, "seconds": time.perf_counter() - start}
 
     def compute(self, scored: ScoredRollout, old: dict | None, ref: dict | None = None) -> TrainBatch:

@@ -262,6 +262,7 @@ class _Run:
     resumed: dict | None  # the checkpoint's state (read_checkpoint)
     num_workers: int
     checkpoints: CheckpointStore
+    placement: str  # "colocated" | "disaggregated" (actors.resolve_placement)
 
     @property
     def start_it(self) -> int:
@@ -287,13 +288,14 @@ def _open_run(cfg: Config, policy_dir, out_dir, progress: dict, log) -> _Run:
     resume_dir, resumed = resume_point(cfg.ppo, policy_dir)
     restarted = progress.get("attempts", 0) > 0  # (from the start when no checkpoint was committed yet)
     progress["attempts"] = progress.get("attempts", 0) + 1
-    actors.check_cluster(cfg, rc.num_workers)
+    placement = actors.resolve_placement(cfg)
+    actors.check_cluster(cfg, rc.num_workers, placement == "colocated")
     control_file = out_dir / CONTROL_FILE
     num_workers = workers_at_start(control_file, rc.num_workers, bool(resumed) or restarted, log)
     (out_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in resumed["lines"])
                                            if resumed else "")
     return _Run(out_dir, control_file, resume_dir, resumed, num_workers,
-                CheckpointStore(out_dir, cfg.ppo.checkpoint_every, resume_dir, resumed, log))
+                CheckpointStore(out_dir, cfg.ppo.checkpoint_every, resume_dir, resumed, log), placement)
 
 
 class _Actors:
@@ -321,17 +323,20 @@ class _Actors:
             log(f"[ppo] no RM: the reward functions alone score the responses "
                 f"({', '.join(f.name for f in self.ppo.reward_functions if f.weight)})")
         start_policy = run.resume_dir / "policy" if run.resumed else policy_dir
-        self.learner = actors.start_learner(start_policy, self.ppo, task.chat_template, self.cfg.learner)
+        self.placement = where = actors.place(cfg, run.placement, run.num_workers)
+        log(f"[ppo] {where.describe(cfg.rollout.num_workers)}")
+        self.learner = actors.start_learner(start_policy, self.ppo, task.chat_template, self.cfg.learner, where)
         self.advantage = actors.start_advantage(policy_dir, self.ppo, cfg.learner.node_resource,
-                                                cfg.learner.logits_chunk_tokens)
+                                                cfg.learner.logits_chunk_tokens, where)
         self.scorer = actors.start_scorer(rm_dir, cfg.rm.max_length, rm_handle,
                                           max_pairs=cfg.serve.max_prompts * cfg.serve.max_responses,
                                           reward_functions=load_reward_functions(self.ppo.reward_functions),
                                           eval_function=load_eval_function(task.eval_reward),
-                                          chat_template=task.chat_template, node_resource=cfg.learner.node_resource)
+                                          chat_template=task.chat_template, node_resource=cfg.learner.node_resource,
+                                          placement=where)
         self.pool = RolloutPool(start_policy, cfg.rollout, seed=self.ppo.seed, log=log,
                                 version=run.resumed["policy_version"] if run.resumed else 0,
-                                learner_workers=cfg.learner.num_workers,
+                                learner_cfg=cfg.learner, placement=where,
                                 max_model_len=engine_max_len(self.ppo.max_prompt_tokens, self.ppo.max_new_tokens),
                                 chat_template=task.chat_template)
 

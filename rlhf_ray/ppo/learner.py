@@ -58,11 +58,13 @@ class PolicyValue(nn.Module):
         self.autocast_dtype, self.device_type = autocast_dtype, device.split(":")[0]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_entropy: bool = False,
-                temperature: float | None = None):
+                temperature: float | None = None, score_mask: torch.Tensor | None = None):
         """input_ids, attention_mask [B, T] -> logprobs [B, T] and entropy [B, T] (or None) at
         ``temperature`` (the configured one when None), values [B, T] (None without a value head); column
         0 is 0. In chunks, the logits exist a chunk of tokens at a time
-        (``rlhf_ray.ops.chunked_logprobs_entropy``) and padding positions are 0."""
+        (``rlhf_ray.ops.chunked_logprobs_entropy``) for the positions of ``score_mask`` [B, T] alone (the
+        attention mask when None; PPO passes the response mask: the LM head skips the prompt, over half
+        the tokens of a short answer), and the others are 0."""
         temperature = self.temperature if temperature is None else temperature
         critic = self.value_head is not None
         pad = lambda x: nn.functional.pad(x, (1, 0))  # noqa: E731  (B, T-1) -> (B, T)
@@ -72,8 +74,9 @@ class PolicyValue(nn.Module):
                 hidden = self.policy.base_model(input_ids=input_ids, attention_mask=attention_mask.long(),
                                                 use_cache=False).last_hidden_state[:, :-1]
                 head = self.policy.get_output_embeddings()
+                scored = attention_mask if score_mask is None else score_mask
                 logprobs, entropy = chunked_logprobs_entropy(
-                    hidden, head.weight, input_ids[:, 1:], attention_mask[:, 1:].bool(), bias=head.bias,
+                    hidden, head.weight, input_ids[:, 1:], scored[:, 1:].bool(), bias=head.bias,
                     temperature=temperature, chunk_tokens=self.chunk_tokens,
                     with_entropy=with_entropy, entropy_grad=self.entropy_grad)
                 logprobs, entropy = pad(logprobs), pad(entropy) if with_entropy else None
@@ -168,10 +171,10 @@ class Learner:
     # ------------------------------------------------------------------ forward
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_entropy: bool = False,
-                 train: bool = False, temperature: float | None = None):
+                 train: bool = False, temperature: float | None = None, score_mask: torch.Tensor | None = None):
         """-> logprobs, values, entropy as :meth:`PolicyValue.forward` gives them; ``train``: through the
         module train() steps (DDP's wrapper in a group)."""
-        return (self.trained if train else self.net)(input_ids, attention_mask, with_entropy, temperature)
+        return (self.trained if train else self.net)(input_ids, attention_mask, with_entropy, temperature, score_mask)
 
     def _tensors(self, *arrays: np.ndarray, rows=None) -> list[torch.Tensor]:
         """numpy [B, T] (possibly read-only views from the object store) -> tensors on the device,
@@ -181,20 +184,24 @@ class Learner:
         sel = [a if rows is None else a[rows] for a in arrays]
         return [torch.tensor(a[:, :length], device=self.device) for a in sel]
 
-    def logprobs(self, input_ids: np.ndarray, attention_mask: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """float32 [B, T] logprobs of each token under the current policy (0 at column 0 and padding)."""
+    def logprobs(self, input_ids: np.ndarray, attention_mask: np.ndarray, batch_size: int = 64,
+                 score_mask: np.ndarray | None = None) -> np.ndarray:
+        """float32 [B, T] logprobs of each token under the current policy (0 at column 0 and padding, and
+        outside ``score_mask`` [B, T] when given)."""
         out = np.zeros(input_ids.shape, np.float32)
+        score_mask = attention_mask if score_mask is None else score_mask
         with torch.no_grad():
             for i in range(0, len(input_ids), batch_size):
                 rows = np.arange(i, min(i + batch_size, len(input_ids)))
-                ids, am = self._tensors(input_ids, attention_mask, rows=rows)
-                lp, _, _ = self._forward(ids, am, temperature=1.0)
+                ids, am, sm = self._tensors(input_ids, attention_mask, score_mask, rows=rows)
+                lp, _, _ = self._forward(ids, am, temperature=1.0, score_mask=sm)
                 out[rows, :lp.shape[1]] = torch.where(am.bool(), lp, 0.0).cpu().numpy()
         return out
 
     @torch.no_grad()
     def evaluate(self, scored: ScoredRollout, batch_size: int = 64) -> dict:
-        """pi_old logprobs and values of the rollout under the current weights.
+        """pi_old logprobs (of the response tokens; 0 elsewhere) and values of the rollout under the
+        current weights.
 
         Returns {"old_logprobs": float32 [B, T], "values": float32 [B, T], "seconds": float}.
         """
@@ -204,8 +211,8 @@ class Learner:
         old_lp, values = np.zeros((B, T), np.float32), np.zeros((B, T), np.float32)
         for i in range(0, B, batch_size):
             rows = np.arange(i, min(i + batch_size, B))
-            ids, am = self._tensors(ro.input_ids, ro.attention_mask, rows=rows)
-            lp, v, _ = self._forward(ids, am)
+            ids, am, resp = self._tensors(ro.input_ids, ro.attention_mask, ro.response_mask, rows=rows)
+            lp, v, _ = self._forward(ids, am, score_mask=resp)
             old_lp[rows, :lp.shape[1]] = lp.cpu().numpy()
             if v is not None:  # (critic-free: values stay 0)
                 values[rows, :v.shape[1]] = v.cpu().numpy()
@@ -217,7 +224,7 @@ class Learner:
         logprobs), each [n, T]. A tuple, so that Ray can return the parts as separate objects."""
         ro = scored.rollout
         ids, am, rm = (np.array(a[:n]) for a in (ro.input_ids, ro.attention_mask, ro.response_mask))
-        return ids, am, rm, self.logprobs(ids, am)
+        return ids, am, rm, self.logprobs(ids, am, score_mask=rm)
 
     # ------------------------------------------------------------------ PPO
 
@@ -238,7 +245,7 @@ class Learner:
             batch.input_ids, batch.attention_mask, batch.response_mask, batch.old_values, batch.advantages,
             batch.returns, *given.values(), rows=rows)
         given = dict(zip(given, extra))
-        lp, v, ent = self._forward(ids, am, with_entropy=True, train=train)
+        lp, v, ent = self._forward(ids, am, with_entropy=True, train=train, score_mask=mask)
         old_lp = given["old"] if "old" in given else lp.detach()
         weights = behaviour_weights(old_lp, given["behaviour"], cfg.behaviour_weight_cap) if decoupled else None
         loss, stats = ppo_objective(lp, old_lp, adv, v, old_v, ret, mask, clip_eps=cfg.clip_eps, beta=cfg.beta,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlhf_ray.config import PPOConfig, RolloutConfig
+from rlhf_ray.config import LearnerConfig, PPOConfig, RolloutConfig
 from rlhf_ray.ppo import refs
 from rlhf_ray.ppo.nodes import address_on, node_of
 from rlhf_ray.ppo.sync import WeightSyncError
@@ -25,12 +25,15 @@ class RolloutPool:
     """The rollout workers of a job; resizable between iterations."""
 
     def __init__(self, model_path: str | Path, rollout_cfg: RolloutConfig, seed: int, log=print, version: int = 0,
-                 learner_workers: int = 1, **engine_options):
+                 learner_cfg: LearnerConfig | None = None, placement=None, **engine_options):
         """``version``: the policy version of the weights in ``model_path`` (0 unless resuming);
-        ``learner_workers``: the learner's ranks (for the CPUs a resize needs); ``engine_options``:
-        RolloutWorker's ``max_model_len`` and ``chat_template``."""
+        ``learner_cfg``: the learner's (for the CPUs a resize needs); ``placement``: the run's
+        ``actors.Placement`` (None: disaggregated); ``engine_options``: RolloutWorker's ``max_model_len``
+        and ``chat_template``."""
+        from rlhf_ray.ppo.actors import Placement
+
         self.model_path, self.cfg, self.seed, self.log = str(model_path), rollout_cfg, seed, log
-        self.learner_workers = learner_workers
+        self.learner_cfg, self.placement = learner_cfg or LearnerConfig(), placement or Placement()
         self.engine_options = engine_options
         self.version = version
         self.workers: list = []
@@ -50,13 +53,14 @@ class RolloutPool:
 
         if n < 1:
             raise ValueError(f"set_num_workers: need at least 1 worker, got {n}")
-        need, have = actors.cpus_needed(n, self.cfg, self.learner_workers), ray.cluster_resources().get("CPU", 0)
+        need = actors.cpus_needed(n, self.cfg, self.learner_cfg, self.placement.colocated)
+        have = ray.cluster_resources().get("CPU", 0)
         if need > have:  # an actor that cannot be placed would pend forever
             raise ValueError(f"set_num_workers({n}): the PPO actors would need {need} CPUs, the Ray cluster "
                              f"has {have}")
         while len(self.workers) < n:
             w = actors.start_rollout_worker(self.model_path, self.cfg, worker_id=self._next_id, seed=self.seed,
-                                            version=self.version, **self.engine_options)
+                                            version=self.version, placement=self.placement, **self.engine_options)
             self._next_id += 1
             # Actor tasks run in order: the weights arrive before any rollout.
             if self.shared is not None:

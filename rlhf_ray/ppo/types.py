@@ -55,10 +55,11 @@ class TrainBatch:
     input_ids: np.ndarray  # int64 [B, T]
     attention_mask: np.ndarray  # bool [B, T]
     response_mask: np.ndarray  # bool [B, T]
-    # float32 [B, T] log pi_old (learner recomputation); None: the training forward's own, detached
-    # (one optimizer step per batch: PPOConfig.pi_old_from_train_forward)
+    # float32 [B, T] log pi_old (learner recomputation) of the response tokens (0 elsewhere); None: the
+    # training forward's own, detached (one optimizer step per batch: PPOConfig.pi_old_from_train_forward)
     old_logprobs: np.ndarray | None
-    ref_logprobs: np.ndarray | None  # float32 [B, T]; None when no KL term reads them (PPOConfig.uses_reference)
+    # float32 [B, T] of the response tokens (0 elsewhere); None when no KL term reads them (PPOConfig.uses_reference)
+    ref_logprobs: np.ndarray | None
     old_values: np.ndarray  # float32 [B, T] (0 without a value head)
     rewards: np.ndarray  # float32 [B, T] per-token rewards (score on last response token, minus KL penalty)
     advantages: np.ndarray  # float32 [B, T] (whitened if configured)
