@@ -40,3 +40,9 @@ def too_few(prompts, completions, **kwargs):
 
 def not_a_number(prompts, completions, **kwargs):
     return ["high"] * len(completions)
+
+
+def says_great(prompts, completions, **kwargs):
+    """1 when the response has the word "great", else 0: a binary reward whose groups often tie."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [float("great" in t.split()) for t in texts]

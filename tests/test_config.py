@@ -163,3 +163,19 @@ def test_show_config_prints_every_field_with_its_comment_and_loads_back(tmp_path
     assert "  # A Hugging Face model path or hub name; \"embedded\" builds the tiny local model (no download).\n" \
            "  name_or_path: embedded\n" in text
     assert "  # records (prompts) per worker per step; each has K_n candidates\n  batch_size: 8\n" in text
+
+
+def test_the_shipped_config_reference_is_show_configs_output_and_loads():
+    """examples/config.yaml is `rlhf-ray show-config` verbatim (every field, its default and its comment,
+    from the schema: regenerate it with `rlhf-ray show-config > examples/config.yaml`), and it loads to
+    the defaults; the SmolLM2 example's config loads too."""
+    from pathlib import Path
+
+    from rlhf_ray.config.describe import describe_config
+    from rlhf_ray.config.load import to_dict
+
+    root = Path(__file__).resolve().parents[1]
+    assert (root / "examples" / "config.yaml").read_text() == describe_config(load_config())
+    assert to_dict(load_config(root / "examples" / "config.yaml")) == to_dict(load_config())
+    smollm2 = load_config(root / "examples" / "smollm2" / "config.yaml")
+    assert smollm2.model.name_or_path == "runs/smollm2/model" and smollm2.ppo.reward_functions

@@ -129,7 +129,8 @@ def test_a_sharded_rank_reads_no_weights_and_receives_its_shards_from_rank_0(ray
                                                                               tmp_path):
     """Under fsdp a rank other than 0 builds the policy from its config alone (meta device) and rank 0
     scatters the weights: rank 1 given a copy of the policy directory without its weights file computes
-    the single learner's logprobs with rank 0, and trains with it."""
+    the single learner's logprobs with rank 0, and trains with it, here with GRPO's sequence-mean loss
+    (the ranks' shares of a minibatch's sequences, not of its tokens, weigh their policy terms)."""
     import shutil
 
     from rlhf_ray.config import LearnerConfig
@@ -140,6 +141,7 @@ def test_a_sharded_rank_reads_no_weights_and_receives_its_shards_from_rank_0(ray
     bare = tmp_path / "no-weights"
     shutil.copytree(policy_dir, bare, ignore=shutil.ignore_patterns("*.safetensors"))
     assert not list(bare.glob("*.safetensors")) and (bare / "config.json").is_file()
+    group_cfg = dataclasses.replace(group_cfg, loss_type="grpo")  # (sequence means: each rank weighs by its rows)
     single = Learner(policy_dir, group_cfg, device="cpu")
     host, port = address_on()
     cls = ray.remote(num_cpus=1)(Learner)

@@ -60,7 +60,7 @@ def test_grpo_with_a_reward_function_and_no_rm_colocated(ray_cluster, test_confi
             "ppo.eval_reward=task_rewards:words", "ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=4",
             "ppo.prompts_per_iteration=4", "ppo.minibatch_size=16", "ppo.epochs=1", "ppo.kl_coef=0",
             "ppo.iterations=2", "ppo.eval_every=0", "ppo.eval_prompts=8", "ppo.max_new_tokens=8", "ppo.lr=1e-3",
-            "ppo.checkpoint_every=0", "rollout.num_workers=1"]
+            "ppo.checkpoint_every=0", "rollout.num_workers=1", "ppo.loss_type=bnpo"]
     threads = {}
 
     def on_iteration(m, ctx):  # the actors' own view of their threads and of what they loaded

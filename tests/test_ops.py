@@ -9,7 +9,7 @@ from rlhf_ray.ops import (
     AdaptiveKLController,
     FixedKLController,
     PPOStats,
-    behaviour_weights,
+    truncated_is_weights,
     clipped_surrogate,
     entropy_from_logits,
     expected_calibration_error,
@@ -319,7 +319,7 @@ def test_behaviour_weighted_surrogate_hand_computed():
     """Decoupled PPO: w = min(pi_old / pi_behaviour, cap) multiplies each token's clipped surrogate."""
     old = torch.log(torch.tensor([[0.5, 0.2, 0.9, 0.3]], dtype=D))
     behaviour = torch.log(torch.tensor([[0.25, 0.4, 0.1, 0.3]], dtype=D))  # pi_old / pi_b = 2, 0.5, 9, 1
-    w = behaviour_weights(old, behaviour, cap=3.0)
+    w = truncated_is_weights(old, behaviour, cap=3.0)
     torch.testing.assert_close(w, torch.tensor([[2.0, 0.5, 3.0, 1.0]], dtype=D))
     assert not w.requires_grad
     ratio = torch.tensor([[1.0, 1.5, 0.5, 1.1]], dtype=D)

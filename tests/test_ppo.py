@@ -144,17 +144,25 @@ def test_reward_functions_are_called_as_trl_calls_them(tokenizer, rm_dir):
     assert ids[0] == tokenizer(" " + RESPONSES[0], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     task_rewards.seen_columns.calls.clear()
     function_values(RewardFunction("task_rewards:seen_columns", 1.0, task_rewards.seen_columns), ro)
-    assert task_rewards.seen_columns.calls == [["id", "product"]]  # beside prompts, completions, completion_ids
+    # beside prompts, completions, completion_ids: the columns and TRL's trainer_state
+    assert task_rewards.seen_columns.calls == [["id", "product", "trainer_state"]]
     got = {}
 
     def spy(prompts, completions, completion_ids, **columns):
         got.update(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
         return [1.0, None]
 
-    values = function_values(RewardFunction("x:spy", 1.0, spy), ro)
+    values = function_values(RewardFunction("x:spy", 1.0, spy), dataclasses.replace(ro, policy_version=3), max_steps=9)
     assert got == {"prompts": [PROMPTS[0], chat], "completions": completions(ro), "completion_ids": ids,
-                   "product": ["lamp", "kettle"], "id": [7, None]}
+                   "product": ["lamp", "kettle"], "id": [7, None], "trainer_state": (3, 9)}
+    assert got["trainer_state"].global_step == 3 and got["trainer_state"].max_steps == 9
     assert values[0] == 1.0 and np.isnan(values[1])
+
+    async def judge(prompts, completions, **kwargs):  # an async function (an API judge) is awaited
+        return [float(len(c if isinstance(c, str) else c[-1]["content"])) for c in completions]
+
+    np.testing.assert_array_equal(function_values(RewardFunction("x:judge", 1.0, judge), ro),
+                                  [len(RESPONSES[0]), len(RESPONSES[1])])
 
 
 @pytest.mark.parametrize("name, message", [
@@ -239,8 +247,7 @@ def test_kl_penalty_and_gae_shapes(ref_worker, scored, test_config):
     assert np.all(batch.advantages[~mask] == 0) and np.all(batch.returns[~mask] == 0)
     adv = batch.advantages[mask]
     assert adv.mean() == pytest.approx(0.0, abs=1e-5) and adv.std(ddof=1) == pytest.approx(1.0, rel=1e-4)
-    # make_rollout's engine logprobs are 0: the gap to pi_old is mean |log pi_old| over the response
-    assert batch.stats["behaviour_logprob_gap"] == pytest.approx(np.abs(old[mask]).mean(), rel=1e-5)
+    np.testing.assert_array_equal(batch.behaviour_logprobs, ro.rollout_logprobs)  # (the learner compares them)
     # returns = unwhitened advantages + values: check against a per-row loop reference of GAE, and the
     # whitened advantages against (A - mean) / sqrt(var + 1e-8) of those references over all tokens.
     raw = np.zeros(mask.shape)
@@ -421,10 +428,11 @@ def test_the_learners_memory_options_give_the_plain_loss_and_gradients(learner_a
             torch.testing.assert_close(g, base[k], rtol=1e-4, atol=1e-6, msg=lambda msg: f"{memory} {k}: {msg}")
 
 
-def test_decoupled_ppo_weights_tokens_by_the_old_to_behaviour_ratio(learner_and_batch):
-    """ppo.behaviour_weight_cap > 0: each token's surrogate is weighted by min(pi_old / pi_behaviour, cap).
+def test_truncated_importance_sampling_weights_tokens_by_the_old_to_behaviour_ratio(learner_and_batch):
+    """ppo.tis_cap > 0: each token's surrogate is weighted by min(pi_old / pi_behaviour, cap).
     At pi_theta = pi_old every ratio is 1, so L_clip = masked_mean(w * A): the loss moves by exactly
-    -(masked_mean(w * A) - masked_mean(A)) against plain PPO, and train() reports masked_mean(w)."""
+    -(masked_mean(w * A) - masked_mean(A)) against plain PPO, and train() reports masked_mean(w), the
+    share of capped tokens, the mean |log pi_behaviour - log pi_old| and KL(pi_behaviour || pi_old)."""
     learner, batch = learner_and_batch
     mask = batch.response_mask
     # The behaviour policy under-sampled the good tokens (A > 0: weight 3, capped at 2) and over-sampled
@@ -433,15 +441,18 @@ def test_decoupled_ppo_weights_tokens_by_the_old_to_behaviour_ratio(learner_and_
     w0 = np.where(mask, np.where(batch.advantages > 0, 3.0, rng.choice([0.5, 0.75], mask.shape)), 1.0)
     stale = dataclasses.replace(batch, behaviour_logprobs=(batch.old_logprobs - np.log(w0)).astype(np.float32))
     plain = learner.loss(stale)
-    learner.cfg = dataclasses.replace(learner.cfg, behaviour_weight_cap=2.0)
+    learner.cfg = dataclasses.replace(learner.cfg, tis_cap=2.0)
     w = np.minimum(w0, 2.0)
     adv = batch.advantages.astype(np.float64)
     expected_shift = -((w * adv)[mask].mean() - adv[mask].mean())
     assert abs(expected_shift) > 1e-2
     assert learner.loss(stale) - plain == pytest.approx(expected_shift, abs=1e-5)
     stats = learner.train(stale)  # one epoch, one minibatch: the whole batch
-    assert stats["behaviour_weight"] == pytest.approx(w[mask].mean(), rel=1e-5)
-    assert stats["behaviour_weight_capped"] == pytest.approx((w0[mask] >= 2.0).mean(), abs=1e-6)
+    assert stats["tis_weight"] == pytest.approx(w[mask].mean(), rel=1e-5)
+    assert stats["tis_capped"] == pytest.approx((w0[mask] >= 2.0).mean(), abs=1e-6)
+    log_w = np.log(w0[mask])  # log pi_old - log pi_behaviour
+    assert stats["behaviour_logprob_gap"] == pytest.approx(np.abs(log_w).mean(), rel=1e-5)
+    assert stats["mismatch_kl"] == pytest.approx((np.exp(log_w) - 1 - log_w).mean(), rel=1e-5)
 
 
 def test_learner_checkpoint_goes_on_training_exactly(learner_and_batch, tmp_path):
@@ -920,10 +931,11 @@ def test_ppo_one_step_off_on_ray(ray_cluster, test_config, policy_dir, rm_dir, t
         ppo=ppo_cfg(test_config, iterations=3, prompts_per_iteration=16, max_new_tokens=8, minibatch_size=16),
         rollout=dataclasses.replace(test_config.rollout, num_workers=1, async_one_step_off=True,
                                     weight_sync=weight_sync, cpu_plain_weights=plain))
-    cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, behaviour_weight_cap=2.0))  # decoupled PPO
-    if mode == "reload":  # and a critic-free estimator with the derivation's beta: 8 prompts x 2 samples
+    cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, tis_cap=2.0))  # decoupled PPO
+    if mode == "reload":  # and a critic-free estimator with the derivation's beta: 8 prompts x 2 samples,
+        # GRPO's sequence-mean loss
         cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, advantage_estimator="rloo", samples_per_prompt=2,
-                                                               prompts_per_iteration=8, beta=0.1))
+                                                               prompts_per_iteration=8, beta=0.1, loss_type="grpo"))
     lines, kill, killed = [], None, []
     if mode == "reload":  # ... which loses its rollout worker after iteration 2 and restarts from there
         kill, killed = worker_killer(after=2)
@@ -947,7 +959,7 @@ def test_ppo_one_step_off_on_ray(ray_cluster, test_config, policy_dir, rm_dir, t
     gaps = [h["behaviour_logprob_gap"] for h in result.history]
     assert max(gaps[i] for i in fresh) < 1e-4 and gaps[1] > 10 * max(max(gaps[i] for i in fresh), 1e-5), gaps
     for i, h in enumerate(result.history):
-        assert (h["behaviour_weight"] == pytest.approx(1.0, abs=1e-4)) == (i in fresh), (i, h["behaviour_weight"])
+        assert (h["tis_weight"] == pytest.approx(1.0, abs=1e-4)) == (i in fresh), (i, h["tis_weight"])
     assert all(h["drift"] <= h["drift_limit"] == 1e-3 for h in result.history)
     assert "eval_reward" not in result.history[0] and result.after["eval_policy_version"] == result.history[-1]["policy_version"]
 
@@ -1355,7 +1367,8 @@ def assert_restarted_once(lines: list[str], killed: list, iteration: int) -> Non
 
 
 def test_grpo_with_the_kl_loss_on_ray_resumes_exactly(ray_cluster, test_config, policy_dir, rm_dir, tmp_path):
-    """GRPO: 4 prompts x 2 samples, the reference KL as a loss term and none in the reward; the policy
+    """GRPO: 4 prompts x 2 samples, the reference KL as a loss term and none in the reward, with CISPO's
+    policy term at GSPO's sequence-level ratio and rewards scaled by the batch's std; the policy
     moves, and a run resumed from its iteration-1 checkpoint (no value head to restore) repeats its
     iteration 2; that run is one step off (its first batch is fresh: the same as the synchronous run's)
     and loses its rollout worker after iteration 2, restarting from there. (RLOO one step off and
@@ -1370,11 +1383,13 @@ def test_grpo_with_the_kl_loss_on_ray_resumes_exactly(ray_cluster, test_config, 
         test_config,
         ppo=ppo_cfg(test_config, iterations=2, prompts_per_iteration=4, max_new_tokens=8, minibatch_size=8,
                     samples_per_prompt=2, advantage_estimator="grpo", kl_coef=0.0, kl_loss_coef=0.1,
-                    checkpoint_every=1, lr=1e-3),
+                    checkpoint_every=1, lr=1e-3, loss_type="cispo", clip_eps_high=5.0,
+                    importance_sampling_level="sequence", scale_rewards="batch"),
         rollout=dataclasses.replace(test_config.rollout, num_workers=1))
     lines = []
     result = run_ppo(cfg, policy_dir, rm_dir, tmp_path, log=lines.append, eval_every=0)
     assert_critic_free(lines, result, "grpo", 2, batch=8)
+    assert any("loss cispo (sequence ratio, clip [0.8, 5])" in x for x in lines), lines
     assert [h["policy_version"] for h in result.history] == [1, 2]
     assert result.history[-1]["kl_ref_k3"] > 0 and all(h["kl_coef"] == 0.0 for h in result.history)
     trained = load_file(str(result.policy_dir / "model.safetensors"))

@@ -78,7 +78,9 @@ def test_pi_old_from_the_training_forward_gives_the_same_loss_gradients_and_upda
     for k in ("loss", "policy_loss", "kl_old", "clip_frac", "entropy", "grad_norm"):
         assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
     # the engine-vs-pi_old gap, measured by the learner when it takes pi_old itself
-    assert b["behaviour_logprob_gap"] == pytest.approx(with_pass.stats["behaviour_logprob_gap"], rel=1e-5)
+    m = group_scored.rollout.response_mask
+    assert b["behaviour_logprob_gap"] == pytest.approx(np.abs(with_pass.old_logprobs + 1.5)[m].mean(), rel=1e-5)
+    assert b["mismatch_kl"] == pytest.approx(a["mismatch_kl"], rel=1e-5) and a["mismatch_kl"] > 0.1
     changed = 0
     for (k, pa), pb in zip(evaluated.policy.named_parameters(), skipped.policy.parameters()):
         torch.testing.assert_close(pb, pa, rtol=0, atol=1e-6, msg=lambda m: f"{k}: {m}")

@@ -30,7 +30,8 @@ _NONNEG = {
     "rm.num_workers", "ppo.eval_every", "ppo.log_every", "ppo.eval_prompts", "ppo.checkpoint_every", "serve.min_replicas", "ppo.beta", "ppo.c1",
     "ppo.entropy_coef", "ppo.kl_coef", "ppo.kl_loss_coef",
     "ppo.truncation_penalty", "serve.num_gpus", "rollout.gpus_per_worker", "rm.weight_decay",
-    "ppo.value_clip_eps", "ppo.behaviour_weight_cap", "rm.cpus_per_worker", "serve.num_cpus", "rollout.cpus_per_worker", "learner.cpus_per_worker",
+    "ppo.value_clip_eps", "ppo.tis_cap", "ppo.clip_eps_high", "ppo.dynamic_sampling_max_rounds",
+    "ppo.overlong_buffer", "ppo.overlong_penalty", "rm.cpus_per_worker", "serve.num_cpus", "rollout.cpus_per_worker", "learner.cpus_per_worker",
     "serve.batch_wait_timeout_s", "serve.upscale_delay_s", "serve.downscale_delay_s", "rollout.max_logprob_drift", "learner.logits_chunk_tokens",
 }
 _POSITIVE_FLOAT = {
@@ -156,9 +157,7 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"rollout.gpu_memory_utilization: {ro.gpu_memory_utilization} of a GPU per engine, but "
                           f"rollout.gpus_per_worker={ro.gpus_per_worker} lets Ray put engines and other actors on "
                           f"one GPU; set it <= {ro.gpus_per_worker}")
-    if cfg.ppo.advantage_estimator in ("grpo", "rloo") and cfg.ppo.samples_per_prompt < 2:
-        raise ConfigError(f"ppo.advantage_estimator={cfg.ppo.advantage_estimator} compares the samples of a prompt: "
-                          f"ppo.samples_per_prompt must be at least 2, got {cfg.ppo.samples_per_prompt}")
+    _check_objective(cfg.ppo)
     for i, fn in enumerate(cfg.ppo.reward_functions):
         _check_function_name(f"ppo.reward_functions[{i}].name", fn.name)
     if cfg.ppo.eval_reward not in ("", "auto"):
@@ -170,6 +169,26 @@ def _check_ranges(cfg: Config) -> None:
     for name, v in (("rm.max_failures", cfg.rm.max_failures), ("ppo.max_failures", cfg.ppo.max_failures)):
         if v < -1:
             raise ConfigError(f"{name}: must be >= 0, or -1 for no limit, got {v}")
+
+
+def _check_objective(ppo) -> None:
+    """The estimator and loss type against their tables (rlhf_ray.ops), and what each entry needs."""
+    from rlhf_ray.ops import ESTIMATORS, LOSS_TYPES
+
+    for name, value, table in (("ppo.advantage_estimator", ppo.advantage_estimator, ESTIMATORS),
+                               ("ppo.loss_type", ppo.loss_type, LOSS_TYPES)):
+        if value not in table:
+            raise ConfigError(f"{name}: {value!r} is not one of {sorted(table)}")
+    groups = ESTIMATORS[ppo.advantage_estimator].groups
+    if groups and ppo.samples_per_prompt < 2:
+        raise ConfigError(f"ppo.advantage_estimator={ppo.advantage_estimator} compares the samples of a prompt: "
+                          f"ppo.samples_per_prompt must be at least 2, got {ppo.samples_per_prompt}")
+    if ppo.dynamic_sampling_max_rounds and not groups:
+        raise ConfigError(f"ppo.dynamic_sampling_max_rounds: drops groups whose rewards do not differ, which only a "
+                          f"group estimator compares (ppo.advantage_estimator={ppo.advantage_estimator})")
+    if ppo.overlong_buffer >= ppo.max_new_tokens:
+        raise ConfigError(f"ppo.overlong_buffer: {ppo.overlong_buffer} must be less than ppo.max_new_tokens="
+                          f"{ppo.max_new_tokens}")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -160,25 +160,54 @@ class PPOConfig:
     # Responses sampled per prompt in a rollout (each with its own seed); a prompt's samples stay together
     # as a group from rollout to advantages. The group estimators (grpo, rloo) need at least 2.
     samples_per_prompt: int = 1
-    # How advantages are estimated (verl's names): "gae" (a value head, GAE over the KL-penalised token
-    # rewards), or critic-free: "grpo" (a sample's score against its group's mean and std), "rloo" (against
-    # the mean of the group's other samples), "reinforce_plus_plus" (gamma-1 returns of the token rewards,
-    # whitened over the batch). Critic-free estimators have no value head and no value loss.
-    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_plus_plus"] = "gae"
+    # How advantages are estimated (verl's names; the table rlhf_ray.ops.ESTIMATORS): "gae" (a value head,
+    # GAE over the KL-penalised token rewards), or critic-free: "grpo" (a sample's score against its
+    # group's mean and std), "rloo" (against the mean of the group's other samples), "reinforce_plus_plus"
+    # (gamma-1 returns of the token rewards, whitened over the batch). Critic-free estimators have no value
+    # head and no value loss.
+    advantage_estimator: str = "gae"
+    # grpo: what a group's centred scores are divided by (TRL's scale_rewards): the group's std ("group"),
+    # the batch's ("batch"), or nothing ("none", Dr. GRPO).
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    # The policy term (TRL's loss_type; the table rlhf_ray.ops.LOSS_TYPES): PPO-clip aggregated as "dapo"
+    # (mean over every response token of the batch: the derivation's L_clip), "grpo" (mean over each
+    # sequence's tokens, then over sequences), "dr_grpo" (each sequence's sum / max_new_tokens, mean over
+    # sequences), "bnpo" (as dapo here: one optimizer step is one minibatch); or "cispo" (the truncated,
+    # detached IS weight x A x log pi: every token keeps a gradient; set clip_eps_high to ~5 for it).
+    loss_type: str = "dapo"
     epochs: int = 2
     minibatch_size: int = 32
     lr: float = 1e-4
+    # The ratio's clip range [1 - clip_eps, 1 + clip_eps_high] (TRL's epsilon, epsilon_high; DAPO's
+    # clip-higher raises only the ceiling, e.g. 0.28); clip_eps_high 0 = clip_eps. For cispo,
+    # clip_eps_high is the ceiling of the IS weight itself.
     clip_eps: float = 0.2
+    clip_eps_high: float = 0.0
+    # "token": PPO's per-token ratio; "sequence": GSPO's, each sequence's length-normalised ratio
+    # exp(mean of its tokens' log ratios) on every token of it (TRL's importance_sampling_level).
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    # Responses cut at max_new_tokens without EOS carry no loss (TRL's mask_truncated_completions); they
+    # still count in their group's advantages.
+    mask_truncated_completions: bool = False
+    # DAPO's dynamic sampling: groups whose task reward (before shaping) has no spread teach nothing under
+    # a group estimator; they are dropped and more prompts are sampled until the batch is full, at most
+    # this many extra rounds (0 = off; a batch still short then is filled with dropped groups).
+    dynamic_sampling_max_rounds: int = 0
+    # DAPO's soft overlong punishment: a penalty rising linearly from 0 to overlong_penalty over the last
+    # overlong_buffer tokens before max_new_tokens (0 = off), added to the sequence reward.
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
     value_clip_eps: float = 0.2  # PPO2 value clipping around the old values; 0 = off
     # Weight of KL(pi_old || pi_theta) in the objective (the derivation's beta). 0.1: in the 150-iteration demo
     # the run kept KL to the reference at ~3-4 and gold reward rising; without it (0) the run fell apart
     # after ~80 iterations (KL 3.7 -> 30, gold +1.29 -> +0.92). See docs/results.md.
     beta: float = 0.1
     c1: float = 0.5  # value-loss weight; L_V = 0.5 * mean (V - R)^2
-    # Decoupled PPO for stale rollouts (rollout.async_one_step_off): weight each token's clipped
-    # surrogate by min(pi_old / pi_behaviour, cap), pi_behaviour = the engine's logprob of the token it
-    # sampled. 0 = off (plain PPO around the recomputed pi_old); 2 is a usual cap.
-    behaviour_weight_cap: float = 0.0
+    # Truncated importance sampling: weight each token's policy term by min(pi_old / pi_behaviour, cap),
+    # pi_behaviour the engine's logprob of the token it sampled. One correction for the engine/learner
+    # mismatch (kernels, precision: mismatch_kl in the metrics) and for stale rollouts
+    # (rollout.async_one_step_off: decoupled PPO). 0 = off; 2 is a usual cap.
+    tis_cap: float = 0.0
     entropy_coef: float = 0.0
     gamma: float = 1.0
     lam: float = 0.95
@@ -242,8 +271,17 @@ class PPOConfig:
         policy that step starts from; nothing reads pi_old before training (no value head, whose values
         GAE needs first, and no KL penalty in the reward, which needs log pi_old). The separate pi_old
         pass is then skipped: same loss, gradients and update."""
+        from rlhf_ray.ops import ESTIMATORS
+
         return (self.epochs == 1 and self.minibatch_size >= self.batch_size
-                and self.advantage_estimator != "gae" and self.kl_coef == 0)
+                and not ESTIMATORS[self.advantage_estimator].critic and self.kl_coef == 0)
+
+    @property
+    def critic(self) -> bool:
+        """Whether the estimator reads a value head's values (the learner then keeps one)."""
+        from rlhf_ray.ops import ESTIMATORS
+
+        return ESTIMATORS[self.advantage_estimator].critic
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,12 @@ class PromptStream:
     def batch(self, it: int) -> list[PromptRecord]:
         return [self.records[i] for _, i in self.positions(it)]
 
+    def extra(self, it: int, round_: int) -> list[PromptRecord]:
+        """More prompts for iteration ``it`` (dynamic sampling's round ``round_`` >= 1): a draw of its
+        own, seeded by (seed, it, round), that leaves the stream's iterations as they are."""
+        rng = np.random.default_rng([self.seed, it, round_, 1])
+        return [self.records[int(i)] for i in rng.choice(len(self.records), self.n, replace=self.n > len(self.records))]
+
 
 class SyntheticStream:
     """The synthetic task's prompts: iteration ``it`` draws its own (seed ``seed * 1_000_003 + it``)."""
@@ -106,6 +112,11 @@ class SyntheticStream:
     def batch(self, it: int) -> list[PromptRecord]:
         return [PromptRecord(p, {}, "synthetic task")
                 for p in synthetic.prompts(self.n, seed=self.seed * 1_000_003 + it)]
+
+    def extra(self, it: int, round_: int) -> list[PromptRecord]:
+        """More prompts for iteration ``it`` (dynamic sampling's round ``round_`` >= 1), drawn apart."""
+        seed = int(np.random.default_rng([self.seed, it, round_, 1]).integers(1 << 62))
+        return [PromptRecord(p, {}, "synthetic task") for p in synthetic.prompts(self.n, seed=seed)]
 
 
 @dataclass

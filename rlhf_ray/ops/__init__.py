@@ -1,18 +1,28 @@
-"""Pure torch ops: listwise reward-model loss, masked statistics, GAE, critic-free estimators and PPO pieces."""
+"""Pure torch ops: listwise reward-model loss, masked statistics, GAE, advantage estimators (the
+``ESTIMATORS`` table), policy losses (the ``LOSS_TYPES`` table) and PPO pieces."""
 from .chunked import chunked_logprobs_entropy
 from .estimators import (
+    ESTIMATORS,
+    AdvantageSettings,
     discounted_returns,
     grpo_advantages,
     reinforce_pp_advantages,
     rloo_advantages,
     sequence_to_tokens,
 )
+from .losses import (
+    LOSS_TYPES,
+    ClipRange,
+    PPOStats,
+    clipped_surrogate,
+    mismatch_kl,
+    policy_loss,
+    ppo_objective,
+    truncated_is_weights,
+)
 from .ppo import (
     AdaptiveKLController,
     FixedKLController,
-    PPOStats,
-    behaviour_weights,
-    clipped_surrogate,
     entropy_from_logits,
     gae,
     kl_k1,
@@ -21,14 +31,22 @@ from .ppo import (
     kl_old_new,
     kl_penalized_rewards,
     logprobs_from_logits,
+    overlong_penalty,
     policy_ratio,
-    ppo_objective,
     value_loss,
 )
 from .rm import expected_calibration_error, listwise_probs, listwise_rm_loss
 from .stats import masked_mean, masked_sum, masked_var, masked_whiten
 
 __all__ = [
+    "ESTIMATORS",
+    "LOSS_TYPES",
+    "AdvantageSettings",
+    "ClipRange",
+    "mismatch_kl",
+    "overlong_penalty",
+    "policy_loss",
+    "truncated_is_weights",
     "chunked_logprobs_entropy",
     "sequence_to_tokens",
     "rloo_advantages",
@@ -38,7 +56,6 @@ __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "PPOStats",
-    "behaviour_weights",
     "clipped_surrogate",
     "entropy_from_logits",
     "expected_calibration_error",

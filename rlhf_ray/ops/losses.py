@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .ppo import kl_k3, value_loss
 from .stats import masked_mean
 
 # --------------------------------------------------------------------------- ratios and policy objectives
@@ -141,3 +142,107 @@ def aggregate(loss_type: str, per_token: Tensor, mask: Tensor, max_tokens: int =
     """``per_token`` [B, T] aggregated as ``loss_type`` aggregates its policy term (the KL terms go the
     same way, as in TRL). -> scalar."""
     return AGGREGATIONS[LOSS_TYPES[loss_type].aggregation].fn(per_token, mask, max_tokens)
+
+
+# --------------------------------------------------------------------------- importance weights
+
+def truncated_is_weights(old_logprobs: Tensor, behaviour_logprobs: Tensor, cap: float) -> Tensor:
+    """Truncated importance weights min(pi_old / pi_behaviour, cap) per token, detached ([B, T] -> [B, T]).
+
+    pi_behaviour is the policy that sampled the tokens as the engine computed it; pi_old the one PPO's
+    ratio is taken against, as the learner computes it. They differ by the engine/learner mismatch
+    (kernels, precision: truncated importance sampling, Yao et al. 2025) and, for stale rollouts
+    (one-step-off), by the updates in between (decoupled PPO, Hilton et al. 2022): one correction for
+    both, ``ppo.tis_cap``. Truncating at ``cap`` bounds the variance (as in IMPALA's V-trace).
+    """
+    return torch.exp(old_logprobs - behaviour_logprobs).clamp(max=cap).detach()
+
+
+def mismatch_kl(behaviour_logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """KL(pi_behaviour || pi_old) over the sampled tokens (k3, x ~ pi_behaviour): how far the engine's
+    sampling distribution is from the learner's. [B, T] -> detached scalar."""
+    return masked_mean(kl_k3(behaviour_logprobs, old_logprobs), mask).detach()
+
+
+# --------------------------------------------------------------------------- the objective
+
+def clipped_surrogate(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float,
+                      weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The derivation's L_clip (to MAXIMISE) and the clip fraction: masked_mean(w * min(r A, clip(r, 1 -
+    eps, 1 + eps) A)), w = 1 unless ``weights`` are given; ``policy_loss("dapo", ...)`` at a symmetric
+    clip range. All [B, T] -> (scalar, detached scalar)."""
+    value, terms = policy_loss("dapo", logprobs, old_logprobs, advantages, mask, ClipRange(clip_eps, clip_eps),
+                               weights=weights)
+    return value, terms.clip_frac
+
+
+class PPOStats(NamedTuple):
+    """Detached scalars of one ppo_objective call."""
+    objective: Tensor
+    l_clip: Tensor  # the loss type's policy term
+    kl: Tensor
+    value_loss: Tensor
+    clip_frac: Tensor
+    entropy: Tensor
+    kl_ref: Tensor  # k3 KL(pi_theta || pi_ref) of the response tokens (0 without reference logprobs)
+
+
+def ppo_objective(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    values: Tensor | None,
+    old_values: Tensor | None,
+    returns: Tensor | None,
+    mask: Tensor,
+    clip_eps: float,
+    beta: float,
+    c1: float,
+    value_clip_eps: float | None = None,
+    entropy: Tensor | None = None,
+    entropy_coef: float = 0.0,
+    weights: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    kl_loss_coef: float = 0.0,
+    *,
+    loss_type: str = "dapo",
+    clip_eps_high: float | None = None,
+    importance_sampling_level: str = "token",
+    max_tokens: int = 0,
+    shares: dict[str, float] | None = None,
+) -> tuple[Tensor, PPOStats]:
+    """L = P - beta * KL_k3(pi_old || pi_theta) - c1 * L_V - kl_loss_coef * KL_k3(pi_theta || pi_ref)
+    (+ entropy_coef * masked_mean(H)), P the policy term of ``loss_type`` (:func:`policy_loss`; "dapo"
+    with a symmetric clip range is the derivation's L_clip), the two KL terms aggregated as P is, L_V as
+    in :func:`value_loss` (0.5 * squared error) and the entropy as token means.
+
+    All tensors [B, T] (entropy: per-token [B, T] or None). ``values`` None (a critic-free estimator): no
+    value loss, whatever c1. ``ref_logprobs``: the reference policy's, for the KL loss term (GRPO's; its k3
+    with the samples taken as pi_theta's). ``weights``: truncated IS weights of P's tokens
+    (:func:`truncated_is_weights`). ``clip_eps_high`` (None: ``clip_eps``): the ratio's ceiling is 1 +
+    clip_eps_high (DAPO's clip-higher; for cispo, the IS weight's own ceiling). ``max_tokens``:
+    ppo.max_new_tokens, for dr_grpo. ``shares``: a learner rank's factor per aggregation unit ("tokens",
+    "sequences") so that the ranks' mean gradient is the minibatch's (1 when absent).
+    Returns (loss = -L scaled by the shares, PPOStats unscaled); stats.entropy is 0 when entropy is None.
+    """
+    shares = shares or {}
+    token = shares.get("tokens", 1.0)
+    unit = shares.get(AGGREGATIONS[LOSS_TYPES[loss_type].aggregation].unit, 1.0)
+    clip = ClipRange(clip_eps, clip_eps if clip_eps_high is None else clip_eps_high)
+    l_clip, terms = policy_loss(loss_type, logprobs, old_logprobs, advantages, mask, clip, importance_sampling_level,
+                                weights, max_tokens)
+    kl = aggregate(loss_type, kl_k3(old_logprobs, logprobs), mask, max_tokens)
+    objective, scaled = l_clip - beta * kl, unit * (l_clip - beta * kl)
+    zero = torch.zeros((), dtype=l_clip.dtype, device=l_clip.device)
+    l_v = kl_ref = ent = zero
+    if values is not None:
+        l_v = value_loss(values, old_values, returns, mask, value_clip_eps)
+        objective, scaled = objective - c1 * l_v, scaled - token * c1 * l_v
+    if ref_logprobs is not None:
+        kl_ref = aggregate(loss_type, kl_k3(logprobs, ref_logprobs), mask, max_tokens)
+        objective, scaled = objective - kl_loss_coef * kl_ref, scaled - unit * kl_loss_coef * kl_ref
+    if entropy is not None:
+        ent = masked_mean(entropy, mask)
+        objective, scaled = objective + entropy_coef * ent, scaled + token * entropy_coef * ent
+    stats = PPOStats(*(s.detach() for s in (objective, l_clip, kl, l_v, terms.clip_frac, ent, kl_ref)))
+    return -scaled, stats

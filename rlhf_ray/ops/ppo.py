@@ -1,12 +1,9 @@
-"""PPO pieces on token tensors [B, T] with a response mask [B, T] (bool or 0/1 float).
-
-The objective to maximise is L = L_clip - beta * KL(pi_old || pi_theta) - c1 * L_V
-(+ entropy bonus), with L_V = 0.5 * E[(V - R)^2] (the 0.5 of the usual squared-error loss, so c1 = 0.5
-weighs E[(V - R)^2] by 0.25); `ppo_objective` returns loss = -L.
+"""PPO pieces on token tensors [B, T] with a response mask [B, T] (bool or 0/1 float): GAE, the
+importance ratio, KL estimators, the value loss, entropy and logprobs, reward shaping and the KL
+coefficient controllers. The objective that combines them, L = L_clip - beta * KL(pi_old || pi_theta) -
+c1 * L_V, and the policy losses it can take are in ``losses.py``.
 """
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -57,36 +54,6 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
 def policy_ratio(logprobs: Tensor, old_logprobs: Tensor) -> Tensor:
     """pi_theta / pi_old per token: exp(logprobs - old_logprobs). [B, T] -> [B, T]."""
     return torch.exp(logprobs - old_logprobs)
-
-
-def behaviour_weights(old_logprobs: Tensor, behaviour_logprobs: Tensor, cap: float) -> Tensor:
-    """Truncated importance weights min(pi_old / pi_behaviour, cap) per token, detached.
-
-    Decoupled PPO (Hilton et al. 2022, "Batch size-invariance for policy optimization"): when the
-    tokens were sampled by an older policy pi_behaviour (one-step-off rollouts) than the proximal
-    policy pi_old that PPO clips around, each token's surrogate is weighted by pi_old / pi_behaviour;
-    truncating at ``cap`` bounds the variance (as truncated IS in IMPALA/V-trace). [B, T] -> [B, T].
-    """
-    return torch.exp(old_logprobs - behaviour_logprobs).clamp(max=cap).detach()
-
-
-def clipped_surrogate(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float,
-    weights: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """PPO clipped surrogate L_clip (to MAXIMISE) and the clip fraction.
-
-    All [B, T]. L_clip = masked_mean(w * min(ratio * A, clip(ratio, 1-eps, 1+eps) * A)), w = 1 unless
-    ``weights`` (e.g. :func:`behaviour_weights`) are given.
-    clip_frac (detached scalar) = fraction of masked tokens where the clipped branch is the
-    active (strictly smaller) one: A > 0 and ratio > 1+eps, or A < 0 and ratio < 1-eps.
-    """
-    ratio = policy_ratio(logprobs, old_logprobs)
-    surr = torch.minimum(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
-    if weights is not None:
-        surr = surr * weights
-    clipped = ((advantages > 0) & (ratio > 1 + clip_eps)) | ((advantages < 0) & (ratio < 1 - clip_eps))
-    return masked_mean(surr, mask), masked_mean(clipped.to(surr.dtype), mask).detach()
 
 
 # --------------------------------------------------------------------------- KL estimators
@@ -159,64 +126,6 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     return z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, -1)
 
 
-# --------------------------------------------------------------------------- objective
-
-class PPOStats(NamedTuple):
-    """Detached scalars of one ppo_objective call."""
-    objective: Tensor
-    l_clip: Tensor
-    kl: Tensor
-    value_loss: Tensor
-    clip_frac: Tensor
-    entropy: Tensor
-    kl_ref: Tensor  # k3 KL(pi_theta || pi_ref) of the response tokens (0 without reference logprobs)
-
-
-def ppo_objective(
-    logprobs: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    values: Tensor,
-    old_values: Tensor,
-    returns: Tensor,
-    mask: Tensor,
-    clip_eps: float,
-    beta: float,
-    c1: float,
-    value_clip_eps: float | None = None,
-    entropy: Tensor | None = None,
-    entropy_coef: float = 0.0,
-    weights: Tensor | None = None,
-    ref_logprobs: Tensor | None = None,
-    kl_loss_coef: float = 0.0,
-) -> tuple[Tensor, PPOStats]:
-    """L = L_clip - beta * KL_k3(pi_old || pi_theta) - c1 * L_V - kl_loss_coef * KL_k3(pi_theta || pi_ref)
-    (+ entropy_coef * masked_mean(H)), L_V as in :func:`value_loss` (0.5 * squared error).
-
-    All tensors [B, T] (entropy: per-token [B, T] or None). ``values`` None (a critic-free estimator):
-    no value loss, whatever c1. ``ref_logprobs`` [B, T]: the reference policy's, for the KL loss term
-    (GRPO's; its k3 with the samples taken as pi_theta's). Returns (loss = -L, PPOStats); stats.entropy
-    is 0 when entropy is None. ``weights`` [B, T] weight L_clip's tokens (decoupled PPO).
-    """
-    l_clip, clip_frac = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_eps, weights)
-    kl = kl_old_new(old_logprobs, logprobs, mask)
-    objective = l_clip - beta * kl
-    l_v = _zeros_like(l_clip)
-    if values is not None:
-        l_v = value_loss(values, old_values, returns, mask, value_clip_eps)
-        objective = objective - c1 * l_v
-    kl_ref = _zeros_like(l_clip)
-    if ref_logprobs is not None:
-        kl_ref = masked_mean(kl_k3(logprobs, ref_logprobs), mask)
-        objective = objective - kl_loss_coef * kl_ref
-    ent = _zeros_like(l_clip)
-    if entropy is not None:
-        ent = masked_mean(entropy, mask)
-        objective = objective + entropy_coef * ent
-    stats = PPOStats(*(s.detach() for s in (objective, l_clip, kl, l_v, clip_frac, ent, kl_ref)))
-    return -objective, stats
-
-
 # --------------------------------------------------------------------------- rewards / KL coef
 
 def kl_penalized_rewards(
@@ -234,6 +143,18 @@ def kl_penalized_rewards(
     last = torch.where(m, t, -1).amax(-1, keepdim=True)  # [B, 1], -1 if the row is empty
     rewards = -kl_coef * kl + scores[:, None].to(kl.dtype) * (t == last)
     return rewards, kl
+
+
+def overlong_penalty(lengths: Tensor, max_tokens: int, buffer: int, penalty: float = 1.0) -> Tensor:
+    """DAPO's soft overlong punishment of a response of ``lengths`` tokens: 0 up to max_tokens - buffer,
+    then falling linearly to -penalty at max_tokens (a response cut there gets all of it).
+
+    lengths: int/float [B] -> float32 [B]; ``buffer`` > 0.
+    """
+    if buffer <= 0:
+        raise ValueError(f"overlong_penalty: buffer must be > 0, got {buffer}")
+    over = (lengths.to(torch.float32) - (max_tokens - buffer)).clamp(min=0.0)
+    return -penalty * over / buffer
 
 
 class AdaptiveKLController:

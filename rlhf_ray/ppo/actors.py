@@ -201,7 +201,7 @@ def start_advantage(ref_model_path: str | Path, ppo_cfg: PPOConfig, node_resourc
 
 def start_scorer(rm_dir: str | Path | None, max_length: int, handle=None, max_pairs: int = 4096,
                  reward_functions=(), eval_function=None, chat_template: str = "auto", node_resource: str = "",
-                 placement: Placement | None = None):
+                 placement: Placement | None = None, max_steps: int = 0):
     """The scorer. ``reward_functions`` and ``eval_function`` are RewardFunctions, imported here; the
     code of those whose module is not installed travels with them (``functions.ship_by_value``).
     Neither ``rm_dir`` nor ``handle``: the reward functions alone score (no RM is loaded)."""
@@ -214,7 +214,7 @@ def start_scorer(rm_dir: str | Path | None, max_length: int, handle=None, max_pa
     options = (placement or Placement()).options(SMALL_CPUS, SMALL_GPU if gpu else 0, node_resource)
     return ray.remote(**options)(RolloutScorer).remote(
         None if handle is not None or rm_dir is None else str(rm_dir), max_length, handle, max_pairs,
-        list(reward_functions), eval_function, chat_template)
+        list(reward_functions), eval_function, chat_template, max_steps)
 
 
 def start_rollout_worker(model_path: str | Path, rollout_cfg: RolloutConfig, worker_id: int, seed: int,
@@ -235,3 +235,11 @@ def start_rollout_worker(model_path: str | Path, rollout_cfg: RolloutConfig, wor
     return ray.remote(runtime_env={"env_vars": env}, **ray_options)(RolloutWorker).remote(
         str(model_path), rollout_cfg, worker_id=worker_id, seed=seed, device="cuda" if on_gpu else "cpu",
         version=version, **options)
+
+
+def fill_groups(first, scorer, workers: list, extra_prompts: list[list], ppo_cfg: PPOConfig, seeds: list[int]):
+    """Dynamic sampling of one iteration in a Ray task (``rlhf_ray.ppo.dynamic.fill_groups``): a ref of the
+    ScoredRollout with ppo.prompts_per_iteration groups. ``first``: a ref of the iteration's scored rollout."""
+    from rlhf_ray.ppo import dynamic
+
+    return ray.remote(num_cpus=0)(dynamic.fill_groups).remote(first, scorer, workers, extra_prompts, ppo_cfg, seeds)

@@ -4,10 +4,12 @@ Reward rule (InstructGPT): every response token t gets -kl_coef * (log pi_old - 
 LAST response token also gets the sequence reward
 
     score = R(x, y) + sum_f w_f f(x, y) - truncation_penalty * [y was cut at max_new_tokens without EOS]
+            + overlong_penalty(|y|)   (DAPO's soft punishment over the last ppo.overlong_buffer tokens)
 
-(R the RM, f the reward functions of ``ppo.reward_functions``: ``ScoredRollout.scores``).
-Advantages then follow ``ppo.advantage_estimator`` (:func:`advantages`): GAE with the learner's values,
-or a critic-free estimator (GRPO, RLOO, REINFORCE++).
+(R the RM, if any; f the reward functions of ``ppo.reward_functions``: ``ScoredRollout.scores``).
+Advantages then follow ``ppo.advantage_estimator`` (:func:`advantages`, the table
+``rlhf_ray.ops.ESTIMATORS``): GAE with the learner's values, or a critic-free estimator (GRPO, RLOO,
+REINFORCE++).
 
 The truncated response is still scored by the RM (it sees the text that was written); the penalty
 is what makes "ran out of tokens" worse than "finished". GAE (rlhf_ray.ops.gae) then runs over the
@@ -24,50 +26,40 @@ import torch
 from rlhf_ray.config import PPOConfig
 from rlhf_ray.models.causal_lm import head_is_last, sequence_logprobs
 from rlhf_ray.ops import (
+    ESTIMATORS,
     AdaptiveKLController,
+    AdvantageSettings,
     FixedKLController,
-    gae,
-    grpo_advantages,
     kl_penalized_rewards,
     masked_mean,
-    masked_whiten,
-    reinforce_pp_advantages,
-    rloo_advantages,
-    sequence_to_tokens,
+    overlong_penalty,
 )
 from rlhf_ray.ppo.types import ScoredRollout, TrainBatch
 
 
-def sequence_rewards(scores: np.ndarray, truncated: np.ndarray, truncation_penalty: float) -> np.ndarray:
-    """Sequence reward placed on the last response token: RM score minus the truncation penalty.
+def sequence_rewards(scores: np.ndarray, truncated: np.ndarray, truncation_penalty: float,
+                     lengths: np.ndarray | None = None, max_new_tokens: int = 0, overlong_buffer: int = 0,
+                     overlong_penalty_max: float = 1.0) -> np.ndarray:
+    """Sequence reward placed on the last response token: the score minus the truncation penalty, and
+    with ``overlong_buffer`` > 0 DAPO's soft overlong punishment of responses of ``lengths`` tokens
+    (``rlhf_ray.ops.overlong_penalty``).
 
-    scores: float [B]; truncated: bool [B] -> float32 [B].
+    scores: float [B]; truncated: bool [B]; lengths: int [B] -> float32 [B].
     """
-    return (scores - truncation_penalty * truncated.astype(np.float32)).astype(np.float32)
+    out = scores - truncation_penalty * truncated.astype(np.float32)
+    if overlong_buffer > 0:
+        out = out + overlong_penalty(torch.as_tensor(lengths), max_new_tokens, overlong_buffer,
+                                     overlong_penalty_max).numpy()
+    return out.astype(np.float32)
 
 
 def advantages(cfg: PPOConfig, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantages, returns) by ``cfg.advantage_estimator`` from the KL-penalised token rewards.
-
-    rewards, values, mask: [B, T], B = prompts x ppo.samples_per_prompt with each prompt's samples
-    adjacent. gae: GAE with the values (whitened if ppo.whiten_advantages). grpo / rloo: on each
-    sample's summed token rewards (its sequence score minus its KL penalty), grouped [B / n, n], on
-    every response token; returns = advantages (no critic). reinforce_plus_plus: gamma-1 returns
-    whitened over the batch.
-    """
-    if cfg.advantage_estimator == "gae":
-        adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-        return (masked_whiten(adv, mask) if cfg.whiten_advantages else adv), returns
-    if cfg.advantage_estimator == "reinforce_plus_plus":
-        return reinforce_pp_advantages(rewards, mask)
-    n = cfg.samples_per_prompt
-    if len(rewards) % n:
-        raise ValueError(f"{len(rewards)} samples are not whole groups of ppo.samples_per_prompt={n}")
-    scores = torch.where(mask.bool(), rewards, 0.0).sum(-1).view(-1, n)
-    group = grpo_advantages(scores) if cfg.advantage_estimator == "grpo" else rloo_advantages(scores)
-    adv = sequence_to_tokens(group.reshape(-1), mask)
-    return adv, adv
+    """(advantages, returns) by ``cfg.advantage_estimator`` (the table ``rlhf_ray.ops.ESTIMATORS``) from
+    the KL-penalised token rewards. rewards, values, mask: [B, T], B = prompts x ppo.samples_per_prompt
+    with each prompt's samples adjacent."""
+    settings = AdvantageSettings(cfg.samples_per_prompt, cfg.gamma, cfg.lam, cfg.whiten_advantages, cfg.scale_rewards)
+    return ESTIMATORS[cfg.advantage_estimator].fn(rewards, values, mask, settings)
 
 
 def group_stats(rm_scores: np.ndarray, n: int) -> dict:
@@ -152,7 +144,8 @@ class AdvantageWorker:
         if (old_lp is None or ref_lp is None) and self.kl_ctl.value:
             raise ValueError("a KL penalty in the reward (ppo.kl_coef > 0) needs pi_old and reference logprobs")
 
-        seq_reward = sequence_rewards(scored.scores, ro.truncated, cfg.truncation_penalty)
+        seq_reward = sequence_rewards(scored.scores, ro.truncated, cfg.truncation_penalty, ro.response_mask.sum(-1),
+                                      cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
         kl_coef = self.kl_ctl.value
         # (without a KL term the penalty is 0: kl_penalized_rewards then only places the scores)
         rewards, kl = kl_penalized_rewards(torch.tensor(seq_reward), zeros if old_lp is None else old_lp,
@@ -164,7 +157,6 @@ class AdvantageWorker:
         measured_kl = old_lp is not None and ref_lp is not None
         if measured_kl:
             self.kl_ctl.update(kl_seq.mean().item(), n_steps=len(kl_seq))
-        behaviour = torch.tensor(ro.rollout_logprobs, dtype=torch.float32)
         resp_len = ro.response_mask.sum(-1)
         stats = {
             **({} if scored.rm_scores is None else {"rm_score": float(scored.rm_scores.mean())}),
@@ -178,10 +170,8 @@ class AdvantageWorker:
             "response_len": float(resp_len.mean()),
             "value_mean": float(masked_mean(values, mask)),
             "return_mean": float(masked_mean(returns, mask)),
-            # |log pi_behaviour - log pi_old|: engine-vs-learner mismatch, plus staleness in async mode (the
-            # learner measures it when pi_old is its training forward's).
-            **({} if old_lp is None else {"behaviour_logprob_gap": float(masked_mean((behaviour - old_lp).abs(), mask))}),
             **(group_stats(scored.rm_scores, cfg.samples_per_prompt) if scored.rm_scores is not None else {}),
+            **scored.sampling,  # dynamic sampling's rounds and dropped groups
             "batch_size": int(len(kl_seq)),
             "gen_seconds": float(ro.gen_seconds),
             "gen_tokens": int(ro.num_tokens),
@@ -197,4 +187,5 @@ class AdvantageWorker:
             old_logprobs=None if old_lp is None else f32(old_lp), ref_logprobs=None if ref_lp is None else f32(ref_lp),
             old_values=f32(values),
             rewards=f32(rewards), advantages=f32(adv), returns=f32(returns),
-            policy_version=ro.policy_version, stats=stats, behaviour_logprobs=f32(behaviour))
+            policy_version=ro.policy_version, stats=stats, truncated=ro.truncated,
+            behaviour_logprobs=np.asarray(ro.rollout_logprobs, dtype=np.float32))

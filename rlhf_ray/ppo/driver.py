@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from rlhf_ray.config import Config, ConfigError
 from rlhf_ray.data.prompts import PromptTask
 from rlhf_ray.ppo import refs
@@ -333,7 +335,7 @@ class _Actors:
                                           reward_functions=load_reward_functions(self.ppo.reward_functions),
                                           eval_function=load_eval_function(task.eval_reward),
                                           chat_template=task.chat_template, node_resource=cfg.learner.node_resource,
-                                          placement=where)
+                                          placement=where, max_steps=self.ppo.iterations)
         self.pool = RolloutPool(start_policy, cfg.rollout, seed=self.ppo.seed, log=log,
                                 version=run.resumed["policy_version"] if run.resumed else 0,
                                 learner_cfg=cfg.learner, placement=where,
@@ -367,9 +369,15 @@ class _Actors:
         """Rollout of iteration ``it``, its RM scoring and reference logprobs (each starts as soon as
         the chunks exist; none needs the learner); returns (ScoredRollout ref, reference ref)."""
         # A prompt's samples side by side: the group estimators read them as rows of [prompts, n].
-        n = self.ppo.samples_per_prompt
+        from rlhf_ray.ppo import actors
+
+        n, rounds = self.ppo.samples_per_prompt, self.ppo.dynamic_sampling_max_rounds
         prompts, seed = [p for p in self.task.train.batch(it) for _ in range(n)], self.ppo.seed * 1_000_003 + it
         scored = self.scorer.score.remote(*self.pool.generate(prompts, self.ppo, seed=seed))
+        if rounds:  # dynamic sampling: more groups until enough of them differ, in a task of its own
+            extra = [[p for p in self.task.train.extra(it, r) for _ in range(n)] for r in range(1, rounds + 1)]
+            seeds = [int(np.random.SeedSequence([self.ppo.seed, it, r]).generate_state(1)[0]) for r in range(1, rounds + 1)]
+            scored = actors.fill_groups(scored, self.scorer, list(self.pool.workers), extra, self.ppo, seeds)
         return scored, self.advantage.reference.remote(scored) if self.ppo.uses_reference else None
 
     def prepare(self, launched: tuple) -> tuple:

@@ -25,8 +25,8 @@ from torch import nn
 
 from rlhf_ray.config import LearnerConfig, PPOConfig
 from rlhf_ray.models.causal_lm import head_is_last
-from rlhf_ray.ops import (behaviour_weights, chunked_logprobs_entropy, entropy_from_logits, logprobs_from_logits,
-                          masked_mean, ppo_objective)
+from rlhf_ray.ops import (chunked_logprobs_entropy, entropy_from_logits, logprobs_from_logits, masked_mean,
+                          mismatch_kl, ppo_objective, truncated_is_weights)
 from rlhf_ray.ppo.distributed import (RankSpec, empty_policy, fill_from_rank0, full, full_optimizer_state, gathered,
                                       init_process_group, like, rank0_value, rank_rows, shard_optimizer_state,
                                       sum_over_ranks, token_share, wrap)
@@ -144,9 +144,9 @@ class Learner:
             else None
         self.chunked = self.memory.logits_chunk_tokens > 0 and (
             rank0_value(lambda: head_is_last(self.policy)) if self.sharded else head_is_last(self.policy))
-        # A value head for GAE only; the critic-free estimators (grpo, rloo, reinforce_plus_plus) have none.
+        # A value head for an estimator that reads values (GAE; rlhf_ray.ops.ESTIMATORS), none for the others.
         self.value_head = None
-        if ppo_cfg.advantage_estimator == "gae":
+        if ppo_cfg.critic:
             self.value_head = nn.Linear(self.policy.config.hidden_size, 1).to(self.device)
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
@@ -228,32 +228,58 @@ class Learner:
 
     # ------------------------------------------------------------------ PPO
 
-    def _minibatch_loss(self, batch: TrainBatch, rows: np.ndarray, train: bool = False):
-        """(loss, PPOStats, (behaviour weights [b, T] or None, response mask, {name: measured scalar}))
-        of the minibatch ``rows``; ``train``: through the module train() steps. A batch without
-        ``old_logprobs`` takes pi_old from this forward, detached (its ratio is 1 and its KL term 0, with
-        the gradients of a pi_old computed before: PPOConfig.pi_old_from_train_forward)."""
+    def _minibatch_loss(self, batch: TrainBatch, rows: np.ndarray, train: bool = False,
+                        shares: dict[str, float] | None = None):
+        """(loss, PPOStats, {name: measured scalar}) of the minibatch ``rows``; ``train``: through the module
+        train() steps; ``shares``: a rank's factors per aggregation unit (``ppo_objective``). A batch
+        without ``old_logprobs`` takes pi_old from this forward, detached (its ratio is 1 and its KL term 0,
+        with the gradients of a pi_old computed before: PPOConfig.pi_old_from_train_forward). Measured
+        against the engine's logprobs (pi_behaviour): their gap and mismatch_kl to pi_old, and with
+        ppo.tis_cap the truncated IS weights the policy term takes."""
         cfg = self.cfg
-        decoupled = cfg.behaviour_weight_cap > 0 and batch.behaviour_logprobs is not None
         # (None: pi_old is this forward's own logprobs; no reference: no KL term reads it)
-        # The engine-vs-pi_old gap is measured here when pi_old is this forward's (elsewhere: advantage.py).
-        gap = batch.old_logprobs is None and batch.behaviour_logprobs is not None
         given = {"old": batch.old_logprobs, "ref": batch.ref_logprobs if cfg.kl_loss_coef > 0 else None,
-                 "behaviour": batch.behaviour_logprobs if decoupled or gap else None}
+                 "behaviour": batch.behaviour_logprobs}
         given = {k: v for k, v in given.items() if v is not None}
         ids, am, mask, old_v, adv, ret, *extra = self._tensors(
             batch.input_ids, batch.attention_mask, batch.response_mask, batch.old_values, batch.advantages,
             batch.returns, *given.values(), rows=rows)
         given = dict(zip(given, extra))
+        if cfg.mask_truncated_completions and batch.truncated is not None:  # cut responses carry no loss
+            mask = mask & ~torch.as_tensor(np.asarray(batch.truncated)[rows], device=mask.device)[:, None]
         lp, v, ent = self._forward(ids, am, with_entropy=True, train=train, score_mask=mask)
         old_lp = given["old"] if "old" in given else lp.detach()
-        weights = behaviour_weights(old_lp, given["behaviour"], cfg.behaviour_weight_cap) if decoupled else None
+        weights, measured = None, {}
+        if "behaviour" in given:
+            behaviour = given["behaviour"]
+            measured = {"behaviour_logprob_gap": masked_mean((behaviour - old_lp).abs(), mask),
+                        "mismatch_kl": mismatch_kl(behaviour, old_lp, mask)}
+            if cfg.tis_cap > 0:
+                weights = truncated_is_weights(old_lp, behaviour, cfg.tis_cap)
+                measured.update(tis_weight=masked_mean(weights, mask),
+                                tis_capped=masked_mean((weights >= cfg.tis_cap).float(), mask))
         loss, stats = ppo_objective(lp, old_lp, adv, v, old_v, ret, mask, clip_eps=cfg.clip_eps, beta=cfg.beta,
                                     c1=cfg.c1, value_clip_eps=cfg.value_clip_eps or None, entropy=ent,
                                     entropy_coef=cfg.entropy_coef, weights=weights,
-                                    ref_logprobs=given.get("ref"), kl_loss_coef=cfg.kl_loss_coef)
-        more = {"behaviour_logprob_gap": masked_mean((given["behaviour"] - old_lp).abs(), mask)} if gap else {}
-        return loss, stats, (weights, mask, more)
+                                    ref_logprobs=given.get("ref"), kl_loss_coef=cfg.kl_loss_coef,
+                                    loss_type=cfg.loss_type, clip_eps_high=cfg.clip_eps_high or None,
+                                    importance_sampling_level=cfg.importance_sampling_level,
+                                    max_tokens=cfg.max_new_tokens, shares=shares)
+        return loss, stats, measured
+
+    def _stat_weights(self, shares: dict[str, float] | None) -> dict[str, float]:
+        """What each step statistic of this rank counts for in the group's (their sum over the ranks):
+        a token mean its token share, a term of the loss type its share of the loss type's unit (tokens
+        or sequences), and the loss and the objective as they are (scaled already), the grad norm as
+        it is (the same on every rank); each over the world size. 1 for a single learner."""
+        if shares is None:
+            return {"tokens": 1.0}
+        from rlhf_ray.ops.losses import AGGREGATIONS, LOSS_TYPES
+
+        per_rank = 1 / self.world_size
+        unit = shares[AGGREGATIONS[LOSS_TYPES[self.cfg.loss_type].aggregation].unit] * per_rank
+        return {"tokens": shares["tokens"] * per_rank, "l_clip": unit, "kl": unit, "kl_ref": unit,
+                "loss": per_rank, "grad_norm": per_rank, "objective": per_rank}
 
     @torch.no_grad()
     def loss(self, batch: TrainBatch) -> float:
@@ -274,24 +300,24 @@ class Learner:
             for i in range(0, B, cfg.minibatch_size):
                 rows = order[i:i + cfg.minibatch_size]
                 mine = rank_rows(rows, self.rank, self.world_size)
-                share = 1.0
+                share, shares = 1.0, None
                 if self.world_size > 1:  # a rank without rows still steps (the collectives), with no weight
                     tokens = int(batch.response_mask[mine].sum())
                     share = token_share(tokens, int(batch.response_mask[rows].sum()), self.world_size)
+                    shares = {"tokens": share, "sequences": self.world_size * len(mine) / len(rows)}
                     mine = mine if len(mine) else rows[:1]
-                loss, st, (weights, mask, measured) = self._minibatch_loss(batch, mine, train=True)
+                loss, st, measured = self._minibatch_loss(batch, mine, train=True, shares=shares)
                 self.optimizer.zero_grad(set_to_none=True)
-                (loss * share if self.world_size > 1 else loss).backward()
+                loss.backward()  # (scaled by the shares in a group)
                 params = [p for g in self.optimizer.param_groups for p in g["params"]]
                 grad_norm = full(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
                 self.optimizer.step()
-                more = (*measured.items(), *(() if weights is None else (
-                    ("behaviour_weight", masked_mean(weights, mask)),
-                    ("behaviour_weight_capped", masked_mean((weights >= cfg.behaviour_weight_cap).float(), mask)))))
-                for k, v in (*st._asdict().items(), ("loss", loss.detach()), ("grad_norm", grad_norm), *more):
-                    # The ranks' token means weighted by their token shares; the norm is the same on all.
-                    w = 1 / self.world_size if k == "grad_norm" else share / self.world_size
-                    sums[k] = sums.get(k, 0.0) + float(v) * (w if self.world_size > 1 else 1.0)
+                if shares is not None:  # (the group's objective is the sum of the ranks' scaled ones)
+                    st = st._replace(objective=-loss.detach())
+                stat_weights = self._stat_weights(shares)
+                for k, v in (*st._asdict().items(), ("loss", loss.detach()), ("grad_norm", grad_norm),
+                             *measured.items()):
+                    sums[k] = sums.get(k, 0.0) + float(v) * stat_weights.get(k, stat_weights["tokens"])
                 steps += 1
         if self.world_size > 1:
             sums = sum_over_ranks(sums, self.device)
@@ -308,8 +334,7 @@ class Learner:
             "train_seconds": seconds,
             "train_tokens_per_s": cfg.epochs * float(batch.attention_mask.sum()) / seconds,
             "policy_version": self.version, "data_version": batch.policy_version, "version_lag": lag,
-            **{k: stats[k] for k in ("behaviour_weight", "behaviour_weight_capped", "behaviour_logprob_gap")
-               if k in stats},
+            **{k: stats[k] for k in ("behaviour_logprob_gap", "mismatch_kl", "tis_weight", "tis_capped") if k in stats},
         }
 
     # ------------------------------------------------------------------ weights

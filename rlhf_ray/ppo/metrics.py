@@ -79,10 +79,17 @@ def done_line(seconds: float, before: dict, after: dict, history: list[dict], ha
 
 
 def describe_estimator(ppo: PPOConfig) -> str:
-    """The run's advantage estimator, samples per prompt, value head and KL terms, in words."""
+    """The run's advantage estimator, samples per prompt, value head, loss type and KL terms, in words."""
     n = f"{ppo.samples_per_prompt} sample{'s' if ppo.samples_per_prompt > 1 else ''} per prompt"
     kl = ", ".join(x for x in (f"reference KL in the reward x {ppo.kl_coef:g}" if ppo.kl_coef else "",
                                f"reference KL in the loss x {ppo.kl_loss_coef:g}" if ppo.kl_loss_coef else "",
                                f"KL(pi_old || pi_theta) x {ppo.beta:g}" if ppo.beta else "") if x) or "no KL term"
-    critic = "a value head (c1 x L_V)" if ppo.advantage_estimator == "gae" else "no value head, no value loss"
-    return f"{ppo.advantage_estimator}, {n}, {critic}; {kl}"
+    critic = "a value head (c1 x L_V)" if ppo.critic else "no value head, no value loss"
+    high = ppo.clip_eps_high or ppo.clip_eps
+    loss = (f"loss {ppo.loss_type} ({ppo.importance_sampling_level} ratio, clip [{1 - ppo.clip_eps:g}, "
+            f"{high if ppo.loss_type == 'cispo' else 1 + high:g}])")
+    extras = [f"truncated IS at {ppo.tis_cap:g}" if ppo.tis_cap else "",
+              f"dynamic sampling (<= {ppo.dynamic_sampling_max_rounds} extra rounds)" if ppo.dynamic_sampling_max_rounds
+              else "", f"overlong buffer {ppo.overlong_buffer}" if ppo.overlong_buffer else "",
+              "truncated responses masked" if ppo.mask_truncated_completions else ""]
+    return ", ".join([f"{ppo.advantage_estimator}, {n}, {critic}; {loss}", *[x for x in extras if x]]) + f"; {kl}"

@@ -31,7 +31,8 @@ def plot_ppo(history: list[dict], path: str | Path, before: dict | None = None, 
         a.plot(x0 + it, rm0 + col("eval_rm_score"), "s--", label="RM (held-out)")
     a.plot(it, col("reward"), ":", alpha=0.6, label="reward (train batch)")
     a.set(xlabel="iteration", ylabel="reward", title="reward per iteration")
-    a.legend(fontsize=8)
+    if a.get_legend_handles_labels()[0]:
+        a.legend(fontsize=8)
 
     a = ax[0][1]
     # Per-batch KL is noisy (k1 on one batch): points coloured by iteration, no connecting lines.
@@ -44,20 +45,23 @@ def plot_ppo(history: list[dict], path: str | Path, before: dict | None = None, 
                   label="RM (held-out)")
     a.set(xlabel="KL(pi || pi_ref) per sequence, nats (train batch)", ylabel="reward",
           title="reward vs KL to reference (darker = later)")
-    a.legend(fontsize=8)
+    if a.get_legend_handles_labels()[0]:
+        a.legend(fontsize=8)
 
     a = ax[1][0]
     for key in ("policy_loss", "value_loss", "clip_frac", "entropy", "kl_old"):
         a.plot(it, col(key), label=key)
     a.set(xlabel="iteration", title="PPO statistics")
-    a.legend(fontsize=8)
+    if a.get_legend_handles_labels()[0]:
+        a.legend(fontsize=8)
 
     a = ax[1][1]
     for key in ("gen_seconds", "score_seconds", "reference_seconds", "evaluate_seconds", "advantage_seconds",
                 "train_seconds", "sync_seconds", "eval_seconds", "iteration_seconds"):
         a.plot(it, col(key), label=key.replace("_seconds", ""))
     a.set(xlabel="iteration", ylabel="seconds", title="time per stage")
-    a.legend(fontsize=8)
+    if a.get_legend_handles_labels()[0]:
+        a.legend(fontsize=8)
 
     fig.tight_layout()
     path = Path(path)

@@ -119,11 +119,7 @@ class RolloutPool:
     def generate(self, prompts: list, ppo: PPOConfig, seed: int) -> list:
         """Split the prompts (PromptRecords, text or chats) across the workers; returns one Rollout ref
         per worker."""
-        sizes = [len(a) for a in np.array_split(np.arange(len(prompts)), len(self.workers))]
-        starts = np.concatenate([[0], np.cumsum(sizes)])
-        parts = [list(prompts[a:b]) for a, b in zip(starts[:-1], starts[1:]) if b > a]
-        return [w.generate.remote(part, ppo.max_new_tokens, ppo.temperature, ppo.top_p, seed)
-                for w, part in zip(self.workers, parts)]
+        return generate_on(self.workers, prompts, ppo, seed)
 
     def attach_shared_weights(self, learner, required: bool) -> str | None:
         """Move the engines onto shared-memory weights written by ``learner`` (before the first
@@ -227,6 +223,15 @@ class RolloutPool:
                 pass
             ray.kill(w)
         self.workers = []
+
+
+def generate_on(workers: list, prompts: list, ppo: PPOConfig, seed: int) -> list:
+    """The prompts split across ``workers`` (rollout worker handles), in order; one Rollout ref each."""
+    sizes = [len(a) for a in np.array_split(np.arange(len(prompts)), len(workers))]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    parts = [list(prompts[a:b]) for a, b in zip(starts[:-1], starts[1:]) if b > a]
+    return [w.generate.remote(part, ppo.max_new_tokens, ppo.temperature, ppo.top_p, seed)
+            for w, part in zip(workers, parts)]
 
 
 def requested_workers(path: Path, log) -> int | None:

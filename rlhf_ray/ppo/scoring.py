@@ -17,7 +17,7 @@ import numpy as np
 
 from rlhf_ray.data.chat import is_chat
 from rlhf_ray.ppo.types import Rollout, ScoredRollout
-from rlhf_ray.reward.functions import RewardFunction, call_reward_function, column_lists
+from rlhf_ray.reward.functions import RewardFunction, TrainerState, call_reward_function, column_lists
 
 
 def merge_rollouts(chunks: list[Rollout]) -> Rollout:
@@ -51,6 +51,20 @@ def merge_rollouts(chunks: list[Rollout]) -> Rollout:
         sources=[x for c in chunks for x in (c.sources or ["?"] * len(c.prompts))])
 
 
+def merge_scored(parts: list[ScoredRollout]) -> ScoredRollout:
+    """Scored rollouts one after the other (:func:`merge_rollouts`), their scores too; gen_seconds and
+    score_seconds summed (they ran one after the other)."""
+    if len(parts) == 1:
+        return parts[0]
+    cat = lambda xs: np.concatenate(xs)  # noqa: E731
+    merged = merge_rollouts([p.rollout for p in parts])
+    merged.gen_seconds = sum(p.rollout.gen_seconds for p in parts)
+    return ScoredRollout(merged, cat([p.scores for p in parts]),
+                         None if parts[0].rm_scores is None else cat([p.rm_scores for p in parts]),
+                         sum(p.score_seconds for p in parts),
+                         {k: cat([p.function_scores[k] for p in parts]) for k in parts[0].function_scores})
+
+
 def completions(ro: Rollout) -> list:
     """The responses in TRL's form: text for plain prompts, an assistant message list for chats."""
     return [[{"role": "assistant", "content": r}] if is_chat(p) else r for p, r in zip(ro.prompts, ro.responses)]
@@ -61,11 +75,12 @@ def completion_ids(ro: Rollout) -> list[list[int]]:
     return [ro.input_ids[b][ro.response_mask[b]].tolist() for b in range(len(ro.prompts))]
 
 
-def function_values(fn: RewardFunction, ro: Rollout) -> np.ndarray:
-    """``fn``'s values on the rollout, float64 [B], NaN where it returned None."""
+def function_values(fn: RewardFunction, ro: Rollout, max_steps: int = 0) -> np.ndarray:
+    """``fn``'s values on the rollout, float64 [B], NaN where it returned None; its ``trainer_state``:
+    the sampling policy's version as global_step, ``max_steps`` (ppo.iterations)."""
     return call_reward_function(fn.name, fn.fn, list(ro.prompts), completions(ro), completion_ids(ro),
                                 column_lists(ro.columns or [{}] * len(ro.prompts)),
-                                ro.sources or ["?"] * len(ro.prompts))
+                                ro.sources or ["?"] * len(ro.prompts), TrainerState(ro.policy_version, max_steps))
 
 
 class RolloutScorer:
@@ -78,7 +93,7 @@ class RolloutScorer:
 
     def __init__(self, rm_dir: str | Path | None = None, max_length: int = 64, handle=None,
                  max_pairs: int = 4096, reward_functions: list[RewardFunction] = (),
-                 eval_function: RewardFunction | None = None, chat_template: str = "auto"):
+                 eval_function: RewardFunction | None = None, chat_template: str = "auto", max_steps: int = 0):
         """``max_pairs``: the most (prompt, response) pairs one request to the service may carry (its
         serve.max_prompts x serve.max_responses); bigger batches go as several concurrent requests."""
         if rm_dir is not None and handle is not None:
@@ -91,7 +106,7 @@ class RolloutScorer:
             from rlhf_ray.runtime import quiet_serve_logger
 
             quiet_serve_logger()
-        self.functions, self.eval_function = list(reward_functions), eval_function
+        self.functions, self.eval_function, self.max_steps = list(reward_functions), eval_function, max_steps
         if rm_dir is not None:
             from rlhf_ray.reward.scorer import RewardScorer
 
@@ -121,7 +136,7 @@ class RolloutScorer:
         total = np.zeros(len(merged.prompts)) if rm is None else rm.astype(np.float64)
         values = {}
         for fn in self.functions:
-            v = function_values(fn, merged)
+            v = function_values(fn, merged, self.max_steps)
             values[fn.key] = v.astype(np.float32)
             if fn.weight:
                 total = total + fn.weight * np.nan_to_num(v, nan=0.0)
@@ -134,7 +149,7 @@ class RolloutScorer:
         length, truncation, and a couple of example responses."""
         merged = merge_rollouts(list(rollouts))
         rm = self.rm_scores(merged.prompts, merged.responses)
-        evaluated = function_values(self.eval_function, merged) if self.eval_function else \
+        evaluated = function_values(self.eval_function, merged, self.max_steps) if self.eval_function else \
             np.full(len(merged.prompts), np.nan)
         known = evaluated[~np.isnan(evaluated)]
         show = lambda p: p if isinstance(p, str) else p[-1]["content"]  # noqa: E731  (a chat: its last message)

@@ -35,6 +35,14 @@ class Rollout:
     columns: list[dict] = field(default_factory=list)  # per prompt: its record's other fields ([] = none)
     sources: list[str] = field(default_factory=list)  # per prompt: where it came from ("file:line")
 
+    def take(self, rows: np.ndarray) -> "Rollout":
+        """The rollout's rows ``rows`` (int [b]), in that order."""
+        pick = lambda xs: [xs[i] for i in rows] if xs else xs  # noqa: E731
+        return Rollout(self.input_ids[rows], self.attention_mask[rows], self.response_mask[rows],
+                       self.rollout_logprobs[rows], self.truncated[rows], pick(self.prompts), pick(self.responses),
+                       self.policy_version, self.worker_id, self.gen_seconds, int(self.response_mask[rows].sum()),
+                       pick(self.columns), pick(self.sources))
+
 
 @dataclass
 class ScoredRollout:
@@ -46,6 +54,13 @@ class ScoredRollout:
     score_seconds: float
     # Each reward function's values by metric name ("rewards/<name>"), float32 [B], NaN where it returned None.
     function_scores: dict[str, np.ndarray] = field(default_factory=dict)
+    sampling: dict = field(default_factory=dict)  # dynamic sampling's stats (rlhf_ray.ppo.dynamic), {} without
+
+    def take(self, rows: np.ndarray) -> "ScoredRollout":
+        """The rows ``rows`` (int [b]) of the scored rollout, in that order."""
+        return ScoredRollout(self.rollout.take(rows), self.scores[rows],
+                             None if self.rm_scores is None else self.rm_scores[rows], self.score_seconds,
+                             {k: v[rows] for k, v in self.function_scores.items()}, dict(self.sampling))
 
 
 @dataclass
@@ -67,3 +82,4 @@ class TrainBatch:
     policy_version: int
     stats: dict = field(default_factory=dict)  # scalars: reward means, KL to reference, ...
     behaviour_logprobs: np.ndarray | None = None  # float32 [B, T] the engines' (the sampling policy's)
+    truncated: np.ndarray | None = None  # bool [B] cut at max_new_tokens without EOS (ppo.mask_truncated_completions)

@@ -8,7 +8,11 @@ number per sample, or None where it does not apply (that sample's sum leaves it 
 * ``completions``: the generated text for plain prompts, ``[{"role": "assistant", "content": text}]``
   for chats;
 * ``completion_ids``: the generated token ids (lists of ints; a stop token is included);
+* ``trainer_state``: a :class:`TrainerState` (TRL passes transformers' ``TrainerState``): ``global_step``,
+  the updates the sampling policy has had, and ``max_steps`` (``ppo.iterations``), e.g. for a curriculum;
 * ``**columns``: every other field of the prompt records, one list per field.
+
+A function may be ``async def`` (an API-based judge, say): it is awaited, as TRL does.
 
 So a function written for TRL works unchanged. Functions are named ``module:function``, imported in
 the driver (its working directory is importable); the code of a module that is not installed (a file
@@ -32,6 +36,14 @@ import numpy as np
 
 class RewardFunctionError(ValueError):
     """A reward function failed; the message names it and the record."""
+
+
+class TrainerState(NamedTuple):
+    """The training progress a reward function sees as ``trainer_state`` (the fields of transformers'
+    ``TrainerState`` that a reward function reads)."""
+
+    global_step: int = 0  # optimizer updates of the policy that sampled the batch (its version)
+    max_steps: int = 0  # ppo.iterations
 
 
 class RewardFunction(NamedTuple):
@@ -134,16 +146,21 @@ def _values(out, n: int, name: str, sources: list[str]) -> np.ndarray:
 
 
 def call_reward_function(name: str, fn: Callable, prompts: list, completions: list, completion_ids: list,
-                         columns: dict[str, list], sources: list[str]) -> np.ndarray:
-    """``fn``'s values for the batch, float64 [B] (NaN where it returned None). An exception is traced
-    to the first sample that raises alone and reported naming ``name`` and that sample's
-    ``sources`` entry (file and line of its prompt record)."""
+                         columns: dict[str, list], sources: list[str], state: TrainerState = TrainerState()
+                         ) -> np.ndarray:
+    """``fn``'s values for the batch, float64 [B] (NaN where it returned None); an async function is
+    awaited. An exception is traced to the first sample that raises alone and reported naming ``name``
+    and that sample's ``sources`` entry (file and line of its prompt record)."""
+    import asyncio
+    import inspect
+
     n = len(prompts)
 
     def call(idx: list[int]):
-        return fn(prompts=[prompts[i] for i in idx], completions=[completions[i] for i in idx],
-                  completion_ids=[completion_ids[i] for i in idx],
-                  **{k: [v[i] for i in idx] for k, v in columns.items()})
+        out = fn(prompts=[prompts[i] for i in idx], completions=[completions[i] for i in idx],
+                 completion_ids=[completion_ids[i] for i in idx], trainer_state=state,
+                 **{k: [v[i] for i in idx] for k, v in columns.items() if k != "trainer_state"})
+        return asyncio.run(out) if inspect.isawaitable(out) else out
 
     try:
         out = call(list(range(n)))
