@@ -12,6 +12,18 @@ from rlhf_ray.runtime import quiet_libraries
 
 quiet_libraries()
 
+# Modules whose tests start vLLM engines, Ray clusters of their own or a real model (besides every test
+# that uses the session's Ray cluster): the integration tests. `pytest -m "not integration"` is the unit
+# run (docs/development.md).
+INTEGRATION_MODULES = {"test_collective", "test_demo", "test_job_submit", "test_multinode", "test_rollout",
+                       "test_smollm2"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()) or item.module.__name__ in INTEGRATION_MODULES:
+            item.add_marker(pytest.mark.integration)
+
 
 @pytest.fixture(scope="session")
 def test_config(tmp_path_factory):

@@ -13,7 +13,7 @@ from rlhf_ray.cli import _parser, main
 from rlhf_ray.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "examples").glob("**/README.md"))]
 ENV_ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=\S*$")
 COMMAND = re.compile(r"^(\$ )?([A-Z_][A-Z0-9_]*=\S* )*(\S*/)?rlhf-ray( |$)")
 FILE_SUFFIXES = {"py", "md", "json", "jsonl", "yaml", "png", "pt", "safetensors", "parquet", "gguf", "log", "sh"}
@@ -80,10 +80,11 @@ def test_every_command_in_the_docs_parses_with_real_fields(argv):
         if argv and argv[-1] in ("--help", "-h", "--version") and e.code == 0:
             return
         raise AssertionError(f"rlhf-ray {shlex.join(argv)}: argparse refused it") from None
-    if args.command == "import-gguf":
+    if args.command == "import-gguf":  # the wheel's model by name, or a GGUF file in the repo
+        assert args.gguf_file == "smollm2" or (ROOT / args.gguf_file).is_file(), args.gguf_file
         return
-    config = args.config if args.config and (ROOT / args.config).is_file() else None
-    load_config(ROOT / config if config else None, args.overrides)  # raises ConfigError naming the field
+    assert not args.config or (ROOT / args.config).is_file(), f"--config {args.config}: no such file in the repo"
+    load_config(ROOT / args.config if args.config else None, args.overrides)  # raises ConfigError naming the field
 
 
 def test_every_config_field_the_docs_name_exists():

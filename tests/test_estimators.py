@@ -94,13 +94,15 @@ def test_advantages_by_estimator(test_config):
     # gae: what the advantage worker always did
     adv, ret = advantages(_cfg(test_config), rewards, values, mask)
     a_ref, r_ref = gae(rewards, values, mask, test_config.ppo.gamma, test_config.ppo.lam)
-    torch.testing.assert_close(adv, masked_whiten(a_ref, mask)) and torch.testing.assert_close(ret, r_ref)
+    torch.testing.assert_close(adv, masked_whiten(a_ref, mask))
+    torch.testing.assert_close(ret, r_ref)
     # grpo / rloo on each sample's summed token rewards, 2 samples per prompt, on its response tokens
     sums = (rewards * mask).sum(-1)
     for name, fn in (("grpo", grpo_advantages), ("rloo", rloo_advantages)):
         adv, ret = advantages(_cfg(test_config, advantage_estimator=name, samples_per_prompt=2), rewards, values, mask)
         per_seq = fn(sums.view(2, 2)).reshape(-1)
-        torch.testing.assert_close(adv, sequence_to_tokens(per_seq, mask)) and torch.testing.assert_close(ret, adv)
+        torch.testing.assert_close(adv, sequence_to_tokens(per_seq, mask))
+        torch.testing.assert_close(ret, adv)
     adv, ret = advantages(_cfg(test_config, advantage_estimator="reinforce_plus_plus"), rewards, values, mask)
     torch.testing.assert_close((adv, ret), reinforce_pp_advantages(rewards, mask))
     with pytest.raises(ValueError, match="not whole groups of ppo.samples_per_prompt=3"):
@@ -138,7 +140,8 @@ def test_the_objectives_kl_loss_term_and_no_value_loss_without_a_critic():
     torch.testing.assert_close(g, 0.3 * (1 - torch.exp(ref - lp.detach())) * mask / mask.sum())
     # without reference logprobs the term is off and reported as 0
     loss0, st0 = ppo_objective(lp, old, adv, None, None, None, mask, **kw)
-    torch.testing.assert_close(loss0, -l_clip) and float(st0.kl_ref) == 0.0
+    torch.testing.assert_close(loss0, -l_clip)
+    assert float(st0.kl_ref) == 0.0
 
 
 def test_the_config_refuses_a_group_estimator_with_one_sample():

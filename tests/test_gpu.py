@@ -32,7 +32,7 @@ def quiet(*_):
 
 @pytest.fixture(scope="module")
 def scored(policy_dir):
-    from test_ppo import make_rollout
+    from helpers import make_rollout
     from transformers import AutoTokenizer
 
     from rlhf_ray.ppo.types import ScoredRollout
@@ -75,11 +75,13 @@ def test_learner_and_reference_on_gpu_match_cpu(test_config, policy_dir, scored)
     from rlhf_ray.ppo.advantage import AdvantageWorker
     from rlhf_ray.ppo.learner import Learner
 
+    from rlhf_ray.config import LearnerConfig
+
     cfg = dataclasses.replace(test_config.ppo, minibatch_size=8, epochs=2)
     ro = scored.rollout
     out = {}
-    for device in ("cpu", "cuda"):
-        learner = Learner(policy_dir, cfg, device=device)
+    for device in ("cpu", "cuda"):  # float32 on both sides (a CUDA learner autocasts to bf16 by default)
+        learner = Learner(policy_dir, cfg, device=device, learner_cfg=LearnerConfig(mixed_precision="no"))
         adv = AdvantageWorker(str(policy_dir), cfg, device=device)
         old = learner.evaluate(scored)
         batch = adv.compute(scored, old, adv.reference(scored))
@@ -105,6 +107,26 @@ def test_learner_and_reference_on_gpu_match_cpu(test_config, policy_dir, scored)
     ids, am = torch.tensor(ro.input_ids), torch.tensor(ro.attention_mask)
     on_cpu = torch.where(am, sequence_logprobs(cpu_model, ids, am), 0.0).numpy()
     assert np.abs(on_cpu - learner.logprobs(ro.input_ids, ro.attention_mask))[mask].max() < TOL
+
+
+def test_a_bf16_learner_on_gpu_stays_near_the_float32_one(test_config, policy_dir, scored):
+    """learner.mixed_precision=auto on CUDA: bfloat16 autocast. pi_old within bf16 rounding of the float32
+    CPU learner's (logprobs of a ~500-token vocabulary: ~1e-2), the loss too, and its steps lower it."""
+    from rlhf_ray.ppo.advantage import AdvantageWorker
+    from rlhf_ray.ppo.learner import Learner
+
+    cfg = dataclasses.replace(test_config.ppo, minibatch_size=8, epochs=2)
+    cpu, gpu = Learner(policy_dir, cfg, device="cpu"), Learner(policy_dir, cfg, device="cuda")
+    assert cpu.autocast_dtype is None and gpu.autocast_dtype == torch.bfloat16
+    old_c, old_g = cpu.evaluate(scored), gpu.evaluate(scored)
+    m = scored.rollout.response_mask
+    gap = np.abs(old_c["old_logprobs"] - old_g["old_logprobs"])[m]
+    assert 0 < gap.max() < 0.1 and gap.mean() < 2e-2  # bf16 rounding: not zero, not far
+    batch = AdvantageWorker(str(policy_dir), cfg).compute(scored, old_c)
+    l0_c, l0_g = cpu.loss(batch), gpu.loss(batch)
+    assert abs(l0_c - l0_g) < 5e-2
+    gpu.train(batch)
+    assert gpu.loss(batch) < l0_g
 
 
 def test_gpu_learner_writes_shared_weights(test_config, policy_dir, tmp_path):

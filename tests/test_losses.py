@@ -205,9 +205,9 @@ def test_dynamic_sampling_keeps_groups_that_differ_and_fills_with_the_others():
 
 def test_dapo_options_end_to_end_on_ray(ray_cluster, test_config, policy_dir, tmp_path):
     """GRPO with DAPO's and Dr. GRPO's options in one run: dynamic sampling, overlong shaping, clip-higher,
-    truncated responses masked, no std scaling, the dr_grpo loss. Each batch keeps its size; the
-    reward is the function's value plus the overlong penalty of each sample's length; the groups that
-    differ are chosen first, and the policy moves."""
+    truncated responses masked, no std scaling, the dr_grpo loss; two engines, a group split between them.
+    Each batch keeps its size and its groups; the reward is the function's value plus the overlong penalty
+    of each sample's length; the groups that differ are chosen first, and the policy moves."""
     import dataclasses
 
     import ray
@@ -218,17 +218,20 @@ def test_dapo_options_end_to_end_on_ray(ray_cluster, test_config, policy_dir, tm
     from rlhf_ray.ppo.dynamic import group_spread
 
     ppo = dataclasses.replace(
-        test_config.ppo, iterations=2, prompts_per_iteration=4, samples_per_prompt=2, max_new_tokens=8,
-        minibatch_size=8, epochs=1, kl_coef=0.0, lr=1e-3, advantage_estimator="grpo", loss_type="dr_grpo",
+        test_config.ppo, iterations=2, prompts_per_iteration=3, samples_per_prompt=2, max_new_tokens=8,
+        minibatch_size=6, epochs=1, kl_coef=0.0, lr=1e-3, advantage_estimator="grpo", loss_type="dr_grpo",
         clip_eps_high=0.28, scale_rewards="none", mask_truncated_completions=True, overlong_buffer=3,
         overlong_penalty=0.5, dynamic_sampling_max_rounds=2, eval_reward="", checkpoint_every=0,
         reward_functions=(RewardFunctionConfig("task_rewards:says_great", 1.0),))
-    cfg = dataclasses.replace(test_config, ppo=ppo, rollout=dataclasses.replace(test_config.rollout, num_workers=1))
+    # two engines: 3 prompts x 2 samples split 3 + 3, so a group's two samples come from different engines
+    cfg = dataclasses.replace(test_config, ppo=ppo, rollout=dataclasses.replace(test_config.rollout, num_workers=2))
     batches, lines = [], []
 
     def record(m, ctx):
         s = ray.get(ctx.scored, timeout=60)
         batches.append((s.scores.copy(), s.rollout.response_mask.sum(-1), s.sampling))
+        prompts = s.rollout.prompts
+        assert all(prompts[2 * g] == prompts[2 * g + 1] for g in range(3))  # each group: one prompt, twice
 
     result = run_ppo(cfg, policy_dir, None, tmp_path, log=lines.append, eval_every=0, on_iteration=record)
     said = next(x for x in lines if x.startswith("[ppo] advantages: "))
@@ -236,7 +239,7 @@ def test_dapo_options_end_to_end_on_ray(ray_cluster, test_config, policy_dir, tm
                  "overlong buffer 3", "truncated responses masked"):
         assert part in said, said
     for h, (scores, lengths, sampling) in zip(result.history, batches):
-        assert h["batch_size"] == 8 and len(scores) == 8 and sampling and sampling == {
+        assert h["batch_size"] == 6 and len(scores) == 6 and sampling and sampling == {
             k: h[k] for k in ("sampling_rounds", "groups_dropped", "groups_without_spread")}
         penalty = -0.5 * np.clip(lengths - (8 - 3), 0, None) / 3
         assert h["reward"] == pytest.approx(float(np.mean(scores + penalty)), abs=1e-5)

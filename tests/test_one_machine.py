@@ -10,8 +10,6 @@ import os
 import numpy as np
 import pytest
 
-from rlhf_ray.config import RewardFunctionConfig
-
 
 @pytest.mark.parametrize("change, why", [
     ({"rollout": {"async_one_step_off": True}}, "rollout.async_one_step_off runs rollouts while the learner trains"),
@@ -60,7 +58,8 @@ def test_grpo_with_a_reward_function_and_no_rm_colocated(ray_cluster, test_confi
             "ppo.eval_reward=task_rewards:words", "ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=4",
             "ppo.prompts_per_iteration=4", "ppo.minibatch_size=16", "ppo.epochs=1", "ppo.kl_coef=0",
             "ppo.iterations=2", "ppo.eval_every=0", "ppo.eval_prompts=8", "ppo.max_new_tokens=8", "ppo.lr=1e-3",
-            "ppo.checkpoint_every=0", "rollout.num_workers=1", "ppo.loss_type=bnpo"]
+            "ppo.checkpoint_every=0", "rollout.num_workers=1", "ppo.loss_type=bnpo",
+            "rollout.weight_sync=object_store"]  # (chosen by name: the engines copy the buckets in place)
     threads = {}
 
     def on_iteration(m, ctx):  # the actors' own view of their threads and of what they loaded
@@ -84,6 +83,7 @@ def test_grpo_with_a_reward_function_and_no_rm_colocated(ray_cluster, test_confi
     assert any(x.startswith("[ppo] no RM: the reward functions alone score") for x in lines), lines
     assert any(x.startswith("[ppo] placement: colocated on one node") for x in lines), lines
     assert not any("Serve app" in x for x in lines)
+    assert any("weight sync: object store (rollout.weight_sync=object_store)" in x for x in lines), lines
     cores = threads["learner"][1]
     assert threads["learner"] == (cores, cores) and threads["engine"] == (cores, cores)  # (Ray's default: 1)
 
@@ -95,6 +95,21 @@ def test_grpo_with_a_reward_function_and_no_rm_colocated(ray_cluster, test_confi
         assert "rm_score" not in r and "kl_ref" not in r
         assert r["reward"] == pytest.approx(r["rewards/words"], abs=1e-6)  # the function's value, weight 1
         assert r["behaviour_logprob_gap"] < 1e-4  # the engines sample what the learner scores (float32)
+        assert r["sync_mode"] == "in_place" and r["drift"] < 1e-4
     assert "eval_reward" in rows[0] and "eval_rm_score" not in rows[0]
     before, after = load_file(str(policy_dir / "model.safetensors")), load_file(str(out / "ppo" / "policy" / "model.safetensors"))
     assert sum(not np.array_equal(before[k], after[k]) for k in before) == len(before)
+
+
+def test_shared_memory_asked_for_where_it_cannot_work_is_refused_by_name(ray_cluster, test_config, policy_dir, tmp_path):
+    """rollout.weight_sync=shared_memory with engines that keep vLLM's packed weights: the run stops at start
+    with an error naming the field and why (auto would fall back to the object store)."""
+    from rlhf_ray.config import RewardFunctionConfig
+    from rlhf_ray.ppo.driver import run_ppo
+    from rlhf_ray.ppo.sync import WeightSyncError
+
+    ppo = dataclasses.replace(test_config.ppo, iterations=1, eval_every=0,
+                              reward_functions=(RewardFunctionConfig("task_rewards:words"),))
+    rollout = dataclasses.replace(test_config.rollout, num_workers=1, weight_sync="shared_memory", cpu_plain_weights=False)
+    with pytest.raises(WeightSyncError, match=r"rollout.weight_sync=shared_memory: the engines keep packed weights"):
+        run_ppo(dataclasses.replace(test_config, ppo=ppo, rollout=rollout), policy_dir, None, tmp_path, log=lambda *_: None)

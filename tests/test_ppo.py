@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import (PROMPTS, RESPONSES, TRUNCATED, assert_scored_by_the_rm, batch_recorder, last_response_index,
+                     make_rollout)
 from ports import free_port
 
 from rlhf_ray.data import synthetic
@@ -24,35 +26,6 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 # ---- helpers --------------------------------------------------------------------------------------
-
-def make_rollout(tokenizer, prompts: list[str], responses: list[str], truncated: list[bool], version: int = 0,
-                 worker_id: int = 0) -> Rollout:
-    """A Rollout in the RolloutWorker's layout, built with the tokenizer (no engine): a truncated
-    response has no EOS."""
-    rows = []
-    for p, r, cut in zip(prompts, responses, truncated):
-        pid = tokenizer(p)["input_ids"]
-        rid = tokenizer(" " + r, add_special_tokens=False)["input_ids"] + ([] if cut else [tokenizer.eos_token_id])
-        rows.append((pid, rid))
-    B, T = len(rows), max(len(p) + len(r) for p, r in rows)
-    ids = np.full((B, T), tokenizer.pad_token_id, np.int64)
-    am, rm = np.zeros((B, T), bool), np.zeros((B, T), bool)
-    for b, (p, r) in enumerate(rows):
-        ids[b, :len(p) + len(r)] = p + r
-        am[b, :len(p) + len(r)] = True
-        rm[b, len(p):len(p) + len(r)] = True
-    return Rollout(ids, am, rm, np.zeros((B, T), np.float32), np.array(truncated), list(prompts), list(responses),
-                   version, worker_id, 0.1, int(rm.sum()))
-
-
-def last_response_index(mask: np.ndarray) -> np.ndarray:
-    return mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
-
-
-PROMPTS = ["review of the lamp :", "review of the kettle :", "review of the chair :", "tell me a story"]
-RESPONSES = ["the bulb is great .", "the spout is awful and the fan is ok .", "the seat is", "once upon"]
-TRUNCATED = [False, False, True, True]
-
 
 @pytest.fixture(scope="module")
 def tokenizer(policy_dir):
@@ -399,6 +372,24 @@ def test_train_step_changes_every_parameter_and_lowers_the_loss(learner_and_batc
     for _ in range(3):
         learner.train(batch)
     assert learner.loss(batch) < loss0 - 1e-3
+
+
+def test_max_grad_norm_clips_what_the_optimizer_steps_on(learner_and_batch):
+    """ppo.max_grad_norm: the gradient the optimizer steps on has that total norm when the raw one is
+    larger; the reported grad_norm is the raw one (before clipping)."""
+    learner, batch = learner_and_batch
+    learner.cfg = dataclasses.replace(learner.cfg, max_grad_norm=1e-3)
+    seen = []
+    step = learner.optimizer.step
+
+    def recording_step(*a, **kw):
+        grads = [p.grad for g in learner.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return step(*a, **kw)
+
+    learner.optimizer.step = recording_step
+    stats = learner.train(batch)
+    assert stats["grad_norm"] > 1e-2 and seen == [pytest.approx(1e-3, rel=1e-4)]
 
 
 def test_the_learners_memory_options_give_the_plain_loss_and_gradients(learner_and_batch, policy_dir):
@@ -853,7 +844,7 @@ def test_ppo_on_ray(ray_cluster, test_config, policy_dir, rm_dir, tmp_path, monk
     for i, h in enumerate(result.history):
         assert h["data_version"] == i and h["version_lag"] == 0 and h["drift"] <= h["drift_limit"] == 1e-3
         assert h["batch_size"] == 16 and h["reward"] == pytest.approx(h["rm_score"], abs=1e-6)  # no penalty here
-        assert h["eval_policy_version"] == h["policy_version"] and h["eval_reward"] <= 1.5  # gold's maximum
+        assert h["eval_policy_version"] == h["policy_version"]
     assert result.after["eval_reward"] == result.history[-1]["eval_reward"]
     # rollout.weight_sync=auto on one node: the engines read shared memory, removed at the end.
     assert {h["sync_mode"] for h in result.history} == {"shared_memory"}
@@ -1084,10 +1075,13 @@ def test_ppo_on_a_users_prompt_file_with_chats_and_reward_functions(ray_cluster,
         test_config.data, chat_template=str(tmp_path / "chat.jinja")),
         rollout=dataclasses.replace(test_config.rollout, num_workers=2))
     seen: dict[str, list] = {"a": [], "b": []}
+    scored: list = []
 
     def recorder(run):
         def on_iteration(m, ctx):
-            seen[run].append(ray.get(ctx.scored, timeout=60).rollout.prompts)
+            batch = ray.get(ctx.scored, timeout=60)
+            seen[run].append(batch.rollout.prompts)
+            scored.append(batch) if run == "a" else None
         return on_iteration
 
     log = []
@@ -1098,13 +1092,22 @@ def test_ppo_on_a_users_prompt_file_with_chats_and_reward_functions(ray_cluster,
     assert seen["a"] == [[r.prompt for r in stream.batch(it)] for it in range(3)]
     assert sorted(map(json.dumps, seen["a"][0] + seen["a"][1][:4])) == sorted(
         json.dumps(json.loads(x)["prompt"]) for x in lines)  # the first epoch: every prompt once
-    for h in a.history:
+    import task_rewards
+
+    from rlhf_ray.ppo.scoring import completions
+
+    for h, batch in zip(a.history, scored):
         assert set(h) >= {"rewards/mentions", "rewards/words"} and ("eval_reward" in h) == (h["iteration"] != 1)
-        assert 0.0 <= h["rewards/mentions"] <= 1.0 and 1.0 <= h["rewards/words"] <= 9.0
+        # each function's metric: its mean over the batch, recomputed from the batch's responses and columns
+        ro = batch.rollout
+        products = [c["product"] for c in ro.columns]
+        assert h["rewards/mentions"] == pytest.approx(np.mean(task_rewards.mentions(
+            ro.prompts, completions(ro), product=products)), abs=1e-6)
+        assert h["rewards/words"] == pytest.approx(np.mean(task_rewards.words(ro.prompts, completions(ro), None)),
+                                                   abs=1e-5)
         # reward = RM + 1.0 x mentions (every record has a product; words has weight 0)
         assert h["reward"] == pytest.approx(h["rm_score"] + h["rewards/mentions"], abs=1e-5)
-    gold_before = a.eval_reward_before
-    assert a.eval_reward_name == "rlhf_ray.data.synthetic:gold" and -1.5 <= gold_before <= 1.5
+    assert a.eval_reward_name == "rlhf_ray.data.synthetic:gold" and a.eval_reward_before == a.before["eval_reward"]
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(a.policy_dir).chat_template == CHAT_TEMPLATE
@@ -1305,19 +1308,24 @@ def test_reward_functions_from_a_local_module_travel_with_their_code(tmp_path, m
         len(ray.cloudpickle.dumps(installed)) < 400
 
 
-def assert_critic_free(lines: list[str], result, estimator: str, n: int, batch: int) -> None:
+def assert_critic_free(lines: list[str], result, estimator: str, n: int, batch: int, scored: list | None = None
+                       ) -> None:
     """A critic-free run said so, trained without a value loss on prompts x n rows, logged the RM's
-    P over each group when n > 1, and saved no value head."""
+    P over each group when n > 1 (recomputed from each iteration's ``scored`` batch when given), and
+    saved no value head."""
     from rlhf_ray.ppo.learner import VALUE_HEAD_FILE
 
     said = [x for x in lines if x.startswith("[ppo] advantages: ")]
     assert said and said[0].startswith(f"[ppo] advantages: {estimator}, {n} sample") and "no value head" in said[0]
-    for h in result.history:
+    for i, h in enumerate(result.history):
         assert h["batch_size"] == batch and h["value_loss"] == 0.0
-        if n > 1:  # the listwise RM over each prompt's samples: between uniform and certain
-            assert 1 / n <= h["group_rm_top_prob"] <= 1 and 0 <= h["group_rm_entropy"] <= np.log(n) + 1e-9
-        else:
-            assert "group_rm_top_prob" not in h
+        assert ("group_rm_top_prob" in h) == ("group_rm_entropy" in h) == (n > 1)
+        if scored is not None and n > 1:  # the listwise RM's P(y_i|x) over each group, from the batch's RM scores
+            z = scored[i].rm_scores.astype(np.float64).reshape(-1, n)
+            p = np.exp(z - z.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            assert h["group_rm_top_prob"] == pytest.approx(p.max(1).mean(), rel=1e-6)
+            assert h["group_rm_entropy"] == pytest.approx(-(p * np.log(p)).sum(1).mean(), rel=1e-6)
     assert not (result.policy_dir / VALUE_HEAD_FILE).exists()
 
 
@@ -1333,30 +1341,6 @@ def worker_killer(after: int):
             killed.append(ctx.pool.workers[0])
             ray.kill(ctx.pool.workers[0])
     return kill, killed
-
-
-def batch_recorder():
-    """An on_iteration callback that records each iteration's (rm_score metric, scored batch); returns
-    (callback, the records)."""
-    import ray
-
-    batches = []
-
-    def record(m, ctx):
-        batches.append((m["rm_score"], ray.get(ctx.scored, timeout=60)))
-    return record, batches
-
-
-def assert_scored_by_the_rm(batches: list, rm_dir, max_length: int = 64) -> None:
-    """Every sample's reward in the recorded batches is the in-process RM's, and each iteration's
-    rm_score their mean."""
-    from rlhf_ray.ppo.scoring import RolloutScorer
-
-    in_process = RolloutScorer(rm_dir, max_length)
-    for rm_score, scored in batches:
-        want = in_process.rm_scores(scored.rollout.prompts, scored.rollout.responses)
-        np.testing.assert_allclose(scored.rm_scores, want, atol=1e-5)
-        assert rm_score == pytest.approx(float(want.mean()), abs=1e-5)
 
 
 def assert_restarted_once(lines: list[str], killed: list, iteration: int) -> None:
@@ -1386,9 +1370,9 @@ def test_grpo_with_the_kl_loss_on_ray_resumes_exactly(ray_cluster, test_config, 
                     checkpoint_every=1, lr=1e-3, loss_type="cispo", clip_eps_high=5.0,
                     importance_sampling_level="sequence", scale_rewards="batch"),
         rollout=dataclasses.replace(test_config.rollout, num_workers=1))
-    lines = []
-    result = run_ppo(cfg, policy_dir, rm_dir, tmp_path, log=lines.append, eval_every=0)
-    assert_critic_free(lines, result, "grpo", 2, batch=8)
+    lines, (record, batches) = [], batch_recorder()
+    result = run_ppo(cfg, policy_dir, rm_dir, tmp_path, log=lines.append, eval_every=0, on_iteration=record)
+    assert_critic_free(lines, result, "grpo", 2, batch=8, scored=[b for _, b in batches])
     assert any("loss cispo (sequence ratio, clip [0.8, 5])" in x for x in lines), lines
     assert [h["policy_version"] for h in result.history] == [1, 2]
     assert result.history[-1]["kl_ref_k3"] > 0 and all(h["kl_coef"] == 0.0 for h in result.history)

@@ -64,3 +64,40 @@ def test_a_bar_is_drawn_only_for_print_on_a_terminal_and_lines_pass_through():
     bar.close()
     assert said == ["[ppo] it 1/3"] and bar._bar is None
     assert Bar(3, "[ppo]")._bar is None  # print, but pytest's stdout is no terminal
+
+
+def test_on_a_terminal_print_draws_a_bar_and_the_lines_above_it():
+    """In a pseudo-terminal, a stage logging with print gets tqdm's bar (its count and rate) with the
+    stage's own lines written above it."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    import fcntl
+    import struct
+    import termios
+
+    script = ("import time\nfrom rlhf_ray.progress import Bar\n"
+              "bar = Bar(3, '[ppo]')\nassert bar._bar is not None\n"
+              "for i in range(3):\n    time.sleep(0.15)\n    bar.update()\n    bar.log(f'[ppo] it {i + 1}/3')\n"
+              "bar.close()\n")
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # (0 columns: tqdm draws nothing)
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=child, stdout=child, stderr=child, env=env)
+    os.close(child)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert proc.wait(timeout=60) == 0, out
+    text = out.decode(errors="replace")
+    assert "[ppo] it 1/3" in text and "[ppo] it 3/3" in text
+    assert "[ppo]: 100%|" in text and "| 3/3 [" in text and "it/s]" in text  # tqdm's bar, count and rate
+    assert text.index("[ppo]:  33%|") < text.index("[ppo] it 1/3")  # the line went above the drawn bar

@@ -341,7 +341,7 @@ def test_ppo_scores_through_the_rm_app_already_running(service, rm_dir, policy_d
         ppo=dataclasses.replace(test_config.ppo, iterations=2, prompts_per_iteration=8, max_new_tokens=8,
                                 minibatch_size=8, rm_scoring="serve", checkpoint_every=0),
         rollout=dataclasses.replace(test_config.rollout, num_workers=1))
-    from test_ppo import assert_scored_by_the_rm, batch_recorder
+    from helpers import assert_scored_by_the_rm, batch_recorder
 
     lines, (on_iteration, batches) = [], batch_recorder()
     res = run_ppo(cfg, policy_dir, None, tmp_path, log=lines.append, eval_every=0, on_iteration=on_iteration)
@@ -576,11 +576,11 @@ def test_autoscaling_adds_a_replica_under_load_and_a_killed_replica_is_replaced(
                     with lock:
                         given_up.append(failure)
 
+    assert running_replicas(app) == 1  # before any load (after it, Serve may scale up at once)
     threads = [threading.Thread(target=client) for _ in range(6)]
     for t in threads:
         t.start()
     try:
-        assert running_replicas(app) == 1
         wait_until("autoscaled to 2 replicas", lambda: running_replicas(app) == 2)
         first = replica_actors(app)
         assert len(first) == 2
@@ -603,3 +603,43 @@ def test_autoscaling_adds_a_replica_under_load_and_a_killed_replica_is_replaced(
         from ray import serve
 
         serve.delete(app)
+
+
+def test_the_serve_rm_command_serves_until_sigterm_and_then_stops_cleanly(rm_dir, scorer, tmp_path):
+    """`rlhf-ray serve-rm` as an operator runs it (its own local Ray): it says where it serves, answers a
+    request as the in-process scorer does, and on SIGTERM (docker stop, systemd) shuts Serve and its Ray
+    down and exits 0, freeing the port."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    port = free_port()
+    cmd = [str(Path(sys.executable).with_name("rlhf-ray")), "serve-rm", "--checkpoint", str(rm_dir), "--port",
+           str(port), "serve.num_cpus=0.25"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
+                            start_new_session=True)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        while not any(" serving at " in x for x in lines):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)[-3000:]
+            lines.append(proc.stdout.readline())
+        said = next(x for x in lines if " serving at " in x)
+        assert f"serving at http://127.0.0.1:{port}" in said and "Ctrl-C stops" in said
+        prompt, responses = "review of the kettle :", ["the spout is great .", "the switch is broken ."]
+        answer = requests.post(f"http://127.0.0.1:{port}/score", json={"prompt": prompt, "responses": responses},
+                               timeout=60).json()
+        np.testing.assert_allclose(answer["rewards"], scorer.score_groups([(prompt, responses)])[0].rewards, atol=1e-4)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, "".join(lines) + out
+    assert "shutting down the reward model service" in out
+    with socket.socket() as s:  # the port is free again
+        s.bind(("127.0.0.1", port))

@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from test_ppo import PROMPTS, RESPONSES, TRUNCATED, make_rollout
+from helpers import PROMPTS, RESPONSES, TRUNCATED, make_rollout
 
 from rlhf_ray.config import RewardFunctionConfig
 from rlhf_ray.ppo.types import ScoredRollout

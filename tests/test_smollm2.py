@@ -40,6 +40,28 @@ def test_import_gguf_gives_an_ordinary_model_directory(smollm2):
     assert tok.eos_token == "<|im_end|>" and "<|im_start|>" in tok.chat_template
 
 
+def test_the_imported_model_computes_what_transformers_own_gguf_load_does(smollm2):
+    """The imported directory against transformers' own load of the GGUF file (dequantized in memory):
+    the same tokens and the same logits of a chat prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_ray.models.gguf import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    theirs_tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    ours_tok = AutoTokenizer.from_pretrained(smollm2)
+    chat = [{"role": "user", "content": "Write a one-sentence review of a lamp."}]
+    ids = ours_tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    assert ids.tolist() == theirs_tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt",
+                                                          return_dict=True)["input_ids"].tolist()
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)(ids).logits
+        ours = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    assert ours[0, -1].argmax() == theirs[0, -1].argmax()
+
+
 def test_smollm2_through_train_rm_serve_and_ppo(ray_cluster, smollm2, tmp_path, capsys):
     from transformers import AutoTokenizer
 
@@ -80,20 +102,49 @@ def test_smollm2_through_train_rm_serve_and_ppo(ray_cluster, smollm2, tmp_path, 
 
     # ppo: chat prompts from the example's files, a reward function from its module, two iterations.
     args = ["ppo", f"--rm-checkpoint={rm_dir}", *common, f"ppo.prompts_path={EXAMPLE / 'prompts.jsonl'}",
-            f"ppo.eval_prompts_path={EXAMPLE / 'eval_prompts.jsonl'}", "ppo.eval_prompts=4", "ppo.iterations=2",
+            f"ppo.eval_prompts_path={EXAMPLE / 'eval_prompts.jsonl'}", "ppo.eval_prompts=2", "ppo.iterations=2",
             "ppo.prompts_per_iteration=4", "ppo.max_new_tokens=8", "ppo.minibatch_size=4", "ppo.epochs=1",
             "ppo.lr=1e-6", "ppo.checkpoint_every=0", "rollout.num_workers=1",
             "ppo.reward_functions=[examples.smollm2.rewards:mentions_product]",
             "ppo.eval_reward=examples.smollm2.rewards:review_sentiment"]
-    assert main(args) == 0
+    import ray
+
+    from rlhf_ray.ppo import driver
+    from rlhf_ray.ppo.scoring import completions
+    from rlhf_ray.reward.functions import import_function
+
+    mentions_product = import_function("examples.smollm2.rewards:mentions_product", "test")
+    review_sentiment = import_function("examples.smollm2.rewards:review_sentiment", "test")
+
+    batches, results, real_run = [], [], driver.run_ppo
+
+    def run(*a, **kw):  # the CLI's run, recording each iteration's scored batch and the result
+        record = lambda m, ctx: batches.append(ray.get(ctx.scored, timeout=60))  # noqa: E731
+        results.append(real_run(*a, **{**kw, "on_iteration": record}))
+        return results[-1]
+
+    driver.run_ppo = run
+    try:
+        assert main(args) == 0
+    finally:
+        driver.run_ppo = real_run
     out = capsys.readouterr().out
     assert "eval reward (examples.smollm2.rewards:review_sentiment)" in out
     rows = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
-    for r in rows[1:]:
-        assert r["drift"] <= 1e-3 and r["batch_size"] == 4 and 0.0 <= r["rewards/mentions_product"] <= 1.0
+    for r, batch in zip(rows[1:], batches):
+        ro = batch.rollout
+        mentions = mentions_product(ro.prompts, completions(ro), product=[c["product"] for c in ro.columns])
+        assert r["drift"] <= 1e-3 and r["batch_size"] == 4
+        assert r["rewards/mentions_product"] == pytest.approx(np.mean(mentions), abs=1e-6)
         assert r["reward"] == pytest.approx(r["rm_score"] + r["rewards/mentions_product"], abs=1e-4)
-    assert np.isfinite(rows[-1]["eval_reward"]) and np.isfinite(rows[0]["eval_reward"])
+    # The held-out eval reward is the function's mean over the two held-out answers (shown whole as the
+    # examples: "<prompt> <answer>").
+    held = [json.loads(x) for x in (EXAMPLE / "eval_prompts.jsonl").read_text().splitlines()[:2]]
+    for evaluation, row in ((results[0].before, rows[0]), (results[0].after, rows[-1])):
+        answers = [e[len(h["prompt"][-1]["content"]) + 1:] for e, h in zip(evaluation["eval_examples"], held)]
+        expected = review_sentiment(None, answers, product=[h["product"] for h in held])
+        assert row["eval_reward"] == evaluation["eval_reward"] == pytest.approx(np.mean(expected), abs=1e-6)
     policy = tmp_path / "ppo" / "policy"
     renderer = ChatRenderer(AutoTokenizer.from_pretrained(policy))
     assert renderer.stop_token_ids() == [2]  # <|im_end|> ends an assistant turn

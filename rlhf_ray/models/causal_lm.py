@@ -24,6 +24,18 @@ def head_is_last(model, tokens: int = 8) -> bool:
     return bool(torch.allclose(full, mine, rtol=1e-4, atol=1e-4 * max(1.0, float(full.abs().max()))))
 
 
+def model_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """What to pass a causal LM as its attention mask: None when every row is right-padded (its real
+    tokens first), the mask as long otherwise. A causal LM's real tokens never attend to padding after
+    them, so with right padding the mask changes nothing they compute (the position ids are the same
+    0, 1, ...), and without one attention takes its causal fast path (SDPA's ``is_causal``).
+    attention_mask: bool/0-1 [B, T]."""
+    m = attention_mask.bool()
+    if bool(m[:, 0].all()) and bool((m[:, 1:] <= m[:, :-1]).all()):
+        return None
+    return attention_mask.long()
+
+
 @torch.no_grad()
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 64,
                       temperature: float = 1.0, chunk_tokens: int = 0,
@@ -42,13 +54,14 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     for i in range(0, len(input_ids), batch_size):
         ids, am = input_ids[i:i + batch_size], attention_mask[i:i + batch_size]
         if chunk_tokens > 0:
-            hidden = model.base_model(input_ids=ids, attention_mask=am.long(), use_cache=False).last_hidden_state
+            hidden = model.base_model(input_ids=ids, attention_mask=model_attention_mask(am),
+                                      use_cache=False).last_hidden_state
             head = model.get_output_embeddings()
             sm = score_mask[i:i + batch_size]
             lp, _ = chunked_logprobs_entropy(hidden[:, :-1], head.weight, ids[:, 1:], sm[:, 1:].bool(),
                                              bias=head.bias, temperature=temperature, chunk_tokens=chunk_tokens)
         else:
-            logits = model(input_ids=ids, attention_mask=am.long(), use_cache=False).logits  # (b, T, V)
+            logits = model(input_ids=ids, attention_mask=model_attention_mask(am), use_cache=False).logits  # (b, T, V)
             if temperature != 1.0:
                 logits = logits / temperature
             lp = logprobs_from_logits(logits[:, :-1], ids[:, 1:])

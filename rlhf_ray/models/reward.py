@@ -43,5 +43,9 @@ def load_reward_model(path: str | Path):
 
 def batch_rewards(model, batch: RMBatch) -> torch.Tensor:
     """Rewards of a collated group, float [B, Kmax] (padding slots hold copies; mask with ``valid``)."""
-    flat = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0]  # (N,)
+    from rlhf_ray.models.causal_lm import model_attention_mask
+
+    # (N,); the score is read at each row's last real token, found from the pad token (right padding)
+    flat = model(input_ids=batch.input_ids, attention_mask=model_attention_mask(batch.attention_mask),
+                 use_cache=False).logits[:, 0]
     return flat[batch.index]

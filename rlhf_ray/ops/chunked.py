@@ -2,9 +2,9 @@
 
 The LM head's logits are the largest tensor of a learner step: [B, T, V] in float32 is 1.6 GB for a 49k
 vocabulary at 8 x 1024 tokens, and autograd keeps them for backward. Here the logits of at most
-``chunk_tokens`` tokens exist at once; under autograd each chunk is checkpointed (its logits are
-recomputed from the hidden states in backward), so what a step keeps is the hidden states and two
-floats per token. Only the tokens selected by ``mask`` are computed at all (padding is skipped).
+``chunk_tokens`` tokens exist at once; under autograd each chunk but the last is checkpointed (its
+logits are recomputed from the hidden states in backward), so what a step keeps is the hidden states,
+two floats per token and the last chunk's graph. Only the tokens selected by ``mask`` are computed at all (padding is skipped).
 """
 
 from __future__ import annotations
@@ -48,7 +48,10 @@ def chunked_logprobs_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, mas
     lps, ents = [], []
     for i in range(0, n, max(step, 1)):
         args = (h[i:i + step], y[i:i + step], weight, bias, temperature, with_entropy, entropy_grad)
-        lp, ent = checkpoint(_chunk, *args, use_reentrant=False) if grad else _chunk(*args)
+        # The last chunk is not checkpointed: its backward comes first, so recomputing its logits would only
+        # repeat them (the peak is one chunk's graph either way); one chunk for all tokens: no recompute.
+        last = i + step >= n
+        lp, ent = checkpoint(_chunk, *args, use_reentrant=False) if grad and not last else _chunk(*args)
         lps.append(lp)
         ents.append(ent)
 

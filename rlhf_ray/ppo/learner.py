@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from rlhf_ray.config import LearnerConfig, PPOConfig
-from rlhf_ray.models.causal_lm import head_is_last
+from rlhf_ray.models.causal_lm import head_is_last, model_attention_mask
 from rlhf_ray.ops import (chunked_logprobs_entropy, entropy_from_logits, logprobs_from_logits, masked_mean,
                           mismatch_kl, ppo_objective, truncated_is_weights)
 from rlhf_ray.ppo.distributed import (RankSpec, empty_policy, fill_from_rank0, full, full_optimizer_state, gathered,
@@ -71,7 +71,7 @@ class PolicyValue(nn.Module):
         with torch.autocast(self.device_type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):
             if self.chunk_tokens > 0:
-                hidden = self.policy.base_model(input_ids=input_ids, attention_mask=attention_mask.long(),
+                hidden = self.policy.base_model(input_ids=input_ids, attention_mask=model_attention_mask(attention_mask),
                                                 use_cache=False).last_hidden_state[:, :-1]
                 head = self.policy.get_output_embeddings()
                 scored = attention_mask if score_mask is None else score_mask
@@ -81,7 +81,7 @@ class PolicyValue(nn.Module):
                     with_entropy=with_entropy, entropy_grad=self.entropy_grad)
                 logprobs, entropy = pad(logprobs), pad(entropy) if with_entropy else None
             else:
-                out = self.policy(input_ids=input_ids, attention_mask=attention_mask.long(),
+                out = self.policy(input_ids=input_ids, attention_mask=model_attention_mask(attention_mask),
                                   output_hidden_states=critic, use_cache=False)
                 hidden = out.hidden_states[-1][:, :-1] if critic else None
                 logits = out.logits[:, :-1]  # (B, T-1, V): predicts tokens 1..T-1
@@ -164,7 +164,10 @@ class Learner:
         if self.sharded:
             fill_from_rank0(self.net, source, self.device)
             del source  # (rank 0's whole policy: each rank now holds its shards alone)
-        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=ppo_cfg.lr, eps=1e-5, weight_decay=0.0)
+        # The fused kernel (one pass over each tensor; ~3x the default's speed at 135M parameters on CPU), as
+        # TRL's default optimizer; sharded parameters take the default implementation.
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=ppo_cfg.lr, eps=1e-5, weight_decay=0.0,
+                                           fused=not self.sharded or None)
         self.rng = np.random.default_rng(ppo_cfg.seed)
         self.version = 0  # bumped by every train(); stamped on the weights sent to the engines
 

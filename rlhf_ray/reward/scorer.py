@@ -19,6 +19,7 @@ import torch
 
 from rlhf_ray.data.chat import ChatRenderer, Completion, Prompt
 from rlhf_ray.data.preferences import pad_sequences
+from rlhf_ray.models.causal_lm import model_attention_mask
 from rlhf_ray.ops import listwise_probs
 
 Group = tuple[Prompt, list[Completion]]  # (prompt, candidate responses)
@@ -131,7 +132,8 @@ class RewardScorer:
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
                 ids, mask, cut = pad_sequences([seqs[i] for i in idx], self.renderer, self.max_length)  # (n, L), (n,)
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                logits = self.model(input_ids=ids.to(self.device), use_cache=False,
+                                    attention_mask=model_attention_mask(mask.to(self.device))).logits  # (right padded)
                 rewards[idx] = logits[:, 0].float().cpu().numpy()
                 truncated[idx] = cut.numpy()
         return FlatScores(rewards, truncated)

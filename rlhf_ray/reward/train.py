@@ -179,7 +179,8 @@ class RMTrainLoop:
                  world: int = 1, log=print):
         self.cfg, self.model, self.renderer = cfg, model, as_renderer(tokenizer)
         self.records, self.rank, self.world, self.log = train_records, rank, world, log
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           fused=True)  # (one pass per tensor: the fastest on CPU and GPU)
         if not train_records:
             raise ValueError("no training records")
         self.shard_sizes = shard_sizes(len(train_records), world)
