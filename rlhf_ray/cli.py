@@ -121,16 +121,13 @@ def cmd_serve_rm(args, cfg: Config) -> None:
 
     from rlhf_ray.reward.service import check_exposure
 
-    try:
-        template = resolve_chat_template(cfg.data.chat_template)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    template = resolve_chat_template(cfg.data.chat_template)
     flags = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if flags:  # the flags win over the config, as for every server command
         cfg = load_config(args.config, [*args.overrides, *(f"serve.{k}={v}" for k, v in flags.items())])
     check_exposure(cfg.serve, os.environ.get(cfg.serve.auth_token_env) or None)  # before Ray starts
     _init_ray(args, cfg)
-    serve_rm_forever(cfg.serve, args.checkpoint, cfg.rm.max_length, chat_template=template)
+    serve_rm_forever(cfg.serve, args.checkpoint, chat_template=template)  # (its max length: the checkpoint's)
 
 
 def cmd_ppo(args, cfg: Config) -> None:
@@ -182,7 +179,7 @@ def cmd_demo(args, cfg: Config) -> None:
     rm_plot = plot_rm_curves(res.metrics_path, res.metrics_path.parent / "rm_curves.png", res.gold_ceiling)
     print("\n" + rm_table(res) + "\n")
     print("== 3/4 the RM as a service on Ray Serve")
-    url, handle = deploy_rm(cfg.serve, res.checkpoint_dir, cfg.rm.max_length)
+    url, handle = deploy_rm(cfg.serve, res.checkpoint_dir)
     try:
         print(demo_serve_query(url, cfg.serve.auth_token_env))
         print("== 4/4 PPO: vLLM rollout workers, RM scoring through the Serve deployment, learner")

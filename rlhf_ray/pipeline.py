@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf_ray.config import Config, ConfigError
+from rlhf_ray.config import Config
 from rlhf_ray.data import synthetic
 from rlhf_ray.data.chat import resolve_chat_template
 from rlhf_ray.data.prepare import prepare_preference_data
@@ -36,10 +36,7 @@ def rm_stage(cfg: Config, policy_dir: Path | str, log=print) -> RMStageResult:
 
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        template = resolve_chat_template(cfg.data.chat_template)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    template = resolve_chat_template(cfg.data.chat_template)
     train_path, eval_path = prepare_preference_data(cfg.data, out / "data", check=False)  # train_rm reads them
     metrics_path = out / "rm" / "metrics.jsonl"
     metrics_path.parent.mkdir(parents=True, exist_ok=True)

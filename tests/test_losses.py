@@ -196,10 +196,10 @@ def test_dynamic_sampling_keeps_groups_that_differ_and_fills_with_the_others():
     more = scored([0, 3, 5, 5, 1, 0], "b")  # b0 differs, b1 ties, b2 differs
     out = select_groups([first, more], n=2, groups=3)
     assert out.rollout.prompts == ["a2", "a3", "b0", "b1", "b4", "b5"]  # the three that differ, in order
-    assert out.sampling == {"sampling_rounds": 1, "groups_dropped": 3, "groups_without_spread": 0}
+    assert out.stats == {"sampling_rounds": 1, "groups_dropped": 3, "groups_without_spread": 0}
     short = select_groups([first], n=2, groups=3)  # nothing more: filled with the dropped groups
     assert short.rollout.prompts == ["a0", "a1", "a2", "a3", "a4", "a5"]
-    assert short.sampling == {"sampling_rounds": 0, "groups_dropped": 2, "groups_without_spread": 2}
+    assert short.stats == {"sampling_rounds": 0, "groups_dropped": 2, "groups_without_spread": 2}
     assert short.rollout.gen_seconds == 1.0 and out.rollout.gen_seconds == 2.0 and out.score_seconds == 1.0
 
 
@@ -229,7 +229,7 @@ def test_dapo_options_end_to_end_on_ray(ray_cluster, test_config, policy_dir, tm
 
     def record(m, ctx):
         s = ray.get(ctx.scored, timeout=60)
-        batches.append((s.scores.copy(), s.rollout.response_mask.sum(-1), s.sampling))
+        batches.append((s.scores.copy(), s.rollout.response_mask.sum(-1), s.stats))
         prompts = s.rollout.prompts
         assert all(prompts[2 * g] == prompts[2 * g + 1] for g in range(3))  # each group: one prompt, twice
 

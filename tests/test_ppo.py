@@ -845,6 +845,7 @@ def test_ppo_on_ray(ray_cluster, test_config, policy_dir, rm_dir, tmp_path, monk
         assert h["data_version"] == i and h["version_lag"] == 0 and h["drift"] <= h["drift_limit"] == 1e-3
         assert h["batch_size"] == 16 and h["reward"] == pytest.approx(h["rm_score"], abs=1e-6)  # no penalty here
         assert h["eval_policy_version"] == h["policy_version"]
+        assert h["rm_truncated_frac"] == 0.0  # (the synthetic task's pairs fit the RM's 64 tokens)
     assert result.after["eval_reward"] == result.history[-1]["eval_reward"]
     # rollout.weight_sync=auto on one node: the engines read shared memory, removed at the end.
     assert {h["sync_mode"] for h in result.history} == {"shared_memory"}

@@ -307,3 +307,27 @@ def test_a_checkpoint_on_remote_storage_is_downloaded(tmp_path):
     assert (local / "config.json").read_text() == '{"a": 1}'
     assert local_checkpoint_dir(Checkpoint(str(remote)), tmp_path / "unused") == remote
     assert not (tmp_path / "unused").exists()
+
+
+def test_an_rm_checkpoint_keeps_its_max_length_and_scoring_reads_it_back(policy_dir, tmp_path):
+    """rm.max_length is saved with the checkpoint (rm_settings.json): the scorer, the service and PPO's
+    scorer cut inputs where training did without being told, and PPO reports the share of inputs cut."""
+    import torch
+
+    from helpers import make_rollout
+
+    from rlhf_ray.models.reward import RM_SETTINGS_FILE, init_reward_model, rm_max_length
+    from rlhf_ray.ppo.scoring import RolloutScorer
+    from rlhf_ray.reward.scorer import RewardScorer
+    from rlhf_ray.reward.train import save_checkpoint
+
+    model, tok = init_reward_model(policy_dir)
+    ckpt = save_checkpoint(model, tok, torch.optim.AdamW(model.parameters()), {"epoch": 0}, tmp_path / "rm", max_length=12)
+    assert (ckpt / RM_SETTINGS_FILE).is_file() and rm_max_length(ckpt) == 12 and rm_max_length(tmp_path) == 64
+    assert RewardScorer(ckpt).max_length == 12 and RewardScorer(ckpt, max_length=20).max_length == 20
+    responses = ["the bulb is great .", "the spout is awful and the fan is ok and the lid is solid and the base is fine ."]
+    ro = make_rollout(tok, ["review of the lamp :", "review of the kettle :"], responses, [False, False])
+    lengths = [len(x) for x in RewardScorer(ckpt).renderer.pairs_ids(ro.prompts, responses)]
+    assert lengths[0] <= 12 < lengths[1]  # one input fits, the other is cut
+    scored = RolloutScorer(ckpt).score(ro)
+    assert scored.stats == {"rm_truncated_frac": 0.5}

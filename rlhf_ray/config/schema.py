@@ -105,9 +105,8 @@ class ServeConfig:
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     max_batch_size: int = 64
-    # @serve.batch closes a batch after this wait even while the replica is busy. On 2 cores with
-    # 16 clients: 0.005 s gave batches of ~2.4 requests (116 req/s, p99 214 ms), 0.02 s ~6-7
-    # (126-145 req/s, p99 179-191 ms); see benchmarks/serve_rm.py.
+    # @serve.batch closes a batch after this wait even while the replica is busy: longer waits make
+    # larger batches (fewer forward passes) at some latency (docs/results.md: benchmarks/serve_rm.py).
     batch_wait_timeout_s: float = 0.02
     max_responses: int = 16
     max_chars: int = 2000
@@ -198,9 +197,9 @@ class PPOConfig:
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
     value_clip_eps: float = 0.2  # PPO2 value clipping around the old values; 0 = off
-    # Weight of KL(pi_old || pi_theta) in the objective (the derivation's beta). 0.1: in the 150-iteration demo
-    # the run kept KL to the reference at ~3-4 and gold reward rising; without it (0) the run fell apart
-    # after ~80 iterations (KL 3.7 -> 30, gold +1.29 -> +0.92). See docs/results.md.
+    # Weight of KL(pi_old || pi_theta) in the objective (the derivation's beta): it keeps each update near
+    # the policy that sampled the batch (the demo without it drifted far from the reference after ~80
+    # iterations: docs/results.md). Not TRL's beta (that is kl_loss_coef: docs/coming-from-trl.md).
     beta: float = 0.1
     c1: float = 0.5  # value-loss weight; L_V = 0.5 * mean (V - R)^2
     # Truncated importance sampling: weight each token's policy term by min(pi_old / pi_behaviour, cap),
@@ -211,8 +210,8 @@ class PPOConfig:
     entropy_coef: float = 0.0
     gamma: float = 1.0
     lam: float = 0.95
-    # InstructGPT reference-KL penalty in the reward (0 = off). At 0.05 the tiny policy learns to write
-    # near-empty responses the RM over-rates (gold falls while RM reward rises); 0.4 keeps KL ~2.
+    # InstructGPT reference-KL penalty in the reward (0 = off): too small and the policy learns what the
+    # RM over-rates, the gold reward falling while the RM's rises (docs/results.md).
     kl_coef: float = 0.4
     # The reference KL as a loss term instead (GRPO's): kl_loss_coef * k3 KL(pi_theta || pi_ref) on the
     # response tokens, subtracted from the objective; 0 = off. Usually with kl_coef=0.
@@ -308,18 +307,17 @@ class RolloutConfig:
     # Weight sync: the policy goes to the engines in buckets of at most this size (one object each).
     weight_bucket_mib: int = 64
     # Max logprob drift (vLLM vs learner, max |difference| over a probe's response tokens) tolerated
-    # after a weight sync before failing loudly; 0 = by the engines' dtype: 1e-3 for float32 (they
-    # agree to ~1e-6), 0.05 for float16, 0.5 for bfloat16 (~10x the largest drift measured with the
-    # learner's own weights: 4.5e-3 and 5.1e-2 on CPU at 2-28M parameters; raise it where a larger
-    # 16-bit model differs from the float32 learner by more). In 16 bits the check catches wrong or
-    # unloaded weights, not an engine a version or a few behind (the version stamps catch a missed sync).
+    # after a weight sync before failing loudly; 0 = by the engines' dtype: 1e-3 for float32, 0.05 for
+    # float16, 0.5 for bfloat16 (about ten times the drift of the learner's own weights in that dtype:
+    # docs/ppo.md; raise it where a larger 16-bit model differs from the float32 learner by more). In 16
+    # bits the check catches wrong or unloaded weights, not an engine a version or a few behind (the
+    # version stamps catch a missed sync).
     max_logprob_drift: float = 0.0
     async_one_step_off: bool = False
     # CPU engines: keep vLLM's linear layers on plain weights (torch.nn.functional.linear) so that a
     # weight sync copies into them in place (~1.5x a memcpy) instead of replaying vLLM's loader and
-    # repacking every matrix for oneDNN (~5x or more). vLLM's packed GEMMs are faster (0-25 % faster
-    # generation measured on a 2-core AVX2 machine at 28M parameters): set false where rollout, not
-    # weight sync, bounds an iteration. Also keeps 16-bit engines on CPUs with AMX off vLLM's AMX
+    # repacking every matrix for oneDNN (~5x or more). vLLM's packed GEMMs generate faster: set false
+    # where rollout, not weight sync, bounds an iteration (docs/results.md). Also keeps 16-bit engines on CPUs with AMX off vLLM's AMX
     # packing. No effect on GPUs (their weights are always plain) or on an engine in another process
     # (VLLM_ENABLE_V1_MULTIPROCESSING=1).
     cpu_plain_weights: bool = True

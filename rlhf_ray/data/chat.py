@@ -52,16 +52,18 @@ def check_messages(x: Any, field: str) -> list[Message]:
 
 
 def resolve_chat_template(setting: str, field: str = "data.chat_template") -> str:
-    """``auto``, ``none``, or the text of the Jinja file ``setting`` names (ValueError naming
-    ``field`` when it cannot be read)."""
+    """``auto``, ``none``, or the text of the Jinja file ``setting`` names (a ConfigError, which is a
+    ValueError, naming ``field`` when it cannot be read)."""
+    from rlhf_ray.config import ConfigError
+
     if setting in (AUTO, NONE):
         return setting
     path = Path(setting).expanduser()
     if not path.is_file():
-        raise ValueError(f"{field}: {setting!r} is neither 'auto', 'none' nor a Jinja file")
+        raise ConfigError(f"{field}: {setting!r} is neither 'auto', 'none' nor a Jinja file")
     text = path.read_text()
     if "{{" not in text and "{%" not in text:
-        raise ValueError(f"{field}: {path} holds no Jinja template (no '{{{{' or '{{%')")
+        raise ConfigError(f"{field}: {path} holds no Jinja template (no '{{{{' or '{{%')")
     return text
 
 

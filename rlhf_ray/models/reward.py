@@ -8,6 +8,8 @@ that loads without Ray and without this package.
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import torch
@@ -27,6 +29,22 @@ def init_reward_model(backbone: str | Path, seed: int = 0):
         backbone, num_labels=1, dtype=torch.float32, pad_token_id=tokenizer.pad_token_id)
     torch.nn.init.normal_(model.score.weight, std=1e-3)
     return model, tokenizer
+
+
+RM_SETTINGS_FILE = "rm_settings.json"  # what scoring needs to see the inputs as training did, beside the weights
+DEFAULT_MAX_LENGTH = 64  # rm.max_length's default: checkpoints written without the settings file were trained at it
+
+
+def save_rm_settings(path: str | Path, max_length: int) -> None:
+    """Record with an RM checkpoint what scoring needs besides the weights and the tokenizer (whose chat
+    template the checkpoint already holds): the max length of its inputs (rm.max_length)."""
+    (Path(path) / RM_SETTINGS_FILE).write_text(json.dumps({"max_length": int(max_length)}) + "\n")
+
+
+def rm_max_length(path: str | Path, default: int = DEFAULT_MAX_LENGTH) -> int:
+    """The input length an RM checkpoint was trained at (its settings file), ``default`` without one."""
+    settings = Path(path) / RM_SETTINGS_FILE
+    return int(json.loads(settings.read_text())["max_length"]) if settings.is_file() else default
 
 
 def load_reward_model(path: str | Path):

@@ -199,7 +199,7 @@ def start_advantage(ref_model_path: str | Path, ppo_cfg: PPOConfig, node_resourc
                                                          chunk_tokens=chunk_tokens)
 
 
-def start_scorer(rm_dir: str | Path | None, max_length: int, handle=None, max_pairs: int = 4096,
+def start_scorer(rm_dir: str | Path | None, max_length: int | None = None, handle=None, max_pairs: int = 4096,
                  reward_functions=(), eval_function=None, chat_template: str = "auto", node_resource: str = "",
                  placement: Placement | None = None, max_steps: int = 0):
     """The scorer. ``reward_functions`` and ``eval_function`` are RewardFunctions, imported here; the

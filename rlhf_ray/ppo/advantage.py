@@ -171,7 +171,7 @@ class AdvantageWorker:
             "value_mean": float(masked_mean(values, mask)),
             "return_mean": float(masked_mean(returns, mask)),
             **(group_stats(scored.rm_scores, cfg.samples_per_prompt) if scored.rm_scores is not None else {}),
-            **scored.sampling,  # dynamic sampling's rounds and dropped groups
+            **scored.stats,  # RM inputs cut, dynamic sampling's rounds and dropped groups
             "batch_size": int(len(kl_seq)),
             "gen_seconds": float(ro.gen_seconds),
             "gen_tokens": int(ro.num_tokens),

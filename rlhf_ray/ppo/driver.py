@@ -36,7 +36,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -62,6 +62,23 @@ class IterationContext:
     pool: RolloutPool
     learner: object  # actor handle
     scored: object  # ObjectRef[ScoredRollout] of this iteration
+
+
+class Launched(NamedTuple):
+    """A rollout on its way: refs of its ScoredRollout and of its reference logprobs (None when no KL term
+    reads them)."""
+
+    scored: object
+    reference: object
+
+
+class Pending(NamedTuple):
+    """A batch on its way to the learner: refs of its ScoredRollout and TrainBatch, and of the PPO epochs'
+    stats once they are submitted (None before)."""
+
+    scored: object
+    batch: object
+    train: object = None
 
 
 @dataclass
@@ -190,7 +207,7 @@ def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None,
         #   learner: train(t), export(t)[, evaluate(t+1)], probe(t)[, train(t+1)]
         #   engines: update_weights(t)[, generate(t+2)], logprobs_of (drift check)
         # (bracketed: one-step-off mode; synchronous mode queues evaluate(t+1) after the checks).
-        pending = team.prepare(team.rollout(run.start_it))  # (scored, batch, train: None until submitted)
+        pending = team.prepare(team.rollout(run.start_it))
         launched = team.rollout(run.start_it + 1) if one_step_off and run.start_it + 1 < ppo.iterations else None
         t_loop, bar = time.perf_counter(), Bar(ppo.iterations, "[ppo]", log, initial=run.start_it)
         for it in range(run.start_it, ppo.iterations):
@@ -209,7 +226,7 @@ def _run_attempt(cfg: Config, policy_dir: str | Path, rm_dir: str | Path | None,
                 launched = team.rollout(it + 2) if it + 2 < ppo.iterations else None
             probe = sync.probe(scored, it)  # ---- drift check: one engine's logprobs vs the learner's
             if one_step_off and not last:
-                pending = (*pending[:2], team.learner.train.remote(pending[1]))  # after the probe
+                pending = pending._replace(train=team.learner.train.remote(pending.batch))  # after the probe
 
             stats = team.train_stats(train, version)
             synced = sync.check(it + 1, version, probe)  # raises WeightSyncError
@@ -315,7 +332,7 @@ class _Actors:
             from rlhf_ray.reward.service import rm_service
 
             try:
-                url, rm_handle, self.deployed = rm_service(cfg.serve, rm_dir, cfg.rm.max_length,
+                url, rm_handle, self.deployed = rm_service(cfg.serve, rm_dir,
                                                            chat_template=task.chat_template)
             except ValueError as e:
                 raise ConfigError(f"ppo.rm_scoring=serve: {e}") from None
@@ -330,7 +347,7 @@ class _Actors:
         self.learner = actors.start_learner(start_policy, self.ppo, task.chat_template, self.cfg.learner, where)
         self.advantage = actors.start_advantage(policy_dir, self.ppo, cfg.learner.node_resource,
                                                 cfg.learner.logits_chunk_tokens, where)
-        self.scorer = actors.start_scorer(rm_dir, cfg.rm.max_length, rm_handle,
+        self.scorer = actors.start_scorer(rm_dir, None, rm_handle,  # (the RM's input length: its checkpoint's)
                                           max_pairs=cfg.serve.max_prompts * cfg.serve.max_responses,
                                           reward_functions=load_reward_functions(self.ppo.reward_functions),
                                           eval_function=load_eval_function(task.eval_reward),
@@ -365,9 +382,9 @@ class _Actors:
             self.log(f"[ppo] removed {len(self.pool.shared['stale_removed'])} slot file(s) left by killed jobs")
         return sync
 
-    def rollout(self, it: int) -> tuple:
+    def rollout(self, it: int) -> Launched:
         """Rollout of iteration ``it``, its RM scoring and reference logprobs (each starts as soon as
-        the chunks exist; none needs the learner); returns (ScoredRollout ref, reference ref)."""
+        the chunks exist; none needs the learner)."""
         # A prompt's samples side by side: the group estimators read them as rows of [prompts, n].
         from rlhf_ray.ppo import actors
 
@@ -378,15 +395,14 @@ class _Actors:
             extra = [[p for p in self.task.train.extra(it, r) for _ in range(n)] for r in range(1, rounds + 1)]
             seeds = [int(np.random.SeedSequence([self.ppo.seed, it, r]).generate_state(1)[0]) for r in range(1, rounds + 1)]
             scored = actors.fill_groups(scored, self.scorer, list(self.pool.workers), extra, self.ppo, seeds)
-        return scored, self.advantage.reference.remote(scored) if self.ppo.uses_reference else None
+        return Launched(scored, self.advantage.reference.remote(scored) if self.ppo.uses_reference else None)
 
-    def prepare(self, launched: tuple) -> tuple:
+    def prepare(self, launched: Launched) -> Pending:
         """pi_old and values (Learner.evaluate, which runs after every learner call submitted before
-        it; skipped when pi_old is the training forward's) -> advantages; returns (scored, TrainBatch
-        ref, None: the PPO epochs, once submitted)."""
-        scored, ref = launched
-        old = None if self.ppo.pi_old_from_train_forward else self.learner.evaluate.remote(scored)
-        return scored, self.advantage.compute.remote(scored, old, ref), None
+        it; skipped when pi_old is the training forward's) -> advantages: the batch, its PPO epochs not
+        yet submitted."""
+        old = None if self.ppo.pi_old_from_train_forward else self.learner.evaluate.remote(launched.scored)
+        return Pending(launched.scored, self.advantage.compute.remote(launched.scored, old, launched.reference))
 
     def baseline(self, run: _Run, metrics_log: MetricsLog) -> tuple[dict, list[dict]]:
         """The held-out evaluation before training (a resumed run's from its checkpoint), and the

@@ -34,8 +34,8 @@ def select_groups(parts: list[ScoredRollout], n: int, groups: int) -> ScoredRoll
     order = [*np.flatnonzero(spread), *np.flatnonzero(~spread)][:groups]
     rows = np.concatenate([np.arange(g * n, (g + 1) * n) for g in sorted(order)])
     chosen = merged.take(rows)
-    chosen.sampling = {"sampling_rounds": len(parts) - 1, "groups_dropped": int((~spread).sum()),
-                       "groups_without_spread": int(len(order) - min(int(spread.sum()), groups))}
+    chosen.stats.update(sampling_rounds=len(parts) - 1, groups_dropped=int((~spread).sum()),
+                        groups_without_spread=int(len(order) - min(int(spread.sum()), groups)))
     return chosen
 
 

@@ -59,10 +59,12 @@ def merge_scored(parts: list[ScoredRollout]) -> ScoredRollout:
     cat = lambda xs: np.concatenate(xs)  # noqa: E731
     merged = merge_rollouts([p.rollout for p in parts])
     merged.gen_seconds = sum(p.rollout.gen_seconds for p in parts)
+    rows = [len(p.scores) for p in parts]
     return ScoredRollout(merged, cat([p.scores for p in parts]),
                          None if parts[0].rm_scores is None else cat([p.rm_scores for p in parts]),
                          sum(p.score_seconds for p in parts),
-                         {k: cat([p.function_scores[k] for p in parts]) for k in parts[0].function_scores})
+                         {k: cat([p.function_scores[k] for p in parts]) for k in parts[0].function_scores},
+                         {k: float(np.average([p.stats[k] for p in parts], weights=rows)) for k in parts[0].stats})
 
 
 def completions(ro: Rollout) -> list:
@@ -91,7 +93,7 @@ class RolloutScorer:
     ``eval_function``: the one for held-out samples (None: none); ``chat_template``: how the
     in-process RM renders chats (``rlhf_ray.data.chat``)."""
 
-    def __init__(self, rm_dir: str | Path | None = None, max_length: int = 64, handle=None,
+    def __init__(self, rm_dir: str | Path | None = None, max_length: int | None = None, handle=None,
                  max_pairs: int = 4096, reward_functions: list[RewardFunction] = (),
                  eval_function: RewardFunction | None = None, chat_template: str = "auto", max_steps: int = 0):
         """``max_pairs``: the most (prompt, response) pairs one request to the service may carry (its
@@ -118,21 +120,31 @@ class RolloutScorer:
 
     def rm_scores(self, prompts: list, responses: list[str]) -> np.ndarray | None:
         """R(x_i, y_i), float32 [B]; None without an RM."""
+        scored = self._rm(prompts, responses)
+        return None if scored is None else scored[0]
+
+    def _rm(self, prompts: list, responses: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+        """(R(x_i, y_i) float32 [B], whether each input was cut at the RM's max length, bool [B]); None
+        without an RM."""
         if not self.has_rm:
             return None
         if self.handle is not None:
             n = self.max_pairs
             calls = [self.handle.score_pairs.remote(list(prompts[i:i + n]), list(responses[i:i + n]))
                      for i in range(0, len(prompts), n)]
-            return np.asarray([r for c in calls for r in c.result()["rewards"]], dtype=np.float32)
-        return self.scorer.score_pairs(list(prompts), list(responses)).astype(np.float32)
+            answers = [c.result() for c in calls]
+            return (np.asarray([r for a in answers for r in a["rewards"]], dtype=np.float32),
+                    np.asarray([t for a in answers for t in a["truncated"]], dtype=bool))
+        out = self.scorer.score_flat(list(prompts), list(responses))
+        return out.rewards.astype(np.float32), np.asarray(out.truncated, dtype=bool)
 
     def score(self, *rollouts: Rollout) -> ScoredRollout:
         """Merge the chunks (one per rollout worker), then score every (prompt, response): RM reward
         (0 without an RM) plus sum_f weight_f * f (a None from f adds nothing)."""
         start = time.perf_counter()
         merged = merge_rollouts(list(rollouts))
-        rm = self.rm_scores(merged.prompts, merged.responses)
+        scored = self._rm(merged.prompts, merged.responses)
+        rm = None if scored is None else scored[0]
         total = np.zeros(len(merged.prompts)) if rm is None else rm.astype(np.float64)
         values = {}
         for fn in self.functions:
@@ -140,8 +152,11 @@ class RolloutScorer:
             values[fn.key] = v.astype(np.float32)
             if fn.weight:
                 total = total + fn.weight * np.nan_to_num(v, nan=0.0)
+        # The share of (prompt, response) inputs the RM saw cut at its max length (from the front: BOS, then
+        # the last tokens), so that a too short rm.max_length shows.
+        stats = {} if scored is None else {"rm_truncated_frac": float(scored[1].mean())}
         return ScoredRollout(rollout=merged, scores=total.astype(np.float32), rm_scores=rm,
-                             score_seconds=time.perf_counter() - start, function_scores=values)
+                             score_seconds=time.perf_counter() - start, function_scores=values, stats=stats)
 
     def summary(self, *rollouts: Rollout, examples: int = 2) -> dict:
         """The held-out evaluation in small numbers: mean RM reward (absent without an RM) and eval

@@ -21,10 +21,7 @@ def prepare_task(cfg: Config, policy_dir: str | Path) -> PromptTask:
     from rlhf_ray.ppo.engine import check_engine_fit
     from rlhf_ray.reward.functions import RewardFunctionError, load_eval_function, load_reward_functions
 
-    try:
-        template = resolve_chat_template(cfg.data.chat_template)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    template = resolve_chat_template(cfg.data.chat_template)
     policy_config = model_config(policy_dir, f"the policy ({policy_dir})")
     check_engine_fit(policy_config, cfg.ppo.max_prompt_tokens, cfg.ppo.max_new_tokens, cfg.rollout,
                      on_gpu=cfg.rollout.gpus_per_worker > 0)

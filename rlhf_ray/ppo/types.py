@@ -54,13 +54,15 @@ class ScoredRollout:
     score_seconds: float
     # Each reward function's values by metric name ("rewards/<name>"), float32 [B], NaN where it returned None.
     function_scores: dict[str, np.ndarray] = field(default_factory=dict)
-    sampling: dict = field(default_factory=dict)  # dynamic sampling's stats (rlhf_ray.ppo.dynamic), {} without
+    # What scoring and sampling measured (the share of RM inputs cut at their max length; dynamic
+    # sampling's rounds and groups: rlhf_ray.ppo.dynamic), merged into the iteration's metrics.
+    stats: dict = field(default_factory=dict)
 
     def take(self, rows: np.ndarray) -> "ScoredRollout":
         """The rows ``rows`` (int [b]) of the scored rollout, in that order."""
         return ScoredRollout(self.rollout.take(rows), self.scores[rows],
                              None if self.rm_scores is None else self.rm_scores[rows], self.score_seconds,
-                             {k: v[rows] for k, v in self.function_scores.items()}, dict(self.sampling))
+                             {k: v[rows] for k, v in self.function_scores.items()}, dict(self.stats))
 
 
 @dataclass

@@ -94,11 +94,12 @@ class RewardScorer:
     source. Loads safetensors only. Not thread-safe: call it from one thread at a time.
     """
 
-    def __init__(self, model_dir: str | Path, max_length: int = 64, batch_size: int = 256,
+    def __init__(self, model_dir: str | Path, max_length: int | None = None, batch_size: int = 256,
                  device: str | None = None, chat_template: str = "auto"):
-        from rlhf_ray.models.reward import load_reward_model
+        from rlhf_ray.models.reward import load_reward_model, rm_max_length
 
         self.model_dir = Path(model_dir).resolve()
+        max_length = rm_max_length(self.model_dir) if max_length is None else max_length
         self.model_version = model_version(self.model_dir)
         self.model, self.tokenizer = load_reward_model(self.model_dir)
         self.renderer = ChatRenderer(self.tokenizer, chat_template)

@@ -114,7 +114,7 @@ class ReplicaStats:
 class RewardModelServer:
     """One replica. The model is loaded by ``reconfigure({"checkpoint": path})`` (Serve's user_config)."""
 
-    def __init__(self, cfg: ServeConfig, max_length: int = 64, auth_token: str | None = None,
+    def __init__(self, cfg: ServeConfig, max_length: int | None = None, auth_token: str | None = None,
                  batching: bool = True, chat_template: str = "auto"):
         """``chat_template``: ``auto`` (the checkpoint's own), ``none``, or Jinja source."""
         from rlhf_ray.runtime import quiet_libraries
@@ -201,7 +201,8 @@ class RewardModelServer:
 
     async def version(self) -> dict:
         return {"model_version": self._scorer.model_version, "checkpoint": self._checkpoint,
-                "max_length": self.max_length, "batching": self.batching, "load_error": self._load_error,
+                "max_length": self._scorer.max_length if self._scorer is not None else self.max_length,
+                "batching": self.batching, "load_error": self._load_error,
                 "limits": {k: getattr(self.cfg, k) for k in ("max_responses", "max_prompts", "max_chars")}}
 
     async def get_stats(self, reset: bool = False) -> dict:
@@ -317,7 +318,7 @@ def check_checkpoint(checkpoint_dir: str | Path) -> Path:
     return path
 
 
-def build_app(serve_cfg: ServeConfig, checkpoint_dir: str | Path, max_length: int = 64, *,
+def build_app(serve_cfg: ServeConfig, checkpoint_dir: str | Path, max_length: int | None = None, *,
               auth_token: str | None = None, batching: bool = True, chat_template: str = "auto"):
     """The Serve application (``RewardModelServer`` bound with its options); nothing starts yet."""
     cfg = serve_cfg
@@ -353,7 +354,7 @@ def app_builder(args: dict):
     checkpoint = args.pop("checkpoint", None)
     if not checkpoint:
         raise ValueError("app_builder: checkpoint=<RM directory> is required")
-    max_length = int(args.pop("max_length", 64))
+    max_length = int(args.pop("max_length")) if "max_length" in args else None  # (None: the checkpoint's)
     batching = str(args.pop("batching", "true")).lower() in ("1", "true", "yes")
     from rlhf_ray.data.chat import resolve_chat_template
 

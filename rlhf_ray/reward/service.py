@@ -47,7 +47,7 @@ def check_exposure(serve_cfg: ServeConfig, token: str | None) -> None:
                           f"to serve it open")
 
 
-def deploy_rm(serve_cfg: ServeConfig, checkpoint_dir: str | Path, max_length: int = 64, name: str = "rm", *,
+def deploy_rm(serve_cfg: ServeConfig, checkpoint_dir: str | Path, max_length: int | None = None, name: str = "rm", *,
               route_prefix: str = "/", batching: bool = True, timeout_s: float = 120.0, chat_template: str = "auto"):
     """Start Serve on serve_cfg.host:port (joining or starting Ray), run the RM app, wait until it
     answers /healthz; returns ``(url, handle)``. Called again with another checkpoint, it rolls the
@@ -67,7 +67,7 @@ def deploy_rm(serve_cfg: ServeConfig, checkpoint_dir: str | Path, max_length: in
     return url, handle
 
 
-def rm_service(serve_cfg: ServeConfig, checkpoint_dir: str | Path | None, max_length: int = 64,
+def rm_service(serve_cfg: ServeConfig, checkpoint_dir: str | Path | None, max_length: int | None = None,
                name: str = "rm", chat_template: str = "auto") -> tuple[str | None, object, bool]:
     """The RM as a service for a client job (PPO): the app ``name`` if it already runs on this Ray
     cluster (``rlhf-ray serve-rm``, another job), else one deployed from ``checkpoint_dir``.
@@ -96,7 +96,7 @@ def shutdown_rm(name: str | None = None) -> None:
         serve.delete(name)
 
 
-def serve_rm_forever(serve_cfg: ServeConfig, checkpoint_dir: str | Path, max_length: int = 64,
+def serve_rm_forever(serve_cfg: ServeConfig, checkpoint_dir: str | Path, max_length: int | None = None,
                      chat_template: str = "auto") -> None:
     """For ``rlhf-ray serve-rm``: deploy, print the URL, serve until Ctrl-C (or SIGTERM), shut down
     Serve, and Ray too if this call started it."""

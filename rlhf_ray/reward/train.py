@@ -18,7 +18,8 @@ import torch
 from rlhf_ray.config import RMConfig
 from rlhf_ray.data.chat import ChatRenderer
 from rlhf_ray.data.preferences import as_renderer, collate
-from rlhf_ray.models.reward import batch_rewards, init_reward_model, load_reward_model
+from rlhf_ray.models.reward import (DEFAULT_MAX_LENGTH, batch_rewards, init_reward_model, load_reward_model,
+                                    save_rm_settings)
 from rlhf_ray.ops import expected_calibration_error, listwise_probs, listwise_rm_loss
 from rlhf_ray.progress import eta
 
@@ -138,11 +139,13 @@ def reset_metrics_log(metrics_path: str | Path | None, rows: list[dict], epochs_
     return MetricsLog(metrics_path, purge_step=epochs_done + 1 if epochs_done else 0)
 
 
-def save_checkpoint(model, tokenizer, optimizer, state: dict, dest: Path) -> Path:
-    """Model as a plain HF directory (safetensors) + trainer state; loadable without Ray."""
+def save_checkpoint(model, tokenizer, optimizer, state: dict, dest: Path, max_length: int = DEFAULT_MAX_LENGTH) -> Path:
+    """Model as a plain HF directory (safetensors) + trainer state; loadable without Ray. ``max_length``:
+    rm.max_length, saved beside the weights (``save_rm_settings``) for scoring to read back."""
     dest.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dest, safe_serialization=True)
     tokenizer.save_pretrained(dest)
+    save_rm_settings(dest, max_length)
     torch.save(optimizer.state_dict(), dest / OPTIM_FILE)
     (dest / STATE_FILE).write_text(json.dumps(state, indent=1))
     return dest
@@ -309,7 +312,7 @@ def ray_train_loop(loop_config: dict) -> None:
 
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(_unwrap(model), tokenizer, loop.optimizer,
-                                {"epoch": epoch, "metrics": metrics, "history": history}, Path(tmp))
+                                {"epoch": epoch, "metrics": metrics, "history": history}, Path(tmp), cfg.max_length)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics, checkpoint=None)
