@@ -140,3 +140,16 @@ def test_the_cli_without_rm_or_weighted_function_names_both(tmp_path, capsys):
     assert main(["ppo", "--rm-checkpoint", "none", f"output_dir={tmp_path}",
                  "ppo.reward_functions=[{name: 'task_rewards:words', weight: 0}]"]) == 2
     assert "no function of weight > 0" in capsys.readouterr().err
+
+
+def test_a_skipped_pass_reports_no_throughput():
+    """A stage that did not run (pi_old taken from the training forward: 0 s) has no tokens/s in the
+    metrics line, rather than tokens over a vanishing time."""
+    from rlhf_ray.ppo.metrics import iteration_metrics
+
+    stats = {"gen_tokens": 300, "gen_seconds": 1.5, "total_tokens": 600, "score_seconds": 0.5,
+             "evaluate_seconds": 0.0, "advantage_seconds": 0.25, "train_seconds": 2.0}
+    m = iteration_metrics(3, stats, {}, {"sync_seconds": 0.1}, 1, 5.0)
+    assert "evaluate_tokens_per_s" not in m
+    assert m["rollout_tokens_per_s"] == 200.0 and m["score_tokens_per_s"] == 1200.0
+    assert m["advantage_tokens_per_s"] == 2400.0 and m["learn_seconds"] == 2.25

@@ -32,12 +32,18 @@ def iteration_metrics(iteration: int, stats: dict, evaluation: dict, sync: dict,
         "num_workers": num_workers,
         "learn_seconds": stats["evaluate_seconds"] + stats["advantage_seconds"] + stats["train_seconds"],
         **sync,
-        "rollout_tokens_per_s": stats["gen_tokens"] / max(stats["gen_seconds"], 1e-9),
-        "score_tokens_per_s": stats["total_tokens"] / max(stats["score_seconds"], 1e-9),
-        "evaluate_tokens_per_s": stats["total_tokens"] / max(stats["evaluate_seconds"], 1e-9),
-        "advantage_tokens_per_s": stats["total_tokens"] / max(stats["advantage_seconds"], 1e-9),
+        **_rate("rollout", stats["gen_tokens"], stats["gen_seconds"]),
+        **_rate("score", stats["total_tokens"], stats["score_seconds"]),
+        **_rate("evaluate", stats["total_tokens"], stats["evaluate_seconds"]),
+        **_rate("advantage", stats["total_tokens"], stats["advantage_seconds"]),
         "iteration_seconds": seconds,
     }
+
+
+def _rate(stage: str, tokens: float, seconds: float) -> dict:
+    """``{"<stage>_tokens_per_s": tokens / seconds}``, or nothing for a stage that did not run this
+    iteration (no pi_old or reference pass, say): a rate over ~0 s would be meaningless."""
+    return {f"{stage}_tokens_per_s": tokens / seconds} if seconds > 1e-6 else {}
 
 
 def _held_out(m: dict) -> str:
