@@ -56,7 +56,7 @@ def test_cli_version_and_serve_rm_refusing_an_open_public_host(capsys, monkeypat
     ("rollout.gpu_memory_utilization=0", "rollout.gpu_memory_utilization: must be in (0, 1], got 0.0"),
     ("ppo.top_p=0", "ppo.top_p: must be in (0, 1], got 0.0"),
     ("ppo.lam=-0.1", "ppo.lam: must be in [0, 1], got -0.1"),
-    ("ppo.kl_horizon=0", "ppo.kl_horizon: must be a positive integer, got 0"),
+    ("ppo.kl_horizon=0", "ppo.kl_horizon: must be > 0, got 0"),
     ("ppo.value_clip_eps=-0.2", "ppo.value_clip_eps: must be >= 0, got -0.2"),
     ("rm.cpus_per_worker=-1", "rm.cpus_per_worker: must be >= 0, got -1.0"),
     ("serve.num_cpus=-2", "serve.num_cpus: must be >= 0, got -2.0"),
@@ -75,6 +75,36 @@ def test_errors_name_the_field(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert needle in str(e.value)
+
+
+def _ranged_fields():
+    from rlhf_ray.config import Config
+
+    for section in dataclasses.fields(Config):
+        if dataclasses.is_dataclass(section.default_factory):  # a section, not a top-level field
+            for f in dataclasses.fields(section.default_factory):
+                if "range" in f.metadata:
+                    yield f"{section.name}.{f.name}", f.metadata["range"], f.default
+
+
+# A value just outside each rule, and one on its edge that it allows.
+OUTSIDE = {"positive": (0, 1), "at_least_zero": (-1, 0), "unit": (1.5, 1), "fraction": (0, 1), "retries": (-2, -1)}
+
+
+def test_every_ranged_field_is_checked_where_it_is_declared():
+    """Each field whose declaration carries a range refuses a value outside it (naming the field and the
+    rule) and takes one on its edge; the defaults satisfy their own rules."""
+    seen = set()
+    for name, rule, _ in _ranged_fields():
+        bad, edge = OUTSIDE[rule]
+        with pytest.raises(ConfigError, match=rf"^{name}: must be .*, got {bad}"):
+            load_config(None, [f"{name}={bad}"])
+        try:
+            load_config(None, [f"{name}={edge}"])
+        except ConfigError as e:  # a rule across fields (e.g. max_replicas >= min_replicas) may still refuse it
+            assert not str(e).startswith(f"{name}: must be"), e
+        seen.add(rule)
+    assert seen == set(OUTSIDE) and len(list(_ranged_fields())) > 70
 
 
 def test_rollout_dtype_and_drift_limit_defaults():

@@ -13,33 +13,7 @@ from typing import Any, Literal
 
 import yaml
 
-from rlhf_ray.config.schema import SERVE_METRICS_INTERVAL_S, Config, ConfigError
-
-
-_POSITIVE = {
-    "sft.steps", "sft.batch_size", "data.num_train", "data.num_eval", "rm.epochs", "rm.batch_size",
-    "rm.max_length", "serve.num_replicas", "serve.max_replicas", "serve.max_batch_size",
-    "serve.max_responses", "serve.max_chars", "serve.max_prompts", "serve.max_request_mib", "ppo.iterations",
-    "ppo.prompts_per_iteration", "ppo.samples_per_prompt", "ppo.max_new_tokens", "ppo.epochs", "ppo.minibatch_size",
-    "rollout.num_workers", "rollout.weight_bucket_mib", "ppo.max_prompt_tokens", "model.hidden_size",
-    "model.num_layers", "model.num_heads", "learner.num_workers",
-    "model.vocab_size", "model.max_positions", "model.intermediate_size", "rollout.kv_cache_mib",
-    "ppo.kl_horizon",
-}
-_NONNEG = {
-    "rm.num_workers", "ppo.eval_every", "ppo.log_every", "ppo.eval_prompts", "ppo.checkpoint_every", "serve.min_replicas", "ppo.beta", "ppo.c1",
-    "ppo.entropy_coef", "ppo.kl_coef", "ppo.kl_loss_coef",
-    "ppo.truncation_penalty", "serve.num_gpus", "rollout.gpus_per_worker", "rm.weight_decay",
-    "ppo.value_clip_eps", "ppo.tis_cap", "ppo.clip_eps_high", "ppo.dynamic_sampling_max_rounds",
-    "ppo.overlong_buffer", "ppo.overlong_penalty", "rm.cpus_per_worker", "serve.num_cpus", "rollout.cpus_per_worker", "learner.cpus_per_worker",
-    "serve.batch_wait_timeout_s", "serve.upscale_delay_s", "serve.downscale_delay_s", "rollout.max_logprob_drift", "learner.logits_chunk_tokens",
-}
-_POSITIVE_FLOAT = {
-    "sft.lr", "rm.lr", "ppo.lr", "ppo.clip_eps", "ppo.temperature", "data.label_temperature",
-    "ppo.max_grad_norm", "ppo.target_kl", "serve.target_ongoing_requests",
-}
-_UNIT = {"ppo.gamma", "ppo.lam"}
-_FRACTION = {"ppo.top_p", "rollout.gpu_memory_utilization"}  # 0 would keep no tokens / no memory
+from rlhf_ray.config.schema import RANGES, SERVE_METRICS_INTERVAL_S, Config, ConfigError
 
 
 def _coerce(name: str, value: Any, typ: Any) -> Any:
@@ -123,19 +97,16 @@ def _check_function_name(field_name: str, value: str) -> None:
 
 
 def _check_ranges(cfg: Config) -> None:
-    for name in sorted(_POSITIVE | _NONNEG | _POSITIVE_FLOAT | _UNIT | _FRACTION):
-        section, key = name.split(".")
-        v = getattr(getattr(cfg, section), key)
-        if name in _POSITIVE and v <= 0:
-            raise ConfigError(f"{name}: must be a positive integer, got {v}")
-        if name in _NONNEG and v < 0:
-            raise ConfigError(f"{name}: must be >= 0, got {v}")
-        if name in _POSITIVE_FLOAT and v <= 0:
-            raise ConfigError(f"{name}: must be > 0, got {v}")
-        if name in _UNIT and not 0.0 <= v <= 1.0:
-            raise ConfigError(f"{name}: must be in [0, 1], got {v}")
-        if name in _FRACTION and not 0.0 < v <= 1.0:
-            raise ConfigError(f"{name}: must be in (0, 1], got {v}")
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(values):
+            continue
+        for f in dataclasses.fields(values):
+            if "range" in f.metadata:
+                test, allowed = RANGES[f.metadata["range"]]
+                v = getattr(values, f.name)
+                if not test(v):
+                    raise ConfigError(f"{section.name}.{f.name}: {allowed}, got {v}")
     if cfg.data.min_k < 2 or cfg.data.max_k < cfg.data.min_k:
         raise ConfigError(
             f"data.min_k/data.max_k: need 2 <= min_k <= max_k, got {cfg.data.min_k}..{cfg.data.max_k}")
@@ -166,9 +137,6 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"ppo.max_prompt_tokens + ppo.max_new_tokens: {cfg.ppo.max_prompt_tokens} + "
                           f"{cfg.ppo.max_new_tokens} tokens do not fit the embedded model's "
                           f"model.max_positions={cfg.model.max_positions} (one token is kept for scoring)")
-    for name, v in (("rm.max_failures", cfg.rm.max_failures), ("ppo.max_failures", cfg.ppo.max_failures)):
-        if v < -1:
-            raise ConfigError(f"{name}: must be >= 0, or -1 for no limit, got {v}")
 
 
 def _check_objective(ppo) -> None:
