@@ -122,3 +122,27 @@ def test_the_commands_the_docs_show_print_what_they_say(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and re.match(r"rlhf-ray \d+\.\d+", capsys.readouterr().out)
+
+
+def _doc_default(value) -> str:
+    """A default as the reference tables write it: strings in backticks ('' when empty), booleans in
+    YAML's words, lists as []."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f"`{value}`" if value else "`''`"
+    if isinstance(value, tuple):
+        return "`[]`" if not value else repr(list(value))
+    return str(value)
+
+
+def test_the_ppo_reference_tables_list_every_field_with_its_default():
+    """docs/ppo.md's tables by purpose hold every ppo.*, rollout.* and learner.* field (those placing
+    actors by node resource are in docs/cluster.md) with the schema's default."""
+    cfg = load_config()
+    rows = dict(re.findall(r"^\| `((?:ppo|rollout|learner)\.\w+)` \| ([^|]+?) \|", (ROOT / "docs/ppo.md").read_text(), re.M))
+    wanted = {name for name in _config_fields() if name.split(".")[0] in ("ppo", "rollout", "learner")}
+    assert set(rows) == wanted - {"rollout.node_resource", "learner.node_resource"}
+    for name, written in rows.items():
+        section, key = name.split(".")
+        assert written == _doc_default(getattr(getattr(cfg, section), key)), name
