@@ -77,6 +77,35 @@ def test_errors_name_the_field(override, needle):
     assert needle in str(e.value)
 
 
+def test_tools_and_environments_as_trl_names_them():
+    """ppo.tools is a list of "module:function" (one bare name too); ppo.environment one factory or a
+    mapping name -> factory; multi-turn rollouts need a group estimator (their responses have gaps)."""
+    group = ["ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=2"]
+    cfg = load_config(None, ["ppo.tools=[calc:add, calc:mul]", "ppo.environment={maze: envs:Maze, quiz: envs:Quiz}",
+                             "ppo.max_tool_calling_iterations=3", *group])
+    assert cfg.ppo.tools == ("calc:add", "calc:mul") and cfg.ppo.environment == {"maze": "envs:Maze", "quiz": "envs:Quiz"}
+    assert cfg.ppo.max_tool_calling_iterations == 3 and cfg.ppo.multi_turn
+    cfg = load_config(None, ["ppo.tools=calc:add", "ppo.environment=envs:Maze", *group])
+    assert cfg.ppo.tools == ("calc:add",) and cfg.ppo.environment == "envs:Maze"
+    defaults = load_config(None, []).ppo
+    assert (defaults.tools, defaults.environment, defaults.max_tool_calling_iterations) == ((), "", -1)
+    assert not defaults.multi_turn
+    for overrides, message in [
+        (["ppo.tools=[calc:add, calc]"], "ppo.tools[1]: expected 'module:function'"),
+        (["ppo.environment={maze: Maze}"], "ppo.environment.maze: expected 'module:function'"),
+        (["ppo.environment={maze: [envs:Maze]}"], "ppo.environment: expected a mapping of names to strings"),
+        (["ppo.environment=envs"], "ppo.environment: expected 'module:function'"),
+        (["ppo.max_tool_calling_iterations=-2"], "ppo.max_tool_calling_iterations: must be >= 0, or -1 for no limit"),
+        (["ppo.tool_timeout_s=0"], "ppo.tool_timeout_s: must be > 0, got 0.0"),
+        (["ppo.tools=[calc:add]"], "ppo.advantage_estimator=gae: multi-turn rollouts (ppo.tools, ppo.environment) "
+                                   "leave gaps in a response (the tool turns), which it does not take; use one of "
+                                   "['grpo', 'rloo']"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            load_config(None, overrides + (group if "estimator" not in message else []))
+        assert str(e.value).startswith(message), str(e.value)
+
+
 def test_rollout_dtype_and_drift_limit_defaults():
     rc = load_config(None, []).rollout
     assert (rc.dtype, rc.max_logprob_drift) == ("auto", 0.0)  # 0: the limit follows the engines' dtype

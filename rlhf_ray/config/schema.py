@@ -151,6 +151,25 @@ class PPOConfig:
     # beside eval_rm_score. "auto": the synthetic task's gold reward when the prompts are synthetic,
     # else none; "" = none.
     eval_reward: str = "auto"
+    # Tools, as TRL's GRPOTrainer takes them: "module:function" names of plain functions (sync or async,
+    # with type hints and a Google-style docstring, which the chat template renders through transformers'
+    # get_json_schema). With tools or an environment a rollout is an episode: the model's tool calls
+    # (<tool_call>{json}</tool_call>) are run and answered as tool messages, appended as token ids that
+    # carry no loss, KL or logprobs. Needs chat prompts, a template that renders tools and keeps its
+    # prefix, and a group estimator (grpo, rloo).
+    tools: tuple[str, ...] = ()
+    # TRL's environment_factory: "module:factory" returning one environment per episode, whose public
+    # methods are its tools, reset(**columns) -> str | None (a string is appended to the last user
+    # message) and an optional get_reward() -> float (then a reward, weight 1, logged as
+    # rewards/<class name>); or a mapping name -> "module:factory" chosen per record by its
+    # "environment" column. "" = none.
+    environment: str | dict[str, str] = ""
+    # Most tool-calling rounds per episode (TRL's max_tool_calling_iterations); -1 = no limit but the
+    # token budget (ppo.max_new_tokens for everything after the prompt, tool tokens included).
+    max_tool_calling_iterations: int = -1
+    # Seconds a tool call may run (in the rollout worker's thread pool) before its answer is a timeout
+    # error; an exception is answered the same way, never ending the rollout.
+    tool_timeout_s: float = 30.0
     # Sampling (the exploration knobs). PPO optimises the tempered policy softmax(logits / temperature)
     # that the engines sample from; top_p < 1 truncates sampling to the nucleus, which the learner
     # does not model (the rollout is then slightly off-policy: see behaviour_logprob_gap).
@@ -274,6 +293,11 @@ class PPOConfig:
 
         return (self.epochs == 1 and self.minibatch_size >= self.batch_size
                 and not ESTIMATORS[self.advantage_estimator].critic and self.kl_coef == 0)
+
+    @property
+    def multi_turn(self) -> bool:
+        """Whether rollouts are episodes with tool calls (ppo.tools or ppo.environment set)."""
+        return bool(self.tools or self.environment)
 
     @property
     def critic(self) -> bool:
