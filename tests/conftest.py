@@ -15,8 +15,8 @@ quiet_libraries()
 # Modules whose tests start vLLM engines, Ray clusters of their own or a real model (besides every test
 # that uses the session's Ray cluster): the integration tests. `pytest -m "not integration"` is the unit
 # run (docs/development.md).
-INTEGRATION_MODULES = {"test_collective", "test_demo", "test_job_submit", "test_multinode", "test_rollout",
-                       "test_smollm2"}
+INTEGRATION_MODULES = {"test_collective", "test_demo", "test_job_submit", "test_multinode", "test_multiturn",
+                       "test_rollout", "test_smollm2"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,6 +3,8 @@ tokenizer (no engine), and recorders and checks of a PPO run's batches."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -27,6 +29,29 @@ def make_rollout(tokenizer, prompts: list[str], responses: list[str], truncated:
         rm[b, len(p):len(p) + len(r)] = True
     return Rollout(ids, am, rm, np.zeros((B, T), np.float32), np.array(truncated), list(prompts), list(responses),
                    version, worker_id, 0.1, int(rm.sum()))
+
+
+@contextlib.contextmanager
+def in_process_worker(*args, **kwargs):
+    """A RolloutWorker(*args, **kwargs) in this process, shut down after. In-process vLLM sets the host's
+    torch threads and seeds its global RNGs: undone for the other tests."""
+    import random
+
+    import torch
+
+    from rlhf_ray.ppo.rollout import RolloutWorker
+
+    threads = torch.get_num_threads()
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    w = RolloutWorker(*args, **kwargs)
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.set_rng_state(states[2])
+    try:
+        yield w
+    finally:
+        w.shutdown()
+        torch.set_num_threads(threads)
 
 
 def last_response_index(mask: np.ndarray) -> np.ndarray:

@@ -21,3 +21,11 @@ def rm_rewards(model, tokenizer, prompts: list[str], responses: list[str], max_l
 # with EOS, as many real templates do (Llama-2's writes BOS, ChatML ends turns with its EOS <|im_end|>).
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }}{{ eos_token }}\n"
                  "{% endfor %}{% if add_generation_prompt %}assistant :{% endif %}")
+
+# CHAT_TEMPLATE with tools, Hermes-style: the tools' names in a system turn, an assistant turn's calls as
+# <tool_call>{json}</tool_call>, tool messages as turns of their own (prefix-preserving, as TRL needs).
+TOOL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}system : tools{% for t in tools %} {{ t['function']['name'] }}{% endfor %}"
+    "{{ eos_token }}\n{% endif %}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }}"
+    "{% for c in m.get('tool_calls') or [] %}<tool_call>{{ c['function'] | tojson }}</tool_call>{% endfor %}"
+    "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}assistant :{% endif %}")

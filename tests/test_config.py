@@ -88,7 +88,7 @@ def _ranged_fields():
 
 
 # A value just outside each rule, and one on its edge that it allows.
-OUTSIDE = {"positive": (0, 1), "at_least_zero": (-1, 0), "unit": (1.5, 1), "fraction": (0, 1), "retries": (-2, -1)}
+OUTSIDE = {"positive": (0, 1), "at_least_zero": (-1, 0), "unit": (1.5, 1), "fraction": (0, 1), "count_or_unlimited": (-2, -1)}
 
 
 def test_every_ranged_field_is_checked_where_it_is_declared():
@@ -105,6 +105,35 @@ def test_every_ranged_field_is_checked_where_it_is_declared():
             assert not str(e).startswith(f"{name}: must be"), e
         seen.add(rule)
     assert seen == set(OUTSIDE) and len(list(_ranged_fields())) > 70
+
+
+def test_tools_and_environments_as_trl_names_them():
+    """ppo.tools is a list of "module:function" (one bare name too); ppo.environment one factory or a
+    mapping name -> factory; multi-turn rollouts need a group estimator (their responses have gaps)."""
+    group = ["ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=2"]
+    cfg = load_config(None, ["ppo.tools=[calc:add, calc:mul]", "ppo.environment={maze: envs:Maze, quiz: envs:Quiz}",
+                             "ppo.max_tool_calling_iterations=3", *group])
+    assert cfg.ppo.tools == ("calc:add", "calc:mul") and cfg.ppo.environment == {"maze": "envs:Maze", "quiz": "envs:Quiz"}
+    assert cfg.ppo.max_tool_calling_iterations == 3 and cfg.ppo.multi_turn
+    cfg = load_config(None, ["ppo.tools=calc:add", "ppo.environment=envs:Maze", *group])
+    assert cfg.ppo.tools == ("calc:add",) and cfg.ppo.environment == "envs:Maze"
+    defaults = load_config(None, []).ppo
+    assert (defaults.tools, defaults.environment, defaults.max_tool_calling_iterations) == ((), "", -1)
+    assert not defaults.multi_turn
+    for overrides, message in [
+        (["ppo.tools=[calc:add, calc]"], "ppo.tools[1]: expected 'module:function'"),
+        (["ppo.environment={maze: Maze}"], "ppo.environment.maze: expected 'module:function'"),
+        (["ppo.environment={maze: [envs:Maze]}"], "ppo.environment: expected a mapping of names to strings"),
+        (["ppo.environment=envs"], "ppo.environment: expected 'module:function'"),
+        (["ppo.max_tool_calling_iterations=-2"], "ppo.max_tool_calling_iterations: must be >= 0, or -1 for no limit"),
+        (["ppo.tool_timeout_s=0"], "ppo.tool_timeout_s: must be > 0, got 0.0"),
+        (["ppo.tools=[calc:add]"], "ppo.advantage_estimator=gae: multi-turn rollouts (ppo.tools, ppo.environment) "
+                                   "leave gaps in a response (the tool turns), which it does not take; use one of "
+                                   "['grpo', 'rloo']"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            load_config(None, overrides + (group if "estimator" not in message else []))
+        assert str(e.value).startswith(message), str(e.value)
 
 
 def test_rollout_dtype_and_drift_limit_defaults():

@@ -86,18 +86,10 @@ def test_engine_arguments_per_device(test_config):
 
 @pytest.fixture(scope="module")
 def worker(policy_dir, test_config):
-    from rlhf_ray.ppo.rollout import RolloutWorker
+    from helpers import in_process_worker
 
-    # In-process vLLM sets the host's torch threads and seeds its global RNGs: undo for other tests.
-    threads = torch.get_num_threads()
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    w = RolloutWorker(str(policy_dir), test_config.rollout, worker_id=3, seed=0)
-    random.setstate(states[0])
-    np.random.set_state(states[1])
-    torch.set_rng_state(states[2])
-    yield w
-    w.shutdown()
-    torch.set_num_threads(threads)
+    with in_process_worker(str(policy_dir), test_config.rollout, worker_id=3, seed=0) as w:
+        yield w
 
 
 @pytest.fixture(scope="module")

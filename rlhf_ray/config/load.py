@@ -18,6 +18,14 @@ from rlhf_ray.config.schema import RANGES, SERVE_METRICS_INTERVAL_S, Config, Con
 
 def _coerce(name: str, value: Any, typ: Any) -> Any:
     """Coerce a YAML/CLI value to the field's type or raise ConfigError naming the field."""
+    if typ == (str | dict[str, str]):  # a name, or a mapping of names (ppo.environment)
+        if isinstance(value, dict):
+            if not value:
+                return ""
+            if not all(isinstance(k, str) and k and isinstance(v, str) for k, v in value.items()):
+                raise ConfigError(f"{name}: expected a mapping of names to strings, got {value!r}")
+            return dict(value)
+        return "" if value is None else _coerce(name, value, str)
     if typing.get_origin(typ) is Literal:
         allowed = typing.get_args(typ)
         if value not in allowed:
@@ -73,6 +81,9 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
         typ = hints[key]
         if dataclasses.is_dataclass(typ):
             kwargs[key] = _build(typ, value or {}, name)
+        elif typing.get_origin(typ) is tuple and typing.get_args(typ)[0] is str:
+            items = [] if value in (None, "") else value if isinstance(value, (list, tuple)) else [value]
+            kwargs[key] = tuple(_coerce(f"{name}[{i}]", v, str) for i, v in enumerate(items))
         elif typing.get_origin(typ) is tuple:
             kwargs[key] = _build_items(typing.get_args(typ)[0], value, name)
         else:
@@ -133,10 +144,31 @@ def _check_ranges(cfg: Config) -> None:
         _check_function_name(f"ppo.reward_functions[{i}].name", fn.name)
     if cfg.ppo.eval_reward not in ("", "auto"):
         _check_function_name("ppo.eval_reward", cfg.ppo.eval_reward)
+    _check_tools(cfg.ppo)
     if cfg.model.name_or_path == "embedded" and cfg.ppo.max_prompt_tokens + cfg.ppo.max_new_tokens >= cfg.model.max_positions:
         raise ConfigError(f"ppo.max_prompt_tokens + ppo.max_new_tokens: {cfg.ppo.max_prompt_tokens} + "
                           f"{cfg.ppo.max_new_tokens} tokens do not fit the embedded model's "
                           f"model.max_positions={cfg.model.max_positions} (one token is kept for scoring)")
+
+
+def _check_tools(ppo) -> None:
+    """ppo.tools, ppo.environment and what multi-turn rollouts need of the objective."""
+    for i, name in enumerate(ppo.tools):
+        _check_function_name(f"ppo.tools[{i}]", name)
+    if isinstance(ppo.environment, dict):
+        for env_name, factory in ppo.environment.items():
+            _check_function_name(f"ppo.environment.{env_name}", factory)
+    elif ppo.environment:
+        _check_function_name("ppo.environment", ppo.environment)
+    if ppo.multi_turn:
+        from rlhf_ray.ops import ESTIMATORS
+
+        # An episode's response mask has gaps (the tool turns); token-level estimators run over one span.
+        if not ESTIMATORS[ppo.advantage_estimator].groups:
+            group = sorted(k for k, e in ESTIMATORS.items() if e.groups)
+            raise ConfigError(f"ppo.advantage_estimator={ppo.advantage_estimator}: multi-turn rollouts (ppo.tools, "
+                              f"ppo.environment) leave gaps in a response (the tool turns), which it does not "
+                              f"take; use one of {group}")
 
 
 def _check_objective(ppo) -> None:

@@ -18,7 +18,7 @@ RANGES = {
     "at_least_zero": (lambda v: v >= 0, "must be >= 0"),
     "unit": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     "fraction": (lambda v: 0 < v <= 1, "must be in (0, 1]"),  # 0 would keep no tokens / no memory
-    "retries": (lambda v: v >= -1, "must be >= 0, or -1 for no limit"),
+    "count_or_unlimited": (lambda v: v >= -1, "must be >= 0, or -1 for no limit"),
 }
 
 
@@ -31,7 +31,7 @@ positive = _ranged("positive")
 at_least_zero = _ranged("at_least_zero")
 unit = _ranged("unit")
 fraction = _ranged("fraction")
-retries = _ranged("retries")
+count_or_unlimited = _ranged("count_or_unlimited")
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ class RMConfig:
     resume_from: str = ""
     # Ray Train's FailureConfig(max_failures): when a training worker dies, restart the worker group
     # from the newest reported checkpoint (an epoch) up to this many times; -1 = no limit.
-    max_failures: int = retries(0)
+    max_failures: int = count_or_unlimited(0)
 
 
 SERVE_METRICS_INTERVAL_S = 10.0  # Ray Serve 2.60's autoscaling_config metrics_interval_s (left at its default)
@@ -174,6 +174,25 @@ class PPOConfig:
     # beside eval_rm_score. "auto": the synthetic task's gold reward when the prompts are synthetic,
     # else none; "" = none.
     eval_reward: str = "auto"
+    # Tools, as TRL's GRPOTrainer takes them: "module:function" names of plain functions (sync or async,
+    # with type hints and a Google-style docstring, which the chat template renders through transformers'
+    # get_json_schema). With tools or an environment a rollout is an episode: the model's tool calls
+    # (<tool_call>{json}</tool_call>) are run and answered as tool messages, appended as token ids that
+    # carry no loss, KL or logprobs. Needs chat prompts, a template that renders tools and keeps its
+    # prefix, and a group estimator (grpo, rloo).
+    tools: tuple[str, ...] = ()
+    # TRL's environment_factory: "module:factory" returning one environment per episode, whose public
+    # methods are its tools, reset(**columns) -> str | None (a string is appended to the last user
+    # message) and an optional get_reward() -> float (then a reward, weight 1, logged as
+    # rewards/<class name>); or a mapping name -> "module:factory" chosen per record by its
+    # "environment" column. "" = none.
+    environment: str | dict[str, str] = ""
+    # Most tool-calling rounds per episode (TRL's max_tool_calling_iterations); -1 = no limit but the
+    # token budget (ppo.max_new_tokens for everything after the prompt, tool tokens included).
+    max_tool_calling_iterations: int = count_or_unlimited(-1)
+    # Seconds a tool call may run (in the rollout worker's thread pool) before its answer is a timeout
+    # error; an exception is answered the same way, never ending the rollout.
+    tool_timeout_s: float = positive(30.0)
     # Sampling (the exploration knobs). PPO optimises the tempered policy softmax(logits / temperature)
     # that the engines sample from; top_p < 1 truncates sampling to the nucleus, which the learner
     # does not model (the rollout is then slightly off-policy: see behaviour_logprob_gap).
@@ -270,7 +289,7 @@ class PPOConfig:
     # OOM kill, lost objects), stop the run's actors and start them again from the run's newest
     # checkpoint (else from where the run began), at most this many times; -1 = no limit. Errors raised
     # by the code itself (bad input, the drift check) are never retried.
-    max_failures: int = retries(0)
+    max_failures: int = count_or_unlimited(0)
     seed: int = 0
 
     # What the objective reads, in one place: the driver, the learner and the advantage actor skip what
@@ -297,6 +316,11 @@ class PPOConfig:
 
         return (self.epochs == 1 and self.minibatch_size >= self.batch_size
                 and not ESTIMATORS[self.advantage_estimator].critic and self.kl_coef == 0)
+
+    @property
+    def multi_turn(self) -> bool:
+        """Whether rollouts are episodes with tool calls (ppo.tools or ppo.environment set)."""
+        return bool(self.tools or self.environment)
 
     @property
     def critic(self) -> bool:

@@ -201,7 +201,7 @@ def start_advantage(ref_model_path: str | Path, ppo_cfg: PPOConfig, node_resourc
 
 def start_scorer(rm_dir: str | Path | None, max_length: int | None = None, handle=None, max_pairs: int = 4096,
                  reward_functions=(), eval_function=None, chat_template: str = "auto", node_resource: str = "",
-                 placement: Placement | None = None, max_steps: int = 0):
+                 placement: Placement | None = None, max_steps: int = 0, environment_rewards: bool = False):
     """The scorer. ``reward_functions`` and ``eval_function`` are RewardFunctions, imported here; the
     code of those whose module is not installed travels with them (``functions.ship_by_value``).
     Neither ``rm_dir`` nor ``handle``: the reward functions alone score (no RM is loaded)."""
@@ -214,12 +214,12 @@ def start_scorer(rm_dir: str | Path | None, max_length: int | None = None, handl
     options = (placement or Placement()).options(SMALL_CPUS, SMALL_GPU if gpu else 0, node_resource)
     return ray.remote(**options)(RolloutScorer).remote(
         None if handle is not None or rm_dir is None else str(rm_dir), max_length, handle, max_pairs,
-        list(reward_functions), eval_function, chat_template, max_steps)
+        list(reward_functions), eval_function, chat_template, max_steps, environment_rewards)
 
 
 def start_rollout_worker(model_path: str | Path, rollout_cfg: RolloutConfig, worker_id: int, seed: int,
                          version: int = 0, placement: Placement | None = None, **options):
-    """``options``: RolloutWorker's ``max_model_len`` and ``chat_template``. Colocated, the engines
+    """``options``: RolloutWorker's ``max_model_len``, ``chat_template`` and ``tools``. Colocated, the engines
     share the node's cores (rollout.num_workers of them generate at once)."""
     on_gpu = rollout_cfg.gpus_per_worker > 0
     # vLLM logs every weight reload at INFO/WARNING; keep the driver's output to the progress lines.

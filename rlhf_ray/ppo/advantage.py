@@ -179,6 +179,7 @@ class AdvantageWorker:
             "evaluate_seconds": 0.0 if old is None else float(old.get("seconds", float("nan"))),
             "reference_seconds": float(ref["seconds"]),
             "total_tokens": int(ro.attention_mask.sum()),
+            **({} if ro.episodes is None else ro.episodes.stats()),  # multi-turn: tool calls and failures
         }
         stats["advantage_seconds"] = time.perf_counter() - start  # after the reference forward
         f32 = lambda t: t.numpy().astype(np.float32, copy=False)  # noqa: E731

@@ -104,10 +104,22 @@ class PPOResult:
 def check_reward_source(cfg: Config, have_rm: bool, rm_field: str = "the RM checkpoint") -> None:
     """ConfigError when nothing would score the responses: no RM (``have_rm``) and no reward function of
     weight > 0 in ``ppo.reward_functions``. ``rm_field``: how the caller names where the RM comes from."""
-    if not have_rm and not any(f.weight for f in cfg.ppo.reward_functions):
+    if not have_rm and not any(f.weight for f in cfg.ppo.reward_functions) and not environment_rewards(cfg.ppo):
         raise ConfigError(f"no reward: {rm_field} is not given (or not an RM directory) and ppo.reward_functions "
                           f"has no function of weight > 0; train an RM (`rlhf-ray train-rm`) or give a reward "
                           f"function, e.g. ppo.reward_functions=[my_rewards:correct]")
+
+
+def environment_rewards(ppo) -> bool:
+    """Whether ppo.environment's environments own a reward (get_reward, a reward of weight 1 as in TRL)."""
+    from rlhf_ray.ppo.toolbox import Toolbox, ToolSpec
+
+    if not ppo.environment:
+        return False
+    try:
+        return bool(Toolbox(ToolSpec.from_config(ppo)).reward_names)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _system_failure(e: BaseException) -> str | None:
@@ -342,6 +354,10 @@ class _Actors:
             log(f"[ppo] no RM: the reward functions alone score the responses "
                 f"({', '.join(f.name for f in self.ppo.reward_functions if f.weight)})")
         start_policy = run.resume_dir / "policy" if run.resumed else policy_dir
+        from rlhf_ray.ppo.toolbox import ToolSpec
+
+        tools = ToolSpec.from_config(self.ppo)  # (imported here; their code travels to the engines)
+        tools = None if tools is None else tools.resolved()
         self.placement = where = actors.place(cfg, run.placement, run.num_workers)
         log(f"[ppo] {where.describe(cfg.rollout.num_workers)}")
         self.learner = actors.start_learner(start_policy, self.ppo, task.chat_template, self.cfg.learner, where)
@@ -352,12 +368,13 @@ class _Actors:
                                           reward_functions=load_reward_functions(self.ppo.reward_functions),
                                           eval_function=load_eval_function(task.eval_reward),
                                           chat_template=task.chat_template, node_resource=cfg.learner.node_resource,
-                                          placement=where, max_steps=self.ppo.iterations)
+                                          placement=where, max_steps=self.ppo.iterations,
+                                          environment_rewards=environment_rewards(self.ppo))
         self.pool = RolloutPool(start_policy, cfg.rollout, seed=self.ppo.seed, log=log,
                                 version=run.resumed["policy_version"] if run.resumed else 0,
                                 learner_cfg=cfg.learner, placement=where,
                                 max_model_len=engine_max_len(self.ppo.max_prompt_tokens, self.ppo.max_new_tokens),
-                                chat_template=task.chat_template)
+                                chat_template=task.chat_template, tools=tools)
 
     def start(self, run: _Run, bucket_bytes: int, since: float) -> WeightSync:
         """The checkpoint's state into the learner (resuming), the rollout workers, and the weight sync

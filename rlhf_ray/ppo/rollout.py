@@ -96,7 +96,7 @@ class RolloutWorker:
 
     def __init__(self, model_path: str, rollout_cfg: RolloutConfig, worker_id: int = 0, seed: int = 0,
                  device: str = "cpu", engine_kwargs: dict | None = None, version: int = 0,
-                 max_model_len: int | None = None, chat_template: str = "auto"):
+                 max_model_len: int | None = None, chat_template: str = "auto", tools=None):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
         if device == "cpu":
@@ -118,6 +118,15 @@ class RolloutWorker:
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
         self._expected_names = checkpoint_names(self.model_path)
+        # Multi-turn episodes (``tools``: a rlhf_ray.ppo.toolbox.ToolSpec; rlhf_ray.ppo.episodes), checked
+        # before the engine starts.
+        self.toolbox = self.tool_template = None
+        if tools is not None:
+            from rlhf_ray.ppo.tool_calls import ToolTemplate
+            from rlhf_ray.ppo.toolbox import Toolbox
+
+            self.toolbox = Toolbox(tools)
+            self.tool_template = ToolTemplate(self.tokenizer, self.renderer.template, self.stop_token_ids)
 
         kwargs = {**engine_args(self.model_path, rollout_cfg, worker_id, seed, device, max_model_len),
                   **(engine_kwargs or {})}
@@ -185,6 +194,10 @@ class RolloutWorker:
             raise ValueError("generate: no prompts")
         t0 = time.perf_counter()
         records = [p if isinstance(p, PromptRecord) else PromptRecord(p, {}, "") for p in prompts]
+        if self.toolbox is not None:  # episodes with tool calls
+            from rlhf_ray.ppo.episodes import generate_episodes
+
+            return generate_episodes(self, records, max_new_tokens, temperature, top_p, seed)
         prompts = [r.prompt for r in records]
         prompt_ids = self.encode_prompts(prompts)
         limits = [int(max_new_tokens)] * len(prompts) if np.ndim(max_new_tokens) == 0 else list(max_new_tokens)

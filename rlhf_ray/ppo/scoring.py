@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from rlhf_ray.data.chat import is_chat
-from rlhf_ray.ppo.types import Rollout, ScoredRollout
+from rlhf_ray.ppo.types import Rollout, ScoredRollout, ToolTrace
 from rlhf_ray.reward.functions import RewardFunction, TrainerState, call_reward_function, column_lists
 
 
@@ -48,7 +48,8 @@ def merge_rollouts(chunks: list[Rollout]) -> Rollout:
         policy_version=min(c.policy_version for c in chunks), worker_id=-1,
         gen_seconds=max(c.gen_seconds for c in chunks), num_tokens=sum(c.num_tokens for c in chunks),
         columns=[x for c in chunks for x in (c.columns or [{}] * len(c.prompts))],
-        sources=[x for c in chunks for x in (c.sources or ["?"] * len(c.prompts))])
+        sources=[x for c in chunks for x in (c.sources or ["?"] * len(c.prompts))],
+        episodes=None if chunks[0].episodes is None else ToolTrace.concat([c.episodes for c in chunks]))
 
 
 def merge_scored(parts: list[ScoredRollout]) -> ScoredRollout:
@@ -63,12 +64,16 @@ def merge_scored(parts: list[ScoredRollout]) -> ScoredRollout:
     return ScoredRollout(merged, cat([p.scores for p in parts]),
                          None if parts[0].rm_scores is None else cat([p.rm_scores for p in parts]),
                          sum(p.score_seconds for p in parts),
-                         {k: cat([p.function_scores[k] for p in parts]) for k in parts[0].function_scores},
+                         {k: cat([p.function_scores.get(k, np.full(len(p.scores), np.nan, np.float32)) for p in parts])
+                          for k in dict.fromkeys(k for p in parts for k in p.function_scores)},
                          {k: float(np.average([p.stats[k] for p in parts], weights=rows)) for k in parts[0].stats})
 
 
 def completions(ro: Rollout) -> list:
-    """The responses in TRL's form: text for plain prompts, an assistant message list for chats."""
+    """The responses in TRL's form: text for plain prompts, an assistant message list for chats; a
+    multi-turn rollout's messages (assistant turns with their tool_calls, tool messages) as TRL gives them."""
+    if ro.episodes is not None:
+        return [list(m) for m in ro.episodes.messages]
     return [[{"role": "assistant", "content": r}] if is_chat(p) else r for p, r in zip(ro.prompts, ro.responses)]
 
 
@@ -95,12 +100,16 @@ class RolloutScorer:
 
     def __init__(self, rm_dir: str | Path | None = None, max_length: int | None = None, handle=None,
                  max_pairs: int = 4096, reward_functions: list[RewardFunction] = (),
-                 eval_function: RewardFunction | None = None, chat_template: str = "auto", max_steps: int = 0):
+                 eval_function: RewardFunction | None = None, chat_template: str = "auto", max_steps: int = 0,
+                 environment_rewards: bool = False):
         """``max_pairs``: the most (prompt, response) pairs one request to the service may carry (its
-        serve.max_prompts x serve.max_responses); bigger batches go as several concurrent requests."""
+        serve.max_prompts x serve.max_responses); bigger batches go as several concurrent requests.
+        ``environment_rewards``: the rollouts' environments own a reward (``get_reward``), added with
+        weight 1 as TRL adds it."""
         if rm_dir is not None and handle is not None:
             raise ValueError("RolloutScorer: give one of rm_dir (in-process) or handle (Serve), not both")
-        if rm_dir is None and handle is None and not any(f.weight for f in reward_functions):
+        if (rm_dir is None and handle is None and not any(f.weight for f in reward_functions)
+                and not environment_rewards):
             raise ValueError("RolloutScorer: no RM (rm_dir or handle) and no reward function of weight > 0: "
                              "nothing would score the responses")
         self.handle, self.scorer, self.max_pairs = handle, None, max(1, int(max_pairs))
@@ -152,6 +161,11 @@ class RolloutScorer:
             values[fn.key] = v.astype(np.float32)
             if fn.weight:
                 total = total + fn.weight * np.nan_to_num(v, nan=0.0)
+        # An environment's get_reward(), as TRL takes it: one more reward function of weight 1, named after
+        # its class (NaN where the episode's environment is another).
+        for name, v in ({} if merged.episodes is None else merged.episodes.env_rewards).items():
+            values[f"rewards/{name}"] = v.astype(np.float32)
+            total = total + np.nan_to_num(v.astype(np.float64), nan=0.0)
         # The share of (prompt, response) inputs the RM saw cut at its max length (from the front: BOS, then
         # the last tokens), so that a too short rm.max_length shows.
         stats = {} if scored is None else {"rm_truncated_frac": float(scored[1].mean())}

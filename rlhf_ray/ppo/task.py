@@ -31,4 +31,17 @@ def prepare_task(cfg: Config, policy_dir: str | Path) -> PromptTask:
         load_eval_function(task.eval_reward)
     except RewardFunctionError as e:
         raise ConfigError(str(e)) from None
+    if cfg.ppo.multi_turn:  # the tools, environments and chat template, checked before Ray starts
+        from rlhf_ray.ppo.tool_calls import ToolTemplate
+        from rlhf_ray.ppo.toolbox import Toolbox, ToolSpec
+
+        try:
+            Toolbox(ToolSpec.from_config(cfg.ppo))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        renderer = ChatRenderer(AutoTokenizer.from_pretrained(str(policy_dir)), template)
+        try:
+            ToolTemplate(renderer.tokenizer, renderer.template, renderer.stop_token_ids())
+        except ValueError as e:
+            raise ConfigError(f"data.chat_template: {e}") from None
     return task

@@ -6,6 +6,8 @@ over zero-copy (read-only); every [B, T] array uses the same token layout:
 
 ``response_mask[b, t]`` is True on response tokens. Per-token quantities (logprobs, values, rewards,
 advantages) are aligned with the token they describe: ``old_logprobs[b, t]`` is log pi(token_t | tokens_<t).
+In a multi-turn rollout the response span also holds the tool turns' tokens (in ``attention_mask``, not
+in ``response_mask``): the mask then has gaps.
 """
 
 from __future__ import annotations
@@ -15,6 +17,37 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rlhf_ray.data.chat import Prompt
+
+
+@dataclass
+class ToolTrace:
+    """What a multi-turn rollout adds per sample (``rlhf_ray.ppo.episodes``)."""
+
+    messages: list[list[dict]]  # the completion as messages: assistant (with tool_calls), tool, ..., assistant
+    tool_calls: np.ndarray  # int64 [B] tool calls answered
+    tool_failures: np.ndarray  # int64 [B] of them answered with an error (exception, timeout, unknown tool)
+    malformed: np.ndarray  # int64 [B] turns with a <tool_call> that did not parse (read as text)
+    env_rewards: dict[str, np.ndarray] = field(default_factory=dict)  # class name -> float32 [B], NaN: not its
+
+    def take(self, rows: np.ndarray) -> "ToolTrace":
+        return ToolTrace([self.messages[i] for i in rows], self.tool_calls[rows], self.tool_failures[rows],
+                         self.malformed[rows], {k: v[rows] for k, v in self.env_rewards.items()})
+
+    def stats(self) -> dict:
+        """TRL's tool metrics (calls per sample, failures per call) and malformed turns per sample."""
+        calls, n = int(self.tool_calls.sum()), max(len(self.messages), 1)
+        return {"tools/call_frequency": calls / n,
+                "tools/failure_frequency": int(self.tool_failures.sum()) / calls if calls else 0.0,
+                "tools/malformed_frequency": int(self.malformed.sum()) / n}
+
+    @staticmethod
+    def concat(parts: list["ToolTrace"]) -> "ToolTrace":
+        """The traces one after the other; an environment reward a part lacks is NaN there."""
+        names = list(dict.fromkeys(k for p in parts for k in p.env_rewards))
+        nan = lambda p: np.full(len(p.messages), np.nan, dtype=np.float32)  # noqa: E731
+        return ToolTrace([m for p in parts for m in p.messages], np.concatenate([p.tool_calls for p in parts]),
+                         np.concatenate([p.tool_failures for p in parts]), np.concatenate([p.malformed for p in parts]),
+                         {k: np.concatenate([p.env_rewards.get(k, nan(p)) for p in parts]) for k in names})
 
 
 @dataclass
@@ -34,6 +67,9 @@ class Rollout:
     num_tokens: int  # response tokens generated
     columns: list[dict] = field(default_factory=list)  # per prompt: its record's other fields ([] = none)
     sources: list[str] = field(default_factory=list)  # per prompt: where it came from ("file:line")
+    # Multi-turn rollouts (ppo.tools, ppo.environment): the episodes' messages and tool counts; their
+    # tool turns are in input_ids and attention_mask, not in response_mask. None: one turn per prompt.
+    episodes: ToolTrace | None = None
 
     def take(self, rows: np.ndarray) -> "Rollout":
         """The rollout's rows ``rows`` (int [b]), in that order."""
@@ -41,7 +77,8 @@ class Rollout:
         return Rollout(self.input_ids[rows], self.attention_mask[rows], self.response_mask[rows],
                        self.rollout_logprobs[rows], self.truncated[rows], pick(self.prompts), pick(self.responses),
                        self.policy_version, self.worker_id, self.gen_seconds, int(self.response_mask[rows].sum()),
-                       pick(self.columns), pick(self.sources))
+                       pick(self.columns), pick(self.sources),
+                       None if self.episodes is None else self.episodes.take(rows))
 
 
 @dataclass
