@@ -40,6 +40,25 @@ def test_import_gguf_gives_an_ordinary_model_directory(smollm2):
     assert tok.eos_token == "<|im_end|>" and "<|im_start|>" in tok.chat_template
 
 
+def test_tool_turns_need_the_shipped_template_and_get_it(smollm2):
+    """SmolLM2's own template drops an assistant's tool calls, so multi-turn rollouts refuse it;
+    examples/tools/chatml_tools.jinja serves them: a tool turn is the answer in <tool_response>, then the
+    assistant's header, as token ids after the model's <|im_end|> (its stop token)."""
+    from transformers import AutoTokenizer
+
+    from rlhf_ray.data.chat import ChatRenderer, resolve_chat_template
+    from rlhf_ray.ppo.tool_calls import ToolTemplate
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    own = ChatRenderer(tok, resolve_chat_template("auto"))
+    with pytest.raises(ValueError, match="drops an assistant turn's tool_calls"):
+        ToolTemplate(tok, own.template, own.stop_token_ids())
+    shipped = ChatRenderer(tok, resolve_chat_template(str(EXAMPLE.parent / "tools" / "chatml_tools.jinja")))
+    t = ToolTemplate(tok, shipped.template, shipped.stop_token_ids())
+    suffix = t.suffix_ids([{"role": "tool", "name": "calculator", "content": "5"}])
+    assert tok.decode(suffix) == "\n<|im_start|>user\n<tool_response>\n5\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+
+
 def test_the_imported_model_computes_what_transformers_own_gguf_load_does(smollm2):
     """The imported directory against transformers' own load of the GGUF file (dequantized in memory):
     the same tokens and the same logits of a chat prompt."""

@@ -202,3 +202,4 @@ def test_environment_rewards_score_with_weight_one_and_reward_functions_see_the_
     # words: the last message's words (1, 2, 2) x 0.5; Counter: -1, -2, (NaN ->) 0
     np.testing.assert_allclose(scored.scores, [0.5 - 1, 1 - 2, 1 + 0])
     np.testing.assert_array_equal(scored.function_scores["rewards/Counter"], np.float32([-1, -2, np.nan]))
+
