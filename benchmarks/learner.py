@@ -118,7 +118,7 @@ def run_variant(args) -> dict:
     learner = Learner(args.model, ppo, device=device,
                       learner_cfg=LearnerConfig(logits_chunk_tokens=chunk, gradient_checkpointing=ckpt))
     batch = batch_of(learner.policy.config.vocab_size, args.batch, args.seq)
-    params = sum(v.numel() for v in learner._exported().values())
+    params = sum(v.numel() for v in learner.exported_weights().values())
     learner.train(batch)  # warm-up: lazy imports, kernels, the optimizer state's first allocation
     if device == "cuda":
         torch.cuda.synchronize()

@@ -72,6 +72,9 @@ def sync_benchmark(cfg, hidden: int, layers: int, workers: int, repeats: int = 5
     from rlhf_ray.models.embedded import embedded_base
     from rlhf_ray.ppo import actors
     from rlhf_ray.ppo.pool import RolloutPool
+    from rlhf_ray.ppo.transport.collective import CollectiveTransport
+    from rlhf_ray.ppo.transport.object_store import ObjectStoreTransport
+    from rlhf_ray.ppo.transport.shared_memory import SharedMemoryTransport
 
     mcfg = dataclasses.replace(cfg.model, hidden_size=hidden, num_layers=layers, intermediate_size=hidden * 2)
     model_dir = embedded_base(mcfg)
@@ -82,36 +85,34 @@ def sync_benchmark(cfg, hidden: int, layers: int, workers: int, repeats: int = 5
     pool.wait_ready()
     engine_info = ray.get(pool.workers[0].sync_info.remote(), timeout=600)
     dtype = engine_info["wire_dtype"]  # as run_ppo sends them
-    n = ray.get(learner.num_buckets.remote(cfg.rollout.weight_bucket_mib << 20, dtype), timeout=600)
+    bucket_bytes = cfg.rollout.weight_bucket_mib << 20
+    meta = ray.get(learner.weight_meta.remote(dtype), timeout=600)
+    link = ObjectStoreTransport(pool, learner, meta, bucket_bytes, dtype, why="benchmark")
     walls, engine, fetch = [], [], []
     for v in range(1, repeats + 1):
         t = time.perf_counter()
-        refs = learner.weight_buckets.options(num_returns=n).remote(cfg.rollout.weight_bucket_mib << 20, copy=False,
-                                                                    dtype=dtype)
-        infos = ray.get(pool.sync(refs, v), timeout=600)
+        infos = ray.get(link.send(v), timeout=600)
         walls.append(time.perf_counter() - t)
         engine.append(max(i["seconds"] for i in infos))
         fetch.append(max(i["fetch_seconds"] for i in infos))
         nbytes, mode = infos[0]["bytes"], infos[0]["mode"]
-    shm_walls, writes, synced, shm_bytes = [], [], [], 0
+    shm_walls, writes, shm_bytes, link = [], [], 0, None
     if engine_info["dtype"] == "float32":  # shared memory holds float32 weights
-        pool.attach_shared_weights(learner, required=True)
-    for v in range(repeats + 1, 2 * repeats + 1) if pool.shared is not None else ():
+        pool.version = repeats  # what the engines hold: the first write spares the slot they read
+        link, _ = SharedMemoryTransport.attach(pool, learner, meta, required=True)
+    for v in range(repeats + 1, 2 * repeats + 1) if link is not None else ():
         t = time.perf_counter()
-        synced = pool.sync_shared(learner.write_shared_weights.remote(pool.shared, v % 2, *synced), v, v % 2)
-        infos = ray.get(synced, timeout=600)
+        infos = ray.get(link.send(v), timeout=600)
         shm_walls.append(time.perf_counter() - t)
         writes.append(infos[0]["write_seconds"])
         shm_bytes = infos[0]["bytes"]
-    if pool.shared is not None:
-        ray.get(learner.close_shared_weights.remote(pool.shared), timeout=60)
-        pool.shared = None  # (the engines keep reading their last slot; the collective path loads over it)
-    bucket_bytes = cfg.rollout.weight_bucket_mib << 20
-    pool.join_collective(learner, ray.get(learner.weight_meta.remote(dtype), timeout=600), bucket_bytes)
+    if link is not None:
+        link.close()  # (the engines go back to private weights as they join the group)
+    link = CollectiveTransport(pool, learner, meta, bucket_bytes, dtype)
     coll_walls, coll_bytes = [], 0
     for v in range(2 * repeats + 1, 3 * repeats + 1):
         t = time.perf_counter()
-        infos = ray.get(pool.sync_collective(v), timeout=600)
+        infos = ray.get(link.send(v), timeout=600)
         coll_walls.append(time.perf_counter() - t)
         coll_bytes = infos[-1]["bytes"]
     pool.shutdown()

@@ -11,7 +11,7 @@ copies every bucket into tensors of its own (what an engine's in-place load does
   and copies it (``rollout.weight_sync=object_store``);
 * **gloo broadcast**: one process group of the sender and the receivers, each bucket broadcast once,
   received straight into the receivers' tensors (``rollout.weight_sync=collective``, the group made
-  as ``rlhf_ray.ppo.collective`` makes it);
+  as ``rlhf_ray.ppo.transport.collective`` makes it);
 * **Ray Direct Transport, gloo**: the sender's method returns each bucket with
   ``@ray.method(tensor_transport="gloo")`` and every receiver takes the refs as arguments; Ray sends
   the tensor to each receiver over a collective group of them all (``ray.experimental.collective``).
@@ -58,7 +58,7 @@ class Sender:
         return node_address()
 
     def join(self, host: str, port: int, world_size: int) -> None:
-        from rlhf_ray.ppo.collective import join_group
+        from rlhf_ray.ppo.transport.collective import join_group
 
         self.group = join_group(host, port, 0, world_size)
 
@@ -83,7 +83,7 @@ class Receiver:
         return float(self.dest[-1][-1])
 
     def join(self, host: str, port: int, rank: int, world_size: int) -> None:
-        from rlhf_ray.ppo.collective import join_group
+        from rlhf_ray.ppo.transport.collective import join_group
 
         self.group = join_group(host, port, rank, world_size)
 

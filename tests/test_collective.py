@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 from ports import free_port
 
-from rlhf_ray.ppo.collective import nbytes
+from rlhf_ray.ppo.transport.collective import nbytes
 from rlhf_ray.ppo.weights import plan_buckets
 
 
@@ -44,15 +44,15 @@ def test_a_broadcast_lands_every_weight_in_place_or_through_vllms_reload(tied_po
         port = free_port()
         r = w.generate(synthetic.prompts(4, seed=1), 6, 1.0, 1.0, seed=0)
         with ThreadPoolExecutor(1) as learner_side:  # each side blocks until the other is there
-            joined = learner_side.submit(learner.join_weight_group, "127.0.0.1", port, 2)
-            w.join_weight_group("127.0.0.1", port, 1, 2, 64 << 10)
+            joined = learner_side.submit(learner.open_sender, "collective", "127.0.0.1", port, 2, meta, 64 << 10)
+            w.open_receiver("collective", "127.0.0.1", port, 1, 2, 64 << 10)
             joined.result()
             for version in (1, 2):
                 with torch.no_grad():  # stands in for a PPO step: every weight moves, the tie holds
                     for p in learner.policy.parameters():
                         p.add_(0.05 * torch.randn_like(p))
-                sent = learner_side.submit(learner.broadcast_weights, meta, 64 << 10)
-                info = w.receive_weights(meta, version)
+                sent = learner_side.submit(learner.send_weights, version)
+                info = w.update_weights(meta, version)
                 assert sent.result()["bytes"] == info["bytes"] == sum(a.nbytes for a in learner.state_dict().values())
                 assert info["version"] == version and info["mode"] == "collective"
                 lp = w.logprobs_of(r.input_ids, r.attention_mask, r.response_mask)

@@ -132,20 +132,22 @@ def test_a_bf16_learner_on_gpu_stays_near_the_float32_one(test_config, policy_di
 def test_gpu_learner_writes_shared_weights(test_config, policy_dir, tmp_path):
     """A CUDA learner writes CPU engines' shared memory (device to host, straight into the slot)."""
     from rlhf_ray.ppo.learner import Learner
-    from rlhf_ray.ppo.shared_weights import SharedSlots, new_spec
+    from rlhf_ray.ppo.transport.slots import SharedSlots, new_spec
 
     learner = Learner(policy_dir, test_config.ppo, device="cuda")
     sd = learner.state_dict()
-    shapes = learner.weight_shapes()
+    meta = learner.weight_meta()
+    shapes = dict(zip(meta["names"], meta["shapes"]))
     spec = new_spec(shapes, str(tmp_path))  # an engine whose layout is the checkpoint's own
     spec["placements"] = {n: [n, 0, int(np.prod(s))] for n, s in shapes.items()}
     SharedSlots(spec, create=True)
-    info = learner.write_shared_weights(spec, 1)
+    learner.open_sender("shared_memory", spec)
+    info = learner.send_weights(1)  # version 1: slot 1
     assert info["slot"] == 1 and info["bytes"] == 4 * sum(int(np.prod(s)) for s in shapes.values())
     views = SharedSlots(spec).views(1)
     for n in shapes:
         assert np.array_equal(views[n].numpy(), sd[n]), n
-    learner.close_shared_weights(spec)
+    learner.close_sender()
     assert not list(tmp_path.iterdir())
 
 
@@ -196,7 +198,8 @@ def test_ppo_actors_share_one_gpu_and_train_through_the_object_store(ray_cluster
     stats = ray.get(learner.train.remote(batch))
     assert stats["policy_version"] == 1 and np.isfinite(stats["loss"])
     assert ray.get(learner.loss.remote(batch)) < before
-    buckets = ray.get(learner.weight_buckets.remote(16 << 20, False))
+    ray.get(learner.open_sender.remote("object_store", 16 << 20, "float32", False))
+    buckets = ray.get(learner.send_weights.remote(1))
     assert sum(len(b) for b in buckets) == len(ray.get(learner.state_dict.remote()))
     for a in (learner, advantage, scorer):
         ray.kill(a)

@@ -163,7 +163,7 @@ def test_two_ranks_train_as_the_single_learner_and_checkpoints_change_rank_count
     from rlhf_ray.config import LearnerConfig
     from rlhf_ray.ppo import actors
     from rlhf_ray.ppo.learner import Learner
-    from rlhf_ray.ppo.shared_weights import SharedSlots, new_spec, unlink_slots
+    from rlhf_ray.ppo.transport.slots import SharedSlots, new_spec, unlink_slots
 
     single = Learner(policy_dir, group_cfg, device="cpu")
     start = weights(single)
@@ -178,15 +178,17 @@ def test_two_ranks_train_as_the_single_learner_and_checkpoints_change_rank_count
         # The weights as each sync path exports them: buckets for the object store, and the engines'
         # shared memory (here laid out as the Hugging Face tensors themselves), gathered under fsdp.
         trained = single.state_dict()
-        n = ray.get(group.num_buckets.remote(1 << 20))
-        buckets = ray.get(group.weight_buckets.options(num_returns=n).remote(1 << 20))
+        n = ray.get(group.open_sender.remote("object_store", 1 << 20))
+        buckets = ray.get(group.send_weights.options(num_returns=n).remote(1))
         exported = {k: v for b in (buckets if n > 1 else [buckets]) for k, v in b.items()}
         assert exported.keys() == start.keys()
-        shapes = ray.get(group.weight_shapes.remote())
+        meta = ray.get(group.weight_meta.remote())
+        shapes = dict(zip(meta["names"], meta["shapes"]))
         spec = {**new_spec(shapes), "placements": {k: [k, 0, int(np.prod(s))] for k, s in shapes.items()}}
         slots = SharedSlots(spec, create=True)
         try:
-            assert ray.get(group.write_shared_weights.remote(spec, 1))["slot"] == 1
+            group.open_sender.remote("shared_memory", spec)
+            assert ray.get(group.send_weights.remote(1))["slot"] == 1  # version 1: slot 1
             for k, v in slots.views(1).items():
                 np.testing.assert_allclose(v.numpy(), trained[k], rtol=1e-5, atol=1e-6, err_msg=k)
                 np.testing.assert_allclose(exported[k], trained[k], rtol=1e-5, atol=1e-6, err_msg=k)

@@ -510,8 +510,9 @@ def test_weight_buckets_round_trip_the_policy_state_dict(learner_and_batch, tmp_
     learner, batch = learner_and_batch
     learner.train(batch)
     nbytes = sum(p.numel() * 4 for p in learner.policy.parameters())
-    buckets = learner.weight_buckets(nbytes // 5)
-    assert len(buckets) >= 5 and learner.num_buckets(nbytes // 5) == len(buckets)
+    n = learner.open_sender("object_store", nbytes // 5)
+    buckets = learner.send_weights(learner.version)
+    assert len(buckets) >= 5 and n == len(buckets)
     merged = {k: v for b in buckets for k, v in b.items()}
     state = learner.policy.state_dict()
     assert sum(len(b) for b in buckets) == len(merged) and set(merged) == set(state)
@@ -789,11 +790,14 @@ def test_ppo_on_ray(ray_cluster, test_config, policy_dir, rm_dir, tmp_path, monk
     ray = ray_cluster
     from rlhf_ray.ppo import checkpoints, driver, metrics, pool, refs, sync
     from rlhf_ray.ppo.advantage import AdvantageWorker
+    from rlhf_ray.ppo.transport import collective, object_store, shared_memory
     from rlhf_ray.ppo.types import TrainBatch
 
-    # The driver's one ray.get is the size-checked refs.get_small; record everything it fetches.
-    assert [inspect.getsource(m).count("ray.get(") for m in (refs, driver, pool, sync, metrics, checkpoints)] \
-        == [1, 0, 0, 0, 0, 0]
+    # The driver's one ray.get is the size-checked refs.get_small (the transports' driver halves use it
+    # too; the object store's engine half fetches nested bucket refs); record everything it fetches.
+    assert [inspect.getsource(m).count("ray.get(") for m in (refs, driver, pool, sync, metrics, checkpoints,
+                                                             shared_memory, collective, object_store)] \
+        == [1, 0, 0, 0, 0, 0, 0, 0, 1]
     with pytest.raises(RuntimeError, match="bulk data"):
         refs.get_small(ray.put(np.zeros(1 << 18, np.float32)))
     fetched = []
@@ -1152,14 +1156,17 @@ def test_engines_resumed_at_an_odd_version_read_the_slot_the_next_write_spares(r
     ray = ray_cluster
     from rlhf_ray.ppo import actors
     from rlhf_ray.ppo.pool import RolloutPool
+    from rlhf_ray.ppo.transport.shared_memory import SharedMemoryTransport
 
     rc = dataclasses.replace(test_config.rollout, num_workers=1, weight_sync="shared_memory")
     learner = actors.start_learner(policy_dir, test_config.ppo)
-    pool = RolloutPool(policy_dir, rc, seed=0, version=1)
+    pool, link = RolloutPool(policy_dir, rc, seed=0, version=1), None
     try:
         pool.set_num_workers(1)
         pool.wait_ready()
-        assert pool.attach_shared_weights(learner, required=True) is None and pool._slot == (1, 1)
+        link, why = SharedMemoryTransport.attach(pool, learner, ray.get(learner.weight_meta.remote(), timeout=120),
+                                                 required=True)
+        assert why is None and link.slot == (1, 1)
         engine = pool.workers[0]
         ids = ray.get(engine.encode_prompts.remote(synthetic.prompts(2, seed=5)), timeout=120)
         T = max(len(x) for x in ids)
@@ -1173,15 +1180,15 @@ def test_engines_resumed_at_an_odd_version_read_the_slot_the_next_write_spares(r
         before = engine_lp()
         ray.get(learner.__ray_call__.remote(lambda lr: [p.data.mul_(0.5) for p in lr.policy.parameters()]),
                 timeout=120)
-        written = learner.write_shared_weights.remote(pool.shared, 0)  # version 2, as the loop writes it
-        ray.get(written, timeout=120)
+        written = learner.send_weights.remote(2)  # version 2 into slot 0, as the link's send writes it
+        assert ray.get(written, timeout=120)["slot"] == 0
         np.testing.assert_array_equal(engine_lp(), before)  # slot 1 untouched
-        infos = ray.get(pool.sync_shared(written, 2, 0), timeout=120)
-        assert [i["version"] for i in infos] == [2] and pool._slot == (0, 2)
+        infos = ray.get([engine.update_weights.remote(written, 2)], timeout=120)
+        assert [i["version"] for i in infos] == [2]
         assert float(np.abs(engine_lp() - before)[resp].max()) > 1e-2  # the switch takes the new weights
     finally:
-        if pool.shared is not None:
-            ray.get(learner.close_shared_weights.remote(pool.shared), timeout=120)
+        if link is not None:
+            link.close()
         pool.shutdown()
         ray.kill(learner)
 

@@ -399,7 +399,7 @@ def test_prefix_cache_is_reset_after_update(worker, policy_dir, sft_model):
 
 
 def test_find_placements_reads_fused_and_padded_layouts():
-    from rlhf_ray.ppo.shared_weights import check_order, find_placements, order_pattern, slot_layout
+    from rlhf_ray.ppo.transport.slots import check_order, find_placements, order_pattern, slot_layout
 
     numels = {"q": 6, "k": 2, "v": 2, "emb": 6, "tied_head": 6}
     # What a loader does with sentinel weights: q, k, v fused into one parameter in that order; the
@@ -433,7 +433,7 @@ def test_find_placements_reads_fused_and_padded_layouts():
 def test_slot_files_of_killed_jobs_are_removed(tmp_path):
     import subprocess
 
-    from rlhf_ray.ppo.shared_weights import SharedSlots, new_spec, remove_stale_slots
+    from rlhf_ray.ppo.transport.slots import SharedSlots, new_spec, remove_stale_slots
 
     dead = subprocess.Popen(["true"])
     dead.wait()  # a pid that no longer exists (reaped)
@@ -462,7 +462,7 @@ def test_shared_weights_one_write_no_engine_copy(worker, rollout, policy_dir, sf
     """The engine reads its weights from the slot files: after the learner's write into the other
     slot and a switch, its logprobs are the new model's; writing into the slot it reads changes them
     with no call to the engine at all (nothing was copied into it)."""
-    from rlhf_ray.ppo.shared_weights import SharedSlots, unlink_slots
+    from rlhf_ray.ppo.transport.slots import SharedSlots, unlink_slots
     from rlhf_ray.ppo.weights import SKIP_SUFFIXES
 
     new = hf_model(policy_dir, noise=0.05, seed=5)
@@ -472,7 +472,7 @@ def test_shared_weights_one_write_no_engine_copy(worker, rollout, policy_dir, sf
     shapes = {k: list(v.shape) for k, v in sd.items() if not k.endswith(SKIP_SUFFIXES)}
     spec = None
     try:
-        spec = worker.attach_shared_weights(None, shapes, slot=0, version=7, directory=str(tmp_path))
+        spec = worker.open_receiver("shared_memory", None, shapes, 0, 7, str(tmp_path))
         assert worker.version == 7 and len(list(tmp_path.iterdir())) == 2
         q = sd["model.layers.0.self_attn.q_proj.weight"].numel()
         k = sd["model.layers.0.self_attn.k_proj.weight"].numel()
@@ -484,10 +484,10 @@ def test_shared_weights_one_write_no_engine_copy(worker, rollout, policy_dir, sf
         # Discovery went through the engine's own parameters; it still generates with the SFT weights.
         assert logprob_drift(worker.logprobs_of(ids, am, m), old_ref, m) < TOL
 
-        learner_side = SharedSlots(spec)  # what Learner.write_shared_weights does
+        learner_side = SharedSlots(spec)  # what the learner's SharedMemorySender does
         nbytes = learner_side.write(1, new.state_dict().items())
         assert nbytes == 4 * sum(sd[n].numel() for n in pl)
-        info = worker.use_shared_weights({"slot": 1, "bytes": nbytes, "seconds": 0.01}, version=8)
+        info = worker.update_weights({"slot": 1, "bytes": nbytes, "seconds": 0.01}, version=8)
         assert info["mode"] == "shared_memory" and info["version"] == 8 == worker.version
         assert logprob_drift(worker.logprobs_of(ids, am, m), new_ref, m) < TOL
         r = worker.generate(rollout.prompts, 24, 1.0, 1.0, seed=0)
@@ -503,7 +503,7 @@ def test_shared_weights_one_write_no_engine_copy(worker, rollout, policy_dir, sf
         with pytest.raises(ValueError, match="has 8 elements"):  # a learner with another shape
             learner_side.write(0, [("model.norm.weight", torch.ones(8))])
     finally:
-        worker.detach_shared_weights()
+        worker.close_receiver()
         if spec is not None:
             unlink_slots(spec)
     assert not list(tmp_path.iterdir())
@@ -592,7 +592,7 @@ def test_a_model_with_tied_embeddings_syncs_once_per_weight(tied_policy_dir, tes
     learner = Learner(tied, test_config.ppo, device="cpu")
     exported = learner.state_dict()
     assert "lm_head.weight" not in exported and "model.embed_tokens.weight" in exported
-    assert set(learner.weight_shapes()) == set(exported)
+    assert set(learner.weight_meta()["names"]) == set(exported)
     with torch.no_grad():  # stands in for a PPO step: every weight moves, the tie holds
         for p in learner.policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -602,7 +602,8 @@ def test_a_model_with_tied_embeddings_syncs_once_per_weight(tied_policy_dir, tes
     try:
         assert w.weight_sync_mode == ("in_place" if plain else "reload")
         r = w.generate(synthetic.prompts(4, seed=1), 6, 1.0, 1.0, seed=0)
-        info = w.update_weights(learner.weight_buckets(64 << 10), version=1)
+        learner.open_sender("object_store", 64 << 10)
+        info = w.update_weights(learner.send_weights(1), version=1)
         assert info["bytes"] == sum(a.nbytes for a in learner.state_dict().values())
         lp = w.logprobs_of(r.input_ids, r.attention_mask, r.response_mask)
     finally:

@@ -9,7 +9,7 @@ Per iteration (every arrow a ref; each stage submitted as soon as the driver kno
             check -> held-out eval -> metrics, checkpoint
 
     the rollout workers     rlhf_ray.ppo.pool.RolloutPool (resizable while the job runs)
-    weight sync and drift   rlhf_ray.ppo.sync.WeightSync (shared memory or the object store)
+    weight sync and drift   rlhf_ray.ppo.sync.WeightSync (the transports: rlhf_ray.ppo.transport)
     metrics and evaluation  rlhf_ray.ppo.metrics
     checkpoints, resuming   rlhf_ray.ppo.checkpoints
     the actors' classes     rlhf_ray.ppo.{rollout,scoring,advantage,learner} (plain classes; actors.py
@@ -46,7 +46,7 @@ from rlhf_ray.ppo import refs
 from rlhf_ray.ppo.checkpoints import CheckpointStore, policy_id, resume_point
 from rlhf_ray.ppo.metrics import before_line, describe_estimator, done_line, evaluate, iteration_metrics, progress_line
 from rlhf_ray.ppo.pool import CONTROL_FILE, RolloutPool, workers_at_start
-from rlhf_ray.ppo.sync import WeightSync, close_shared
+from rlhf_ray.ppo.sync import WeightSync
 from rlhf_ray.ppo.task import prepare_task
 from rlhf_ray.progress import Bar, eta
 from rlhf_ray.reward.train import MetricsLog
@@ -394,9 +394,8 @@ class _Actors:
         self.log(f"[ppo] {len(self.pool.workers)} rollout workers, learner, scorer and advantage actors up "
                  f"in {time.perf_counter() - since:.1f}s")
         sync = WeightSync(self.pool, self.learner, self.cfg.rollout, bucket_bytes)
-        self.log("[ppo] " + sync.describe())
-        if self.pool.shared is not None and self.pool.shared.get("stale_removed"):
-            self.log(f"[ppo] removed {len(self.pool.shared['stale_removed'])} slot file(s) left by killed jobs")
+        for line in sync.describe():
+            self.log("[ppo] " + line)
         return sync
 
     def rollout(self, it: int) -> Launched:
@@ -447,7 +446,7 @@ class _Actors:
         from rlhf_ray.ppo import actors
 
         log = self.log
-        _cleanup(log, "removing the shared-memory weights", close_shared, self.pool, self.learner)
+        _cleanup(log, "removing the shared-memory weights", self.pool.close_transport)
         _cleanup(log, "stopping the rollout workers", self.pool.shutdown)
         for name, actor in (("learner", self.learner), ("advantage", self.advantage), ("scorer", self.scorer)):
             _cleanup(log, f"stopping the {name} actor", actors.stop, actor)

@@ -82,7 +82,7 @@ def engine_args(model_path: str, rollout_cfg: RolloutConfig, worker_id: int, see
     if max_model_len:
         args["max_model_len"] = int(max_model_len)
     if rollout_cfg.weight_sync == "collective":  # new weights through vLLM's weight-transfer API
-        from rlhf_ray.ppo.collective import BACKEND, register
+        from rlhf_ray.ppo.transport.collective import BACKEND, register
 
         register()  # (an engine in another process finds it through the vllm.general_plugins entry point)
         args["weight_transfer_config"] = {"backend": BACKEND}

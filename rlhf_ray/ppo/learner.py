@@ -99,7 +99,8 @@ class Learner:
 
     Given a ``rank`` (``rlhf_ray.ppo.distributed.RankSpec``), one rank of a learner group: every rank
     is called with the same calls in the same order (``rlhf_ray.ppo.learner_group``), and only rank 0
-    writes files or shared memory."""
+    writes files or shared memory. New weights leave through ``sender``, a weight transport's learner
+    half (``rlhf_ray.ppo.transport``)."""
 
     def __init__(self, policy_path: str | Path, ppo_cfg: PPOConfig, device: str | None = None,
                  chat_template: str = "auto", learner_cfg: LearnerConfig | None = None,
@@ -170,6 +171,7 @@ class Learner:
                                            fused=not self.sharded or None)
         self.rng = np.random.default_rng(ppo_cfg.seed)
         self.version = 0  # bumped by every train(); stamped on the weights sent to the engines
+        self.sender = None  # the weight transport's learner half, once open (open_sender)
 
     # ------------------------------------------------------------------ forward
 
@@ -342,7 +344,7 @@ class Learner:
 
     # ------------------------------------------------------------------ weights
 
-    def _exported(self) -> dict[str, torch.Tensor]:
+    def exported_weights(self) -> dict[str, torch.Tensor]:
         """The policy's state dict as the engines take it: a parameter tied to an earlier one
         (lm_head.weight with tie_word_embeddings) is left out, as in the model's saved files; vLLM ties
         it itself. Tied names go by the parameters they name (under FSDP the tensors are shards)."""
@@ -356,102 +358,43 @@ class Learner:
     def state_dict(self) -> dict[str, np.ndarray]:
         """The policy's weights for the engines (HF names, float32 numpy on CPU, tied copies left out);
         the value head is not included. Sharded: gathered on every rank, kept and returned by rank 0."""
-        out = gathered(self._exported().items(), keep=self.rank == 0)
+        out = gathered(self.exported_weights().items(), keep=self.rank == 0)
         return {k: v.to(torch.float32).numpy() for k, v in out.items()} if out is not None else {}
 
-    def weight_buckets(self, bucket_bytes: int, copy: bool = True,
-                       dtype: str = "float32") -> list[dict[str, np.ndarray]]:
-        """The policy's weights split into buckets of about ``bucket_bytes`` (for the engines), floats
-        in ``dtype`` (the engines' ``wire_dtype``). ``copy=False`` (the Ray driver: the return values
-        are copied into the object store as the method returns) skips the extra copy of CPU weights
-        already in ``dtype``; see ``weights.state_dict_buckets``. Sharded: every rank gathers the whole
-        tensors a bucket at a time (the model is never whole in one process), rank 0 returns them and
-        the others as many empty buckets."""
-        from rlhf_ray.ppo.weights import bucket_names, exported_entries, state_dict_buckets
-
-        exported = self._exported()
-        with torch.no_grad():
-            if not self.sharded:
-                return state_dict_buckets(exported, bucket_bytes, copy=copy, dtype=dtype)
-            entries, out = dict(exported_entries(exported)), []
-            for names in bucket_names(exported, bucket_bytes, dtype=dtype):
-                whole = {n: full(entries[n]) for n in names}
-                out.append(state_dict_buckets(whole, 1 << 62, dtype=dtype)[0] if self.rank == 0 else {})
-            return out
-
-    def num_buckets(self, bucket_bytes: int, dtype: str = "float32") -> int:
-        """How many buckets :meth:`weight_buckets` returns, from the tensors' sizes (no export)."""
-        from rlhf_ray.ppo.weights import bucket_names
-
-        return len(bucket_names(self._exported(), bucket_bytes, dtype=dtype))
-
-    def weight_shapes(self) -> dict[str, list[int]]:
-        """Name -> shape of every weight sent to the engines (HF names)."""
-        from rlhf_ray.ppo.weights import exported_entries
-
-        return {k: list(v.shape) for k, v in exported_entries(self._exported())}
-
-    def write_shared_weights(self, spec: dict, slot: int, *after) -> dict:
-        """Write the policy into slot ``slot`` of the engines' shared weights
-        (``rlhf_ray.ppo.shared_weights``): one copy per byte. ``after``: results of the syncs that
-        must be done before the slot is overwritten (Ray resolves them first; unused here).
-        Returns {"slot", "bytes", "seconds", "version"}."""
-        from rlhf_ray.ppo.shared_weights import SharedSlots
-
-        start = time.perf_counter()
-        if self.rank > 0:  # (sharded: the gathers rank 0's write needs, in its order)
-            with torch.no_grad():
-                nbytes = sum(full(v).numel() * 4 for v in self._exported().values())
-            return {"slot": slot, "bytes": nbytes, "seconds": time.perf_counter() - start, "version": self.version}
-        slots = getattr(self, "_shared_slots", None)
-        if slots is None or slots.spec["paths"] != spec["paths"]:
-            slots = self._shared_slots = SharedSlots(spec)
-        with torch.no_grad():
-            nbytes = slots.write(slot, ((k, full(v)) for k, v in self._exported().items()))
-        return {"slot": slot, "bytes": nbytes, "seconds": time.perf_counter() - start, "version": self.version}
-
     def weight_meta(self, dtype: str = "float32") -> dict:
-        """Names, dtype names and shapes of the weights :meth:`broadcast_weights` sends, in order (floats
-        in ``dtype``): the engines' side of a collective sync (``rlhf_ray.ppo.collective``)."""
+        """Names, dtype names and shapes of the weights sent to the engines, in order (floats in
+        ``dtype``, the engines' ``wire_dtype``): what every weight transport sets itself up from."""
         from rlhf_ray.ppo.weights import exported_entries
 
-        entries = list(exported_entries(self._exported()))
+        entries = list(exported_entries(self.exported_weights()))
         return {"names": [k for k, _ in entries], "shapes": [list(v.shape) for _, v in entries],
                 "dtype_names": [dtype if v.is_floating_point() else str(v.dtype).removeprefix("torch.")
                                 for _, v in entries]}
 
-    def join_weight_group(self, host: str, port: int, world_size: int) -> None:
-        """Host the weight group as its rank 0 (blocks until the engines have joined); leaves the last one."""
-        from rlhf_ray.ppo.collective import Scratch, join_group, leave_group
+    def open_sender(self, name: str, *args):
+        """Send weights through transport ``name`` (``rlhf_ray.ppo.transport``) from now on: its sender,
+        opened with ``args`` (again, when it is already this one's). Returns what its ``open`` returns."""
+        from rlhf_ray.ppo import transport
 
-        if getattr(self, "_weight_group", None) is not None:
-            leave_group(self._weight_group)
-        self._weight_group = join_group(host, port, 0, world_size)
-        self._weight_scratch = getattr(self, "_weight_scratch", None) or Scratch()  # (every bucket's pages)
+        cls = transport.module(name).SENDER
+        if not isinstance(self.sender, cls):
+            if self.sender is not None:
+                self.sender.close()
+            self.sender = cls(self)
+        return self.sender.open(*args)
 
-    def broadcast_weights(self, meta: dict, bucket_bytes: int) -> dict:
-        """Send the policy to every engine of the weight group, a bucket at a time (``meta``: from
-        :meth:`weight_meta`). Sharded, every rank gathers the tensors and rank 0 sends them.
-        Returns {"bytes", "seconds", "version", "mode": "collective"}."""
-        from rlhf_ray.ppo.collective import send
-        from rlhf_ray.ppo.weights import exported_entries
+    def send_weights(self, version: int, *after):
+        """The weights of ``version`` (the current ones) through the open sender: what the engines'
+        ``update_weights`` takes. ``after``: results of the last sync, which Ray resolves first."""
+        if self.sender is None:
+            raise RuntimeError("send_weights: no weight transport is open (open_sender)")
+        return self.sender.send(version, *after)
 
-        start = time.perf_counter()
-        with torch.no_grad():
-            tensors = (full(v).to(getattr(torch, d)) for (_, v), d in
-                       zip(exported_entries(self._exported()), meta["dtype_names"]))
-            if self.rank > 0:
-                nbytes = sum(t.numel() * t.element_size() for t in tensors)
-            else:
-                nbytes = send(self._weight_group, tensors, meta, bucket_bytes, self._weight_scratch)
-        return {"bytes": nbytes, "seconds": time.perf_counter() - start, "version": self.version, "mode": "collective"}
-
-    def close_shared_weights(self, spec: dict) -> None:
-        """Remove the shared-weight files of ``spec`` (mappings stay valid until their processes exit)."""
-        from rlhf_ray.ppo.shared_weights import unlink_slots
-
-        self.__dict__.pop("_shared_slots", None)
-        unlink_slots(spec)
+    def close_sender(self) -> None:
+        """Close the open sender (shared memory: remove its files)."""
+        sender, self.sender = self.sender, None
+        if sender is not None:
+            sender.close()
 
     def save_checkpoint(self, path: str | Path) -> str:
         """:meth:`save` plus what :meth:`train` needs to go on exactly where it stopped: the optimizer
@@ -498,7 +441,7 @@ class Learner:
         # Sharded, every rank gathers the whole tensors (in the same order) and rank 0, which alone keeps
         # them, writes them.
         keep = self.rank == 0
-        policy = gathered(self._exported().items(), keep) if self.sharded else None
+        policy = gathered(self.exported_weights().items(), keep) if self.sharded else None
         head = gathered(self.value_head.state_dict().items(), keep) if self.value_head is not None else {}
         if not keep:
             return Path(path)

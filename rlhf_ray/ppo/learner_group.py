@@ -1,7 +1,7 @@
 """``learner.num_workers`` learner ranks as Ray actors in one placement group, used like one learner actor.
 
 The driver holds a :class:`LearnerGroup` where it would hold the learner's actor handle and calls it
-the same way (``group.train.remote(batch)``, ``group.weight_buckets.options(num_returns=n).remote(...)``).
+the same way (``group.train.remote(batch)``, ``group.send_weights.options(num_returns=n).remote(...)``).
 A call that needs every rank (the PPO epochs, loading a checkpoint and, when the model is sharded,
 every forward and every export) is submitted to all of them with the same arguments, in the same
 order (Ray runs an actor's calls from one caller in order, so the ranks meet in the same collectives);
@@ -26,9 +26,10 @@ from rlhf_ray.ppo.learner import Learner
 from rlhf_ray.ppo.nodes import address_on
 
 EVERY_RANK = frozenset({"train", "load_checkpoint"})
-# Sharded (fsdp), a forward or an export gathers parameters from every rank.
-EVERY_RANK_SHARDED = EVERY_RANK | {"evaluate", "probe", "logprobs", "loss", "state_dict", "weight_buckets",
-                                   "write_shared_weights", "broadcast_weights", "save", "save_checkpoint"}
+# Sharded (fsdp), a forward or an export gathers parameters from every rank; every rank's weight sender
+# takes part in an export (opening one gathers nothing).
+GATHERS = frozenset({"evaluate", "probe", "logprobs", "loss", "state_dict", "send_weights", "save", "save_checkpoint"})
+EVERY_RANK_SHARDED = EVERY_RANK | GATHERS | {"open_sender"}
 PLACEMENT_TIMEOUT_S = 120
 
 
@@ -87,7 +88,7 @@ def _ends_its_rank_on_failure(method):
 # waits on rank 0 alone, so any error of another rank ends that rank (its traceback in the log): its
 # peers' collectives then fail at once instead of waiting out the group's timeout.
 LearnerRank = type("LearnerRank", (Learner,), {
-    name: _ends_its_rank_on_failure(getattr(Learner, name)) for name in sorted(EVERY_RANK_SHARDED)})
+    name: _ends_its_rank_on_failure(getattr(Learner, name)) for name in sorted(EVERY_RANK | GATHERS)})
 LearnerRank.__doc__ = "A Learner rank of a group (``Learner`` whose failed collectives end the process)."
 
 

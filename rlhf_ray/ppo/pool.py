@@ -15,8 +15,6 @@ import numpy as np
 
 from rlhf_ray.config import LearnerConfig, PPOConfig, RolloutConfig
 from rlhf_ray.ppo import refs
-from rlhf_ray.ppo.nodes import address_on, node_of
-from rlhf_ray.ppo.sync import WeightSyncError
 
 CONTROL_FILE = "rollout_workers"
 
@@ -38,11 +36,9 @@ class RolloutPool:
         self.version = version
         self.workers: list = []
         self._next_id = 0
-        self._weights = None  # (bucket refs, version) of the last sync, for workers added later
-        self.shared: dict | None = None  # the shared-memory weights' spec, once the engines read them
-        self._slot = (version % 2, version)  # (slot, version) the engines read, for workers added later
-        self._shared_node = None  # the learner's node, where every engine must run to share memory
-        self.collective: dict | None = None  # the learner, weight meta and bucket size of a collective sync
+        # The weight transport's link (rlhf_ray.ppo.transport), once the weight sync has set one up: it
+        # brings workers added later in.
+        self.transport = None
 
     def set_num_workers(self, n: int) -> None:
         """Start or stop workers so that ``n`` run. Call between iterations (no rollout in flight).
@@ -62,33 +58,15 @@ class RolloutPool:
             w = actors.start_rollout_worker(self.model_path, self.cfg, worker_id=self._next_id, seed=self.seed,
                                             version=self.version, placement=self.placement, **self.engine_options)
             self._next_id += 1
-            # Actor tasks run in order: the weights arrive before any rollout.
-            if self.shared is not None:
-                node = refs.get_small(w.sync_info.remote())["node_id"]  # waits for the engine to start
-                if node != self._shared_node:
-                    ray.kill(w)
-                    raise ValueError(f"set_num_workers({n}): the new rollout worker started on node {node}, "
-                                     f"not on the learner's, where the engines share weights in memory")
-                try:  # awaited: a failure surfaces here with its cause, not at the worker's first rollout
-                    refs.get_small(w.attach_shared_weights.remote(self.shared, None, *self._slot))
-                except Exception:
-                    ray.kill(w)
-                    raise
-            elif self._weights is not None:
-                w.update_weights.remote(*self._weights)
+            if self.transport is not None:  # the last synced weights, before anything else
+                self.transport.join(w, f"set_num_workers({n})")
             self.workers.append(w)
         while len(self.workers) > n:
             w = self.workers.pop()
             refs.get_small(w.shutdown.remote())  # also waits for the worker's earlier tasks
             ray.kill(w)
-        if self.collective is not None and n != len(self.collective["members"]):
-            # Another set of engines: a new group, formed as each member reaches its join (the learner
-            # after the training queued before it: the driver does not wait for that). Synchronous, the
-            # new engines' next rollout follows at once: the learner's weights (the last synced ones)
-            # first. One-step-off, the next sync comes before any rollout of the new engines.
-            self._form_group()
-            if not self.cfg.async_one_step_off:
-                self.sync_collective(self.collective["version"])
+        if self.transport is not None:
+            self.transport.resized()
 
     def start(self, n: int, configured: int, control_file: Path) -> None:
         """Start ``n`` workers (what :func:`workers_at_start` chose); when the control file's count does
@@ -121,97 +99,11 @@ class RolloutPool:
         per worker."""
         return generate_on(self.workers, prompts, ppo, seed)
 
-    def attach_shared_weights(self, learner, required: bool) -> str | None:
-        """Move the engines onto shared-memory weights written by ``learner`` (before the first
-        update). Returns None when done, else why not; raises instead when ``required``."""
-        import ray
-
-        infos = refs.get_small([w.sync_info.remote() for w in self.workers])
-        node = node_of(learner)
-        why = None
-        if any(i["node_id"] != node for i in infos):
-            why = "a rollout worker runs on another node than the learner"
-        elif any(i["device"] != "cpu" for i in infos):
-            why = "the engines run on GPUs"
-        elif any(i["dtype"] != "float32" for i in infos):
-            dtypes = "/".join(sorted({i["dtype"] for i in infos} - {"float32"}))
-            why = f"the engines compute in {dtypes} (shared memory holds float32 weights)"
-        elif any(i["mode"] != "in_place" for i in infos):
-            why = ("the engines keep packed weights (rollout.cpu_plain_weights=false, or engines in their own "
-                   "process: VLLM_ENABLE_V1_MULTIPROCESSING=1)")
-        else:
-            shapes = learner.weight_shapes.remote()  # a ref: learner to engine
-            version = self._weights[1] if self._weights is not None else self.version  # what the engines hold
-            # Version v lives in slot v % 2 and the first write (v + 1) waits for nothing: the engines
-            # must read the other slot, or a run resumed at an odd version overwrites the weights that
-            # its queued rollouts sample. Both slots start as a copy of the first engine's weights.
-            slot, spec = version % 2, None
-            try:
-                spec = refs.get_small(self.workers[0].attach_shared_weights.remote(None, shapes, slot, version))
-                refs.get_small([w.attach_shared_weights.remote(spec, None, slot, version) for w in self.workers[1:]])
-                self.shared, self._slot, self._shared_node = spec, (slot, version), node
-            except Exception as e:
-                # An engine's code refused (RayTaskError): the job goes on with the object store. Else an
-                # engine or the learner died, or a call timed out: the run fails (or restarts). Either
-                # way no engine may stay on the files and the files go (self.shared is not set, so the
-                # run's cleanup would not remove them).
-                failed = not isinstance(e, ray.exceptions.RayTaskError)
-                if spec is not None:
-                    from rlhf_ray.ppo.shared_weights import unlink_slots
-
-                    try:
-                        if not failed:  # back to private weights
-                            refs.get_small([w.detach_shared_weights.remote() for w in self.workers])
-                            refs.get_small(learner.close_shared_weights.remote(spec))
-                    finally:
-                        unlink_slots(spec)  # from the driver too: on the learner's node in most setups
-                if failed:
-                    raise
-                why = f"{type(e.cause).__name__}: {e.cause}"
-        if why is not None and required:
-            raise WeightSyncError(f"rollout.weight_sync=shared_memory: {why}")
-        return why
-
-    def sync_shared(self, written_ref, version: int, slot: int) -> list:
-        """Every engine switches to ``slot`` once the learner's write (``written_ref``) is done."""
-        self._slot = (slot, version)
-        return [w.use_shared_weights.remote(written_ref, version) for w in self.workers]
-
-    def join_collective(self, learner, meta: dict, bucket_bytes: int) -> None:
-        """Form the weight group of ``learner`` and every engine (``rlhf_ray.ppo.collective``); waits
-        for it. ``meta``: the weights' names, dtypes and shapes (``Learner.weight_meta``)."""
-        self.collective = {"learner": learner, "meta": meta, "bucket_bytes": bucket_bytes, "members": [],
-                           "version": self.version, "node": node_of(learner)}
-        refs.get_small(self._form_group())
-
-    def _form_group(self) -> list:
-        """Submit the (re)forming of the weight group with the current engines; refs of the joins. Where
-        it meets (the learner's node, a free port there) comes from a task on that node, not from the
-        learner, which may be training."""
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        c = self.collective
-        # (soft: were the node lost, the task runs elsewhere and the learner's death surfaces at its next
-        # call, which restarts the run, instead of an unschedulable task failing it)
-        host, port = address_on(NodeAffinitySchedulingStrategy(c["node"], soft=True))
-        world = 1 + len(self.workers)
-        c["members"] = list(self.workers)
-        return [c["learner"].join_weight_group.remote(host, port, world),
-                *(w.join_weight_group.remote(host, port, 1 + i, world, c["bucket_bytes"])
-                  for i, w in enumerate(self.workers))]
-
-    def sync_collective(self, version: int) -> list:
-        """The learner broadcasts its weights to the group; every engine takes them as ``version``.
-        Returns refs of the engines' info dicts and, last, the learner's."""
-        c = self.collective
-        c["version"] = version
-        sent = c["learner"].broadcast_weights.remote(c["meta"], c["bucket_bytes"])
-        return [*(w.receive_weights.remote(c["meta"], version) for w in self.workers), sent]
-
-    def sync(self, bucket_refs, version: int) -> list:
-        """Load the same weights (refs: put once) into every worker; returns refs of their info dicts."""
-        self._weights = (bucket_refs, version)
-        return [w.update_weights.remote(bucket_refs, version) for w in self.workers]
+    def close_transport(self) -> None:
+        """Remove what the weight transport made (shared memory's files), if any."""
+        link, self.transport = self.transport, None
+        if link is not None:
+            link.close()
 
     def shutdown(self) -> None:
         import ray

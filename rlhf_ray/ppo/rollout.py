@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import gc
 import os
-import sys
 import time
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -44,26 +42,10 @@ import numpy as np
 from rlhf_ray.config import RolloutConfig
 from rlhf_ray.data.chat import ChatRenderer
 from rlhf_ray.data.prompts import PromptRecord
+from rlhf_ray.ppo import transport
 from rlhf_ray.ppo.engine import checkpoint_names, engine_args, plain_cpu_linear
+from rlhf_ray.ppo.transport.object_store import ObjectStoreReceiver
 from rlhf_ray.ppo.types import Rollout
-from rlhf_ray.ppo.weights import bucket_nbytes, bucket_to_bytes
-
-def _resolve_refs(buckets) -> list[Mapping]:
-    """Buckets as a flat list of dicts. Ray resolves an object ref passed as a top-level argument,
-    not refs nested in a list: those are fetched here (a ref may hold one bucket or a list)."""
-    if isinstance(buckets, Mapping):
-        buckets = [buckets]
-    buckets = list(buckets)
-    ray = sys.modules.get("ray")  # only a Ray caller can have passed refs
-    if ray is not None and any(isinstance(b, ray.ObjectRef) for b in buckets):
-        buckets = [ray.get(b) if isinstance(b, ray.ObjectRef) else b for b in buckets]
-    out = []
-    for b in buckets:
-        out.extend(b if isinstance(b, (list, tuple)) else [b])
-    if not all(isinstance(b, Mapping) for b in out):
-        raise TypeError(f"update_weights: buckets must be dicts name -> array, got {type(out[0]).__name__}")
-    return out
-
 
 def _chosen_logprobs(lps, token_ids, first: int = 0) -> list[float]:
     """Logprob of ``token_ids[i]`` at position ``first + i`` of vLLM's per-position logprobs
@@ -117,7 +99,7 @@ class RolloutWorker:
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
-        self._expected_names = checkpoint_names(self.model_path)
+        self.expected_names = checkpoint_names(self.model_path)
         # Multi-turn episodes (``tools``: a rlhf_ray.ppo.toolbox.ToolSpec; rlhf_ray.ppo.episodes), checked
         # before the engine starts.
         self.toolbox = self.tool_template = None
@@ -152,7 +134,9 @@ class RolloutWorker:
         self.weight_sync_mode = self.llm.collective_rpc("weight_sync_mode")[0]
         # The dtype update_weights' floats should come in (float32, or this engine's 16-bit dtype).
         self.wire_dtype = self.llm.collective_rpc("weight_wire_dtype")[0]
-        self.shared_weights: dict | None = None  # the spec, once attached to shared memory
+        # How new weights arrive: a weight transport's engine half (rlhf_ray.ppo.transport), the object
+        # store's until another is opened.
+        self.receiver = ObjectStoreReceiver(self)
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -292,66 +276,44 @@ class RolloutWorker:
 
     # ---- weights -----------------------------------------------------------------------------
 
-    def update_weights(self, buckets, version: int) -> dict:
-        """Load a full set of policy weights and stamp ``version`` on later rollouts.
-
-        ``buckets``: what :func:`rlhf_ray.ppo.weights.state_dict_buckets` returns (a list of dicts
-        name -> array in Hugging Face checkpoint names; floats in any of its dtypes, best in
-        :attr:`wire_dtype`), a single dict, or a list of Ray object refs to buckets (fetched here; a
-        ref passed as the argument itself is resolved by Ray).
-        Every weight of the model must be present: vLLM would silently keep old values for the rest.
+    def update_weights(self, payload, version: int) -> dict:
+        """Take new policy weights through this engine's transport and stamp ``version`` on later
+        rollouts. ``payload``: what the learner's sender sent (``Learner.send_weights``): buckets (a list
+        of dicts name -> array in Hugging Face checkpoint names, a single dict, or refs to them) for the
+        object store, the written slot's info for shared memory, the weights' meta for the collective.
         Returns {"version", "seconds", "fetch_seconds" (getting nested refs from the object store),
-        "bytes", "mode"} (mode: :attr:`weight_sync_mode`).
+        "bytes", "mode"} (mode: :attr:`weight_sync_mode`, or the transport's name), and "write_seconds"
+        where the learner's write counts in "seconds" (shared memory).
         """
-        if self.shared_weights is not None:
-            raise RuntimeError("update_weights: this engine reads shared weights; the learner writes them "
-                               "(use_shared_weights)")
         t0 = time.perf_counter()
-        buckets = _resolve_refs(buckets)
-        t_fetched = time.perf_counter()
-        if self._expected_names is not None:
-            names = set().union(*(b.keys() for b in buckets))
-            missing = self._expected_names - names
-            if missing:
-                raise ValueError(f"update_weights: {len(missing)} weight(s) missing, e.g. "
-                                 f"{sorted(missing)[:5]}; got e.g. {sorted(names)[:5]}")
-        nbytes = bucket_nbytes(buckets)
-        if self.in_process:  # "reload" processes the layers again: as when the engine was built
-            with plain_cpu_linear(self.device == "cpu" and self.cfg.cpu_plain_weights):
-                loaded = self.llm.collective_rpc("load_buckets", args=(buckets,))[0]
-        elif self.weight_sync_mode == "in_place":  # one bucket's bytes at a time, not the whole model's
-            for i, b in enumerate(buckets):
-                loaded = self.llm.collective_rpc("load_buckets", args=([bucket_to_bytes(b)], i == len(buckets) - 1))[0]
-        else:  # "reload" must see every weight in one call
-            loaded = self.llm.collective_rpc("load_buckets", args=([bucket_to_bytes(b) for b in buckets],))[0]
+        info = self.receiver.receive(payload)
+        self.weights_changed(version)
+        return {"version": self._version, "seconds": time.perf_counter() - t0 + info.get("write_seconds", 0.0),
+                **info}
+
+    def open_receiver(self, name: str, *args):
+        """Take weights through transport ``name`` (``rlhf_ray.ppo.transport``) from now on: its
+        receiver, opened with ``args`` (again, when it is already this one's: a re-formed group).
+        Returns what its ``open`` returns; on failure the engine is back on the object store's."""
+        cls = transport.module(name).RECEIVER
+        if not isinstance(self.receiver, cls):
+            self.close_receiver()
+            self.receiver = cls(self)
+        try:
+            return self.receiver.open(*args)
+        except BaseException:
+            self.receiver = ObjectStoreReceiver(self)
+            raise
+
+    def close_receiver(self) -> None:
+        """Back to the object store's receiver (shared memory: private weights, a copy of the shared ones)."""
+        self.receiver.close()
+        self.receiver = ObjectStoreReceiver(self)
+
+    def weights_changed(self, version: int) -> None:
+        """The engine holds new weights, of ``version``: no KV block cached under the old ones is reused."""
         self._reset_prefix_cache()
         self._version = int(version)
-        return {"version": self._version, "seconds": time.perf_counter() - t0,
-                "fetch_seconds": t_fetched - t0, "bytes": nbytes, "mode": loaded["mode"]}
-
-    def join_weight_group(self, host: str, port: int, rank: int, world_size: int, bucket_bytes: int) -> None:
-        """Join the learner's weight group as ``rank`` (``rlhf_ray.ppo.collective``; blocks until every
-        member has), leaving the group it was in."""
-        self.llm.shutdown_weight_transfer_engine()
-        self.llm.init_weight_transfer_engine({"init_info": {
-            "master_address": host, "master_port": port, "rank": rank, "world_size": world_size,
-            "bucket_bytes": bucket_bytes}})
-
-    def receive_weights(self, meta: dict, version: int) -> dict:
-        """Take the weights the learner broadcasts to the group (``meta``: their names, dtype names and
-        shapes, in order) and stamp ``version`` on later rollouts. Returns as :meth:`update_weights`."""
-        t0 = time.perf_counter()
-        with plain_cpu_linear(self.device == "cpu" and self.cfg.cpu_plain_weights):  # as the engine was built
-            self.llm.start_weight_update()
-            self.llm.update_weights({"update_info": meta})
-            self.llm.finish_weight_update()
-        self._reset_prefix_cache()
-        self._version = int(version)
-        from rlhf_ray.ppo.collective import nbytes
-
-        return {"version": self._version, "seconds": time.perf_counter() - t0, "fetch_seconds": 0.0,
-                "bytes": sum(nbytes(d, s) for d, s in zip(meta["dtype_names"], meta["shapes"])),
-                "mode": "collective"}
 
     def sync_info(self) -> dict:
         """Where this engine runs and how it can take weights (for the driver's choice of sync path)."""
@@ -361,37 +323,6 @@ class RolloutWorker:
         dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
         return {"node_id": node, "device": self.device, "mode": self.weight_sync_mode, "dtype": dtype,
                 "wire_dtype": self.wire_dtype}
-
-    def attach_shared_weights(self, spec: dict | None, hf_shapes: dict | None, slot: int, version: int,
-                              directory: str = "/dev/shm") -> dict:
-        """Make the engine read its weights from shared memory (``rlhf_ray.ppo.shared_weights``):
-        slot ``slot`` of ``spec``, which holds ``version``. The first engine passes ``spec=None`` and
-        the learner's ``hf_shapes`` (name -> shape): it creates the slots from its own weights in
-        ``directory`` and returns the spec for the others and the learner."""
-        spec = self.llm.collective_rpc("shared_attach", args=(spec, hf_shapes, int(slot), directory))[0]
-        self._reset_prefix_cache()
-        self.shared_weights, self._version = spec, int(version)
-        return spec
-
-    def use_shared_weights(self, written: dict, version: int) -> dict:
-        """Switch to the slot the learner has just written (``written``: what its
-        ``write_shared_weights`` returned, which Ray resolves before this runs). Returns the same
-        info as :meth:`update_weights`; "seconds" counts the learner's write and the switch."""
-        if self.shared_weights is None:
-            raise RuntimeError("use_shared_weights: attach_shared_weights first")
-        t0 = time.perf_counter()
-        self.llm.collective_rpc("shared_use_slot", args=(int(written["slot"]),))
-        self._reset_prefix_cache()
-        self._version = int(version)
-        switch = time.perf_counter() - t0
-        return {"version": self._version, "seconds": written["seconds"] + switch, "fetch_seconds": 0.0,
-                "bytes": int(written["bytes"]), "mode": "shared_memory", "write_seconds": written["seconds"]}
-
-    def detach_shared_weights(self) -> None:
-        """Back to private weights (a copy of the current shared ones); update_weights works again."""
-        if self.shared_weights is not None:
-            self.llm.collective_rpc("shared_detach")
-            self.shared_weights = None
 
     def _reset_prefix_cache(self) -> None:
         # KV blocks cached under the old weights would otherwise be reused for shared prefixes.

@@ -1,11 +1,11 @@
-"""Same-node weight sync through shared memory: the engines' parameters live in two files ("slots")
-under /dev/shm that every rollout engine on the node maps; the learner writes a new version into
-the slot no engine reads, then each engine points its parameters at that slot.
+"""The slot files of the shared-memory weight transport (``shared_memory``): the engines' parameters
+live in two files ("slots") under /dev/shm that every rollout engine on the node maps; the learner
+writes a new version into the slot no engine reads, then each engine points its parameters at that slot.
 
 Per sync that is one copy of each byte (the learner's write), whatever the number of engines, with
 no object store in between and no copy inside the engines; the engines also share one copy of the
 weights instead of holding one each. Version v goes to slot v % 2, and the learner overwrites a slot
-only after every engine has moved off it (the driver makes the write wait for the previous sync).
+only after every engine has moved off it (its write waits for the previous sync).
 
 A slot holds the engine's parameters in vLLM's names and shapes (fused q/k/v and gate/up, padded
 vocabulary), float32, one after another at 64-byte aligned offsets. Where each Hugging Face weight

@@ -20,13 +20,17 @@ its bucket.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 
+from rlhf_ray.ppo import refs
+from rlhf_ray.ppo.nodes import address_on, node_of
 from rlhf_ray.ppo.weights import plan_buckets
 
+NAME = "collective"
 BACKEND = "gloo"
 TIMEOUT_S = 1800.0
 
@@ -89,6 +93,142 @@ def send(group, tensors, meta: dict, bucket_bytes: int, scratch: Scratch | None 
         group.broadcast(buf, 0).wait()
         sent += buf.numel()
     return sent
+
+
+class CollectiveTransport:
+    """The driver's half (see ``rlhf_ray.ppo.transport.Transport``): forms the group of the learner and
+    the pool's engines, and forms it again when a resize changes them."""
+
+    name, one_send_for_all = NAME, True
+
+    def __init__(self, pool, learner, meta: dict, bucket_bytes: int, wire_dtype: str):
+        """``meta``: the weights' names, dtype names and shapes (``Learner.weight_meta``). Waits for the
+        group to form."""
+        self.pool, self.learner, self.meta, self.bucket_bytes, self.wire_dtype = (pool, learner, meta, bucket_bytes,
+                                                                                  wire_dtype)
+        self.notes: list[str] = []
+        self.members: list = []
+        self.version = pool.version  # of the last sync (what a group formed again sends first)
+        self.node = node_of(learner)
+        refs.get_small(self._form_group())
+
+    def describe(self) -> str:
+        return (f"collective (a {BACKEND} group of the learner and {len(self.pool.workers)} engine(s)), "
+                f"{self.wire_dtype} weights in buckets of {self.bucket_bytes >> 20} MiB")
+
+    def send(self, version: int) -> list:
+        """The learner broadcasts its weights to the group; every engine takes them as ``version``.
+        Returns refs of the engines' info dicts and, last, the learner's."""
+        self.version = version
+        sent = self.learner.send_weights.remote(version)
+        return [*(w.update_weights.remote(self.meta, version) for w in self.pool.workers), sent]
+
+    def join(self, worker, context: str) -> None:
+        pass  # (the group is formed again once the resize is done: :meth:`resized`)
+
+    def resized(self) -> None:
+        if len(self.pool.workers) == len(self.members):
+            return
+        # Another set of engines: a new group, formed as each member reaches its join (the learner
+        # after the training queued before it: the driver does not wait for that). Synchronous, the
+        # new engines' next rollout follows at once: the learner's weights (the last synced ones)
+        # first. One-step-off, the next sync comes before any rollout of the new engines.
+        self._form_group()
+        if not self.pool.cfg.async_one_step_off:
+            self.send(self.version)
+
+    def _form_group(self) -> list:
+        """Submit the (re)forming of the weight group with the current engines; refs of the joins. Where
+        it meets (the learner's node, a free port there) comes from a task on that node, not from the
+        learner, which may be training."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # (soft: were the node lost, the task runs elsewhere and the learner's death surfaces at its next
+        # call, which restarts the run, instead of an unschedulable task failing it)
+        host, port = address_on(NodeAffinitySchedulingStrategy(self.node, soft=True))
+        workers = self.members = list(self.pool.workers)
+        world = 1 + len(workers)
+        return [self.learner.open_sender.remote(NAME, host, port, world, self.meta, self.bucket_bytes),
+                *(w.open_receiver.remote(NAME, host, port, 1 + i, world, self.bucket_bytes)
+                  for i, w in enumerate(workers))]
+
+    def close(self) -> None:
+        pass  # (each member leaves the group as its process ends)
+
+
+class CollectiveSender:
+    """The learner's half: hosts the group as its rank 0 and broadcasts (see
+    ``rlhf_ray.ppo.transport.Sender``). Sharded, every rank gathers the tensors and rank 0 sends them."""
+
+    def __init__(self, learner):
+        self.learner, self.group, self.meta, self.bucket_bytes = learner, None, None, 0
+        self.scratch = Scratch()  # (every bucket's pages, kept across groups)
+
+    def open(self, host: str, port: int, world_size: int, meta: dict, bucket_bytes: int) -> None:
+        """Host the group as its rank 0 (blocks until the engines have joined); leaves the last one.
+        ``meta``: what :meth:`send` sends (``Learner.weight_meta``)."""
+        self.meta, self.bucket_bytes = meta, bucket_bytes
+        if self.learner.rank > 0:
+            return
+        if self.group is not None:
+            leave_group(self.group)
+        self.group = join_group(host, port, 0, world_size)
+
+    def send(self, version: int, *after) -> dict:
+        """Send the policy to every engine of the group, a bucket at a time. Returns {"bytes", "seconds",
+        "version", "mode": "collective"}."""
+        from rlhf_ray.ppo.distributed import full
+        from rlhf_ray.ppo.weights import exported_entries
+
+        learner, meta = self.learner, self.meta
+        start = time.perf_counter()
+        with torch.no_grad():
+            tensors = (full(v).to(getattr(torch, d)) for (_, v), d in
+                       zip(exported_entries(learner.exported_weights()), meta["dtype_names"]))
+            if learner.rank > 0:
+                nbytes = sum(t.numel() * t.element_size() for t in tensors)
+            else:
+                nbytes = send(self.group, tensors, meta, self.bucket_bytes, self.scratch)
+        return {"bytes": nbytes, "seconds": time.perf_counter() - start, "version": learner.version, "mode": NAME}
+
+    def close(self) -> None:
+        if self.group is not None:
+            leave_group(self.group)
+            self.group = None
+
+
+class CollectiveReceiver:
+    """The rollout worker's half: its engine's weight-transfer engine in the group (see
+    ``rlhf_ray.ppo.transport.Receiver``)."""
+
+    def __init__(self, worker):
+        self.worker = worker
+
+    def open(self, host: str, port: int, rank: int, world_size: int, bucket_bytes: int) -> None:
+        """Join the learner's group as ``rank`` (blocks until every member has), leaving the one it was in."""
+        llm = self.worker.llm
+        llm.shutdown_weight_transfer_engine()
+        llm.init_weight_transfer_engine({"init_info": {
+            "master_address": host, "master_port": port, "rank": rank, "world_size": world_size,
+            "bucket_bytes": bucket_bytes}})
+
+    def receive(self, meta: dict) -> dict:
+        """Take the weights the learner broadcasts (``meta``: their names, dtype names and shapes, in order)."""
+        from rlhf_ray.ppo.engine import plain_cpu_linear
+
+        w = self.worker
+        with plain_cpu_linear(w.device == "cpu" and w.cfg.cpu_plain_weights):  # as the engine was built
+            w.llm.start_weight_update()
+            w.llm.update_weights({"update_info": meta})
+            w.llm.finish_weight_update()
+        return {"fetch_seconds": 0.0, "bytes": sum(nbytes(d, s) for d, s in zip(meta["dtype_names"], meta["shapes"])),
+                "mode": NAME}
+
+    def close(self) -> None:
+        self.worker.llm.shutdown_weight_transfer_engine()
+
+
+SENDER, RECEIVER = CollectiveSender, CollectiveReceiver
 
 
 # ---- the engine side: a vLLM weight-transfer backend -----------------------------------------------
