@@ -145,6 +145,7 @@ def _check_ranges(cfg: Config) -> None:
     if cfg.ppo.eval_reward not in ("", "auto"):
         _check_function_name("ppo.eval_reward", cfg.ppo.eval_reward)
     _check_tools(cfg.ppo)
+    _check_partial(cfg)
     if cfg.model.name_or_path == "embedded" and cfg.ppo.max_prompt_tokens + cfg.ppo.max_new_tokens >= cfg.model.max_positions:
         raise ConfigError(f"ppo.max_prompt_tokens + ppo.max_new_tokens: {cfg.ppo.max_prompt_tokens} + "
                           f"{cfg.ppo.max_new_tokens} tokens do not fit the embedded model's "
@@ -169,6 +170,25 @@ def _check_tools(ppo) -> None:
             raise ConfigError(f"ppo.advantage_estimator={ppo.advantage_estimator}: multi-turn rollouts (ppo.tools, "
                               f"ppo.environment) leave gaps in a response (the tool turns), which it does not "
                               f"take; use one of {group}")
+
+
+def _check_partial(cfg: Config) -> None:
+    """rollout.partial_rollouts and rollout.max_staleness against the rest."""
+    ro, ppo = cfg.rollout, cfg.ppo
+    lag = int(ro.async_one_step_off)  # the learner's lead on the engines
+    if not ro.partial_rollouts:
+        return
+    if ro.max_staleness < lag + 1:
+        raise ConfigError(f"rollout.max_staleness: a partial rollout carried to the next iteration trains "
+                          f"{lag + 1} policy version(s) old{' with rollout.async_one_step_off' if lag else ''}; "
+                          f"rollout.partial_rollouts needs at least {lag + 1}, got {ro.max_staleness}")
+    if not ppo.tis_cap:
+        raise ConfigError("ppo.tis_cap: rollout.partial_rollouts trains on tokens sampled by older weights, which "
+                          "the truncated importance weights correct; set it (2 is usual)")
+    for name, on in (("ppo.tools", ppo.tools), ("ppo.environment", ppo.environment),
+                     ("ppo.dynamic_sampling_max_rounds", ppo.dynamic_sampling_max_rounds)):
+        if on:
+            raise ConfigError(f"rollout.partial_rollouts: not with {name} yet; turn one of them off")
 
 
 def _check_objective(ppo) -> None:

@@ -247,7 +247,7 @@ class PPOConfig:
     # Truncated importance sampling: weight each token's policy term by min(pi_old / pi_behaviour, cap),
     # pi_behaviour the engine's logprob of the token it sampled. One correction for the engine/learner
     # mismatch (kernels, precision: mismatch_kl in the metrics) and for stale rollouts
-    # (rollout.async_one_step_off: decoupled PPO). 0 = off; 2 is a usual cap.
+    # (rollout.async_one_step_off: decoupled PPO; rollout.partial_rollouts). 0 = off; 2 is a usual cap.
     tis_cap: float = at_least_zero(0.0)
     entropy_coef: float = at_least_zero(0.0)
     gamma: float = unit(1.0)
@@ -360,7 +360,17 @@ class RolloutConfig:
     # bits the check catches wrong or unloaded weights, not an engine a version or a few behind (the
     # version stamps catch a missed sync).
     max_logprob_drift: float = at_least_zero(0.0)
+    # Rollouts overlap training: the engines sample rollout t+1 with the weights of step t-1 while the
+    # learner trains on batch t (every batch one policy version old; docs/internals.md).
     async_one_step_off: bool = False
+    # Partial rollouts: an iteration's rollout is cut as soon as ppo.prompts_per_iteration groups are done;
+    # the samples still running go on in the next iteration, under the new weights (rlhf_ray/ppo/partial.py).
+    # Each worker keeps twice its share of groups in flight. Needs ppo.tis_cap (the importance correction of
+    # tokens sampled by older weights); not with ppo.tools, ppo.environment or dynamic sampling.
+    partial_rollouts: bool = False
+    # How many policy versions a trained sample's first token may be behind the learner: a partial rollout
+    # that could not wait another iteration within it is finished before the cut. One-step-off alone is 1.
+    max_staleness: int = positive(1)
     # CPU engines: keep vLLM's linear layers on plain weights (torch.nn.functional.linear) so that a
     # weight sync copies into them in place (~1.5x a memcpy) instead of replaying vLLM's loader and
     # repacking every matrix for oneDNN (~5x or more). vLLM's packed GEMMs generate faster: set false

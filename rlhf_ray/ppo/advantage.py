@@ -180,6 +180,9 @@ class AdvantageWorker:
             "reference_seconds": float(ref["seconds"]),
             "total_tokens": int(ro.attention_mask.sum()),
             **({} if ro.episodes is None else ro.episodes.stats()),  # multi-turn: tool calls and failures
+            **({} if "rollout_carried" not in ro.stats else {  # partial rollouts
+                "rollout_resumed_frac": ro.stats["rollout_resumed"] / len(kl_seq),
+                "rollout_carried": int(ro.stats["rollout_carried"])}),
         }
         stats["advantage_seconds"] = time.perf_counter() - start  # after the reference forward
         f32 = lambda t: t.numpy().astype(np.float32, copy=False)  # noqa: E731

@@ -25,7 +25,9 @@ its scoring and reference logprobs) samples the weights of step t-1 while batch 
 every batch after the first is exactly one policy version old (``version_lag``; the learner
 recomputes pi_old, and ``behaviour_logprob_gap`` reports how far the sampling policy was from it).
 A resize of the rollout pool after iteration t applies from rollout t+1 (synchronous) or t+3
-(one-step-off: rollouts t+1 and t+2 are already queued).
+(one-step-off: rollouts t+1 and t+2 are already queued). Either mode can cut each rollout once enough
+groups are done (``rollout.partial_rollouts``): the rollout workers carry the unfinished samples into
+the next rollout (rlhf_ray.ppo.partial); the driver only sends the extra groups of a worker's first call.
 """
 
 from __future__ import annotations
@@ -406,7 +408,9 @@ class _Actors:
 
         n, rounds = self.ppo.samples_per_prompt, self.ppo.dynamic_sampling_max_rounds
         prompts, seed = [p for p in self.task.train.batch(it) for _ in range(n)], self.ppo.seed * 1_000_003 + it
-        scored = self.scorer.score.remote(*self.pool.generate(prompts, self.ppo, seed=seed))
+        # (partial rollouts: the groups in flight beside them, on a worker's first call)
+        extra = lambda: [p for p in self.task.train.extra(it, 1) for _ in range(n)]  # noqa: E731
+        scored = self.scorer.score.remote(*self.pool.generate(prompts, self.ppo, seed=seed, extra=extra))
         if rounds:  # dynamic sampling: more groups until enough of them differ, in a task of its own
             extra = [[p for p in self.task.train.extra(it, r) for _ in range(n)] for r in range(1, rounds + 1)]
             seeds = [int(np.random.SeedSequence([self.ppo.seed, it, r]).generate_state(1)[0]) for r in range(1, rounds + 1)]

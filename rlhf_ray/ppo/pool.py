@@ -10,6 +10,7 @@ file an earlier run left.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -39,6 +40,7 @@ class RolloutPool:
         # The weight transport's link (rlhf_ray.ppo.transport), once the weight sync has set one up: it
         # brings workers added later in.
         self.transport = None
+        self._primed: set[int] = set()  # (partial rollouts) workers that had their first call
 
     def set_num_workers(self, n: int) -> None:
         """Start or stop workers so that ``n`` run. Call between iterations (no rollout in flight).
@@ -63,6 +65,7 @@ class RolloutPool:
             self.workers.append(w)
         while len(self.workers) > n:
             w = self.workers.pop()
+            self._primed.discard(id(w))
             refs.get_small(w.shutdown.remote())  # also waits for the worker's earlier tasks
             ray.kill(w)
         if self.transport is not None:
@@ -94,10 +97,15 @@ class RolloutPool:
     def wait_ready(self) -> None:
         refs.get_small([w.ready.remote() for w in self.workers])
 
-    def generate(self, prompts: list, ppo: PPOConfig, seed: int) -> list:
+    def generate(self, prompts: list, ppo: PPOConfig, seed: int, extra: Callable[[], list] | None = None) -> list:
         """Split the prompts (PromptRecords, text or chats) across the workers; returns one Rollout ref
-        per worker."""
-        return generate_on(self.workers, prompts, ppo, seed)
+        per worker. With rollout.partial_rollouts, ``extra()`` gives more prompts (whole groups) for the
+        workers' first calls (rlhf_ray.ppo.partial)."""
+        if not self.cfg.partial_rollouts:
+            return generate_on(self.workers, prompts, ppo, seed)
+        first = [w for w in self.workers if id(w) not in self._primed]
+        self._primed |= {id(w) for w in first}
+        return generate_on(self.workers, prompts, ppo, seed, first=first, extra=extra() if first and extra else [])
 
     def close_transport(self) -> None:
         """Remove what the weight transport made (shared memory's files), if any."""
@@ -117,13 +125,27 @@ class RolloutPool:
         self.workers = []
 
 
-def generate_on(workers: list, prompts: list, ppo: PPOConfig, seed: int) -> list:
-    """The prompts split across ``workers`` (rollout worker handles), in order; one Rollout ref each."""
-    sizes = [len(a) for a in np.array_split(np.arange(len(prompts)), len(workers))]
+def generate_on(workers: list, prompts: list, ppo: PPOConfig, seed: int, first: list | None = None,
+                extra: list = ()) -> list:
+    """The prompts split across ``workers`` (rollout worker handles), in order; one Rollout ref each.
+
+    ``first`` (partial rollouts; rlhf_ray.ppo.partial): the workers on their first call. Then the prompts
+    are split in whole groups of ppo.samples_per_prompt, each worker returns as many groups as it gets
+    (its quota), and each worker of ``first`` also gets as many groups again from ``extra`` (the groups in
+    flight that let a cut happen)."""
+    n = ppo.samples_per_prompt if first is not None else 1
+    sizes = [n * len(a) for a in np.array_split(np.arange(len(prompts) // n), len(workers))]
     starts = np.concatenate([[0], np.cumsum(sizes)])
-    parts = [list(prompts[a:b]) for a, b in zip(starts[:-1], starts[1:]) if b > a]
-    return [w.generate.remote(part, ppo.max_new_tokens, ppo.temperature, ppo.top_p, seed)
-            for w, part in zip(workers, parts)]
+    parts = [(w, list(prompts[a:b])) for w, a, b in zip(workers, starts[:-1], starts[1:]) if b > a]
+    if first is None:
+        return [w.generate.remote(part, ppo.max_new_tokens, ppo.temperature, ppo.top_p, seed) for w, part in parts]
+    refs_, extra, firsts = [], list(extra), {id(w) for w in first}
+    for w, part in parts:
+        more = extra[:len(part)] if id(w) in firsts else []
+        extra = extra[len(more):]
+        refs_.append(w.generate.remote(part + more, ppo.max_new_tokens, ppo.temperature, ppo.top_p, seed,
+                                       group_size=n, quota=len(part) // n))
+    return refs_
 
 
 def requested_workers(path: Path, log) -> int | None:

@@ -137,6 +137,11 @@ class RolloutWorker:
         # How new weights arrive: a weight transport's engine half (rlhf_ray.ppo.transport), the object
         # store's until another is opened.
         self.receiver = ObjectStoreReceiver(self)
+        self.partial = None  # the samples carried between calls (rollout.partial_rollouts)
+        if rollout_cfg.partial_rollouts:
+            from rlhf_ray.ppo.partial import PartialRollouts
+
+            self.partial = PartialRollouts(self, rollout_cfg.max_staleness, int(rollout_cfg.async_one_step_off))
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -166,11 +171,15 @@ class RolloutWorker:
         return [self.renderer.prompt_ids(p) for p in prompts]
 
     def generate(self, prompts: list, max_new_tokens: int | list[int], temperature: float, top_p: float,
-                 seed: int | None = None, *, ignore_eos: bool = False) -> Rollout:
+                 seed: int | None = None, *, ignore_eos: bool = False, group_size: int = 1,
+                 quota: int | None = None) -> Rollout:
         """Sample one response per prompt (text, messages or PromptRecord). ``seed`` makes the chunk
         reproducible (each prompt gets its own stream, derived from (seed, worker_id, index)); None
         uses the engine's RNG. ``max_new_tokens``: one limit for all, or one per prompt.
-        ``ignore_eos`` (benchmarks) generates exactly ``max_new_tokens`` tokens."""
+        ``ignore_eos`` (benchmarks) generates exactly ``max_new_tokens`` tokens.
+
+        ``quota`` (with rollout.partial_rollouts): return once that many groups (``group_size``
+        consecutive prompts) are done, carrying the others to the next call (rlhf_ray.ppo.partial)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -178,6 +187,10 @@ class RolloutWorker:
             raise ValueError("generate: no prompts")
         t0 = time.perf_counter()
         records = [p if isinstance(p, PromptRecord) else PromptRecord(p, {}, "") for p in prompts]
+        if quota is not None:
+            if self.partial is None:
+                raise ValueError("generate: a quota needs rollout.partial_rollouts")
+            return self.partial.generate(records, max_new_tokens, temperature, top_p, seed, group_size, quota)
         if self.toolbox is not None:  # episodes with tool calls
             from rlhf_ray.ppo.episodes import generate_episodes
 

@@ -70,6 +70,11 @@ class Rollout:
     # Multi-turn rollouts (ppo.tools, ppo.environment): the episodes' messages and tool counts; their
     # tool turns are in input_ids and attention_mask, not in response_mask. None: one turn per prompt.
     episodes: ToolTrace | None = None
+    # Partial rollouts (rlhf_ray.ppo.partial): int64 [B] the version of the weights that sampled each
+    # response's first token (None: policy_version, all of it); counts of the samples resumed from an
+    # earlier call and carried to the next ("rollout_resumed", "rollout_carried").
+    versions: np.ndarray | None = None
+    stats: dict = field(default_factory=dict)
 
     def take(self, rows: np.ndarray) -> "Rollout":
         """The rollout's rows ``rows`` (int [b]), in that order."""
@@ -78,7 +83,8 @@ class Rollout:
                        self.rollout_logprobs[rows], self.truncated[rows], pick(self.prompts), pick(self.responses),
                        self.policy_version, self.worker_id, self.gen_seconds, int(self.response_mask[rows].sum()),
                        pick(self.columns), pick(self.sources),
-                       None if self.episodes is None else self.episodes.take(rows))
+                       None if self.episodes is None else self.episodes.take(rows),
+                       None if self.versions is None else self.versions[rows], dict(self.stats))
 
 
 @dataclass
