@@ -126,6 +126,13 @@ def test_episodes_with_tools_and_an_environment(worker, long_policy, test_config
             assert first == forced[b][0]
         assert ro.rollout_logprobs[b, ~ro.response_mask[b]].tolist() == [0.0] * int((~ro.response_mask[b]).sum())
     assert len(set(lengths.tolist())) >= 4  # episodes of different lengths in one batch
+    # vLLM's prefix cache served the later turns' context (the 5 requests after a tool turn): all of it but
+    # the tool turn just appended and the partial KV block (32 tokens) before it.
+    cached, prompted = ro.stats["prefix_cached_tokens"], ro.stats["prefix_prompt_tokens"]
+    turns = [segments(ro.response_mask[b]) for b in range(6)]
+    assert prompted == sum(int(s) for t in turns for s, _ in t[1:])
+    new = sum(int(s - t_prev) + 32 for t in turns for (_, t_prev), (s, _) in zip(t, t[1:]))
+    assert prompted - new < cached <= prompted and cached > 0.6 * prompted, (cached, prompted, new)
     assert ro.num_tokens == int(ro.response_mask.sum()) and not ro.truncated[[3, 5]].any()
 
     # Logprobs: the learner's on the model's tokens (tool tokens in its context) against the engine's: the
@@ -186,3 +193,57 @@ def test_a_ray_rollout_worker_gets_the_tools_by_value(ray_cluster, long_policy, 
     finally:
         ray.get(w.shutdown.remote(), timeout=60)
         ray.kill(w)
+
+
+def test_partial_rollouts_answer_tools_between_steps_and_resume_episodes(worker):
+    """Partial rollouts with tools (rlhf_ray.ppo.partial): a turn's tool answers go in as soon as the turn
+    ends and its next turn goes straight back to the engine, its context from vLLM's prefix cache. Call 1
+    returns the group of a long single turn (quota 1) and carries the calculator's group, stopped in the
+    middle of its second turn; after a weight version, call 2 must return it (rollout.max_staleness=1),
+    that turn resumed from the tokens it had."""
+    from rlhf_ray.ppo.partial import PartialRollouts
+
+    user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+    long_text = "the lamp is great and the speaker is reliable and the camera is superb . " * 4
+    records = [PromptRecord(user("what is 2+3 ?"), {}, "calc")] * 2 + [PromptRecord(user("review :"), {}, "long")] * 2
+    regex = [[literal(call_text("calculator", expression="2+3"))]] * 2 + [[literal(long_text)]] * 2
+    part, tok, template = PartialRollouts(worker, max_staleness=1, base_lag=0), worker.tokenizer, worker.tool_template
+    first = part.generate(records, 250, 1.0, 1.0, seed=3, group_size=2, quota=1, turn_regex=regex)
+    assert first.sources == ["long"] * 2 and first.stats["rollout_resumed"] == 0 and first.stats["rollout_carried"] == 2
+    assert [m[0]["content"] for m in first.episodes.messages] == [long_text] * 2
+    # The calculator's turns: the call, its answer, then a second turn that the cut stopped.
+    kept = [s for g in part.groups for s in g]
+    assert [s.record.source for s in kept] == ["calc"] * 2
+    for s in kept:
+        e = s.episode
+        assert s.finish is None and e.tool_calls == 1 and e.messages[-1] == {"role": "tool", "name": "calculator",
+                                                                             "content": "5"}
+        assert len(segments(np.array(e.model))) == 2 and e.model[-1] and s.turn_start > e.prompt_len
+    # The second turns' requests found their context (the prompt, the call, the answer) in the prefix cache,
+    # but for the last partial KV block of 32 tokens.
+    cached, prompted = first.stats["prefix_cached_tokens"], first.stats["prefix_prompt_tokens"]
+    assert prompted == sum(s.turn_start for s in kept) and prompted - 2 * 32 < cached <= prompted
+    cut = [list(s.episode.ids) for s in kept]
+
+    worker.weights_changed(1)  # (the same weights, a new version: the carried group is now due)
+    try:
+        second = part.generate([PromptRecord(user("review of the lamp :"), {}, "new")] * 2, 250, 1.0, 1.0, seed=4,
+                               group_size=2, quota=1)
+    finally:
+        worker.weights_changed(0)
+    assert second.sources == ["calc"] * 2 and second.versions.tolist() == [0, 0]
+    assert second.stats["rollout_resumed"] == 2 and second.stats["rollout_carried"] == 2
+    assert second.episodes.tool_calls.tolist() == [1, 1]
+    for b in range(2):
+        n = int(second.attention_mask[b].sum())
+        ids = second.input_ids[b, :n].tolist()
+        assert ids[:len(cut[b])] == cut[b] and n > len(cut[b])
+        (s1, t1), (s2, t2) = segments(second.response_mask[b, :n])  # the call, then the answer across the cut
+        assert ids[t1:s2] == template.suffix_ids([{"role": "tool", "name": "calculator", "content": "5"}])
+        assert s2 < len(cut[b]) < t2
+        stopped = not second.truncated[b]
+        text = tok.decode(ids[s2:t2 - 1] if stopped else ids[s2:t2], skip_special_tokens=False)
+        assert second.episodes.messages[b][-1]["content"] == text  # the whole turn, parsed once it ended
+        engine = worker.logprobs_of(second.input_ids[b:b + 1, :n], second.attention_mask[b:b + 1, :n],
+                                    second.response_mask[b:b + 1, :n])[0]
+        np.testing.assert_allclose(second.rollout_logprobs[b, s2:t2], engine[s2:t2], atol=TOL)  # the free turn

@@ -185,10 +185,9 @@ def _check_partial(cfg: Config) -> None:
     if not ppo.tis_cap:
         raise ConfigError("ppo.tis_cap: rollout.partial_rollouts trains on tokens sampled by older weights, which "
                           "the truncated importance weights correct; set it (2 is usual)")
-    for name, on in (("ppo.tools", ppo.tools), ("ppo.environment", ppo.environment),
-                     ("ppo.dynamic_sampling_max_rounds", ppo.dynamic_sampling_max_rounds)):
-        if on:
-            raise ConfigError(f"rollout.partial_rollouts: not with {name} yet; turn one of them off")
+    if ppo.dynamic_sampling_max_rounds:
+        raise ConfigError("rollout.partial_rollouts: not with ppo.dynamic_sampling_max_rounds (its extra rounds "
+                          "would wait for every sample again); turn one of them off")
 
 
 def _check_objective(ppo) -> None:

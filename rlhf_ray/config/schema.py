@@ -366,7 +366,8 @@ class RolloutConfig:
     # Partial rollouts: an iteration's rollout is cut as soon as ppo.prompts_per_iteration groups are done;
     # the samples still running go on in the next iteration, under the new weights (rlhf_ray/ppo/partial.py).
     # Each worker keeps twice its share of groups in flight. Needs ppo.tis_cap (the importance correction of
-    # tokens sampled by older weights); not with ppo.tools, ppo.environment or dynamic sampling.
+    # tokens sampled by older weights). With ppo.tools, an episode's next turn goes back to the engine as soon
+    # as its tool answers are in. Not with dynamic sampling.
     partial_rollouts: bool = False
     # How many policy versions a trained sample's first token may be behind the learner: a partial rollout
     # that could not wait another iteration within it is finished before the cut. One-step-off alone is 1.

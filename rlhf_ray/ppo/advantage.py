@@ -183,6 +183,9 @@ class AdvantageWorker:
             **({} if "rollout_carried" not in ro.stats else {  # partial rollouts
                 "rollout_resumed_frac": ro.stats["rollout_resumed"] / len(kl_seq),
                 "rollout_carried": int(ro.stats["rollout_carried"])}),
+            # multi-turn: the share of the later turns' context that vLLM's prefix cache served
+            **({"tools/prefix_cache_hit": ro.stats["prefix_cached_tokens"] / ro.stats["prefix_prompt_tokens"]}
+               if ro.stats.get("prefix_prompt_tokens") else {}),
         }
         stats["advantage_seconds"] = time.perf_counter() - start  # after the reference forward
         f32 = lambda t: t.numpy().astype(np.float32, copy=False)  # noqa: E731
