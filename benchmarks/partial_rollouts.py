@@ -8,8 +8,8 @@ a + b with GRPO and a verifier, 8 prompts x 8 samples), with room for ``--max-ne
 that answers mix a few tokens ("10") with ramblings that run to the limit. It runs ``rlhf-ray ppo`` twice,
 one after the other on an otherwise idle machine: synchronous, then with ``rollout.partial_rollouts=true``
 (``rollout.max_staleness=1``, ``ppo.tis_cap=2``); both train on 64 samples per iteration with one
-optimizer step. It prints, per run, the median seconds per iteration and of its rollout (the first
-iteration, a warm-up, left out), the samples' length and truncation, the reward per iteration (the
+optimizer step. It prints, per run, the mean seconds per iteration and of its rollout, and the rollout's
+tokens per second (the first iteration, a warm-up, left out), the samples' length and truncation, the reward per iteration (the
 batch's mean of the verifier: the share of correct answers trained on) and correct answers trained on per
 second of the loop, and the ratios. Results and the command that produced them: docs/results.md.
 """
@@ -46,8 +46,11 @@ def run(name: str, work: Path, a, overrides: list[str]) -> list[dict]:
 def summary(rows: list[dict]) -> dict:
     warm = rows[1:] or rows
     seconds = sum(r["iteration_seconds"] for r in warm)
-    return {"s_per_it": statistics.median(r["iteration_seconds"] for r in warm),
-            "gen_s": statistics.median(r["gen_seconds"] for r in warm),
+    # Means, not medians: partial rollouts alternate between calls that generate and calls that mostly
+    # return what the one before finished.
+    return {"s_per_it": statistics.mean(r["iteration_seconds"] for r in warm),
+            "gen_s": statistics.mean(r["gen_seconds"] for r in warm),
+            "gen_tok_s": sum(r["gen_tokens"] for r in warm) / sum(r["gen_seconds"] for r in warm),
             "len": statistics.mean(r["response_len"] for r in warm),
             "truncated": statistics.mean(r["truncated_frac"] for r in warm),
             "correct_per_s": sum(r["rewards/correct"] * r["batch_size"] for r in warm) / seconds,
@@ -70,12 +73,12 @@ def main() -> None:
     partial = summary(run("partial", a.work, a, [*overrides, "rollout.partial_rollouts=true",
                                                  "rollout.max_staleness=1", "ppo.tis_cap=2"]))
     print(f"\nGRPO on examples/arithmetic, SmolLM2-135M-Instruct, 8 prompts x 8 samples, <= {a.max_new_tokens} new "
-          f"tokens, {a.iterations} iterations (medians and means over iterations 2..{a.iterations})")
+          f"tokens, {a.iterations} iterations (means over iterations 2..{a.iterations})")
     print(f"overrides of both runs: {' '.join(overrides) or '(none)'}")
-    print(f"{'':12s} {'s/iteration':>11s} {'rollout s':>9s} {'length':>6s} {'cut':>5s} {'resumed':>7s} {'lag':>3s} "
+    print(f"{'':12s} {'s/iteration':>11s} {'rollout s':>9s} {'tokens/s':>8s} {'length':>6s} {'cut':>5s} {'resumed':>7s} {'lag':>3s} "
           f"{'correct/s':>9s}  reward per iteration")
     for name, r in (("synchronous", sync), ("partial", partial)):
-        print(f"{name:12s} {r['s_per_it']:11.2f} {r['gen_s']:9.2f} {r['len']:6.1f} {r['truncated']:5.2f} "
+        print(f"{name:12s} {r['s_per_it']:11.2f} {r['gen_s']:9.2f} {r['gen_tok_s']:8.1f} {r['len']:6.1f} {r['truncated']:5.2f} "
               f"{r['resumed']:7.2f} {r['lag']:3d} {r['correct_per_s']:9.2f}  " + " ".join(f"{x:.2f}" for x in r["curve"]))
     print(f"{'partial / synchronous':22s}: iterations/s {sync['s_per_it'] / partial['s_per_it']:.2f}x, rollout "
           f"{sync['gen_s'] / partial['gen_s']:.2f}x faster, correct answers trained on per second "

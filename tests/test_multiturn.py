@@ -158,6 +158,7 @@ def test_episodes_with_tools_and_an_environment(worker, long_policy, test_config
     from rlhf_ray.ppo.scoring import RolloutScorer
 
     scored = RolloutScorer(environment_rewards=True).score(ro)
+    assert RolloutScorer(environment_rewards=True).summary(ro)["tool_calls"] == 5 / 6  # (eval_tool_calls)
     np.testing.assert_array_equal(scored.scores, [-3, -3, -3, -3, -3, 0])
     batch = AdvantageWorker(str(long_policy), cfg).compute(scored, learner.evaluate(scored))
     outside = ~ro.response_mask

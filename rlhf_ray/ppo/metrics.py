@@ -19,6 +19,7 @@ def evaluate(worker, scorer, held_out: list, ppo: PPOConfig) -> dict:
     return {"eval_reward": s["eval_reward"], **({"eval_rm_score": s["rm_score"]} if "rm_score" in s else {}),
             "eval_response_len": s["response_len"],
             "eval_truncated_frac": s["truncated_frac"], "eval_policy_version": s["policy_version"],
+            **({"eval_tool_calls": s["tool_calls"]} if "tool_calls" in s else {}),  # per sample (multi-turn)
             "eval_examples": s["examples"], "eval_seconds": time.perf_counter() - t}
 
 

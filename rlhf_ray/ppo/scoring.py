@@ -190,4 +190,5 @@ class RolloutScorer:
                 "response_len": float(merged.response_mask.sum(-1).mean()),
                 "truncated_frac": float(merged.truncated.mean()), "n": len(merged.prompts),
                 "policy_version": merged.policy_version,
+                **({} if merged.episodes is None else {"tool_calls": float(merged.episodes.tool_calls.mean())}),
                 "examples": [f"{show(p)} {r.strip()}" for p, r in zip(merged.prompts[:examples], merged.responses[:examples])]}
