@@ -116,26 +116,30 @@ def test_carried_samples_go_on_across_a_weight_update(partial_worker, policy_dir
     assert all(s.first_version == 1 for g in w.partial.groups for s in g)
 
 
-def test_partial_rollouts_on_ray(ray_cluster, test_config, policy_dir, tmp_path):
+@pytest.mark.parametrize("one_step_off", [False, True])
+def test_partial_rollouts_on_ray(ray_cluster, test_config, policy_dir, tmp_path, one_step_off):
     """GRPO on two rollout workers with partial rollouts: every batch is the configured size, groups whole;
-    batches after the first hold samples begun an iteration earlier (lag 1, the bound), which the
-    truncated importance weights correct, and the engines stay in sync."""
+    batches after the first hold samples begun an iteration earlier, up to the staleness bound (1; 2 with
+    one-step-off, whose batches are one version old already), which the truncated importance weights
+    correct, and the engines stay in sync."""
     from rlhf_ray.config.schema import RewardFunctionConfig
     from rlhf_ray.ppo.driver import run_ppo
 
+    bound = 1 + one_step_off
     cfg = dataclasses.replace(
         test_config,
-        ppo=dataclasses.replace(test_config.ppo, iterations=4, prompts_per_iteration=8, samples_per_prompt=2,
+        ppo=dataclasses.replace(test_config.ppo, iterations=3, prompts_per_iteration=8, samples_per_prompt=2,
                                 advantage_estimator="grpo", beta=0.0, kl_coef=0.0, max_new_tokens=24,
                                 minibatch_size=16, tis_cap=2.0, rm_scoring="in_process",
                                 reward_functions=(RewardFunctionConfig("task_rewards:says_great", 1.0),)),
-        rollout=dataclasses.replace(test_config.rollout, num_workers=2, partial_rollouts=True, max_staleness=1))
-    lines = []
-    result = run_ppo(cfg, policy_dir, None, tmp_path, log=lines.append, eval_every=0)
+        rollout=dataclasses.replace(test_config.rollout, num_workers=2, partial_rollouts=True, max_staleness=bound,
+                                    async_one_step_off=one_step_off),
+        placement="disaggregated" if one_step_off else "auto")
+    result = run_ppo(cfg, policy_dir, None, tmp_path, log=lambda *_: None, eval_every=0)
     h = result.history
-    assert [x["batch_size"] for x in h] == [16] * 4
+    assert [x["batch_size"] for x in h] == [16] * 3
     assert h[0]["version_lag"] == 0 and h[0]["rollout_resumed_frac"] == 0
-    assert all(x["version_lag"] <= 1 for x in h) and any(x["rollout_resumed_frac"] > 0 for x in h[1:])
+    assert max(x["version_lag"] for x in h) == bound and all(x["rollout_resumed_frac"] > 0 for x in h[1:])
     assert all(x["rollout_carried"] > 0 for x in h)
     for x in h:  # tokens of an older version: importance weights differ from 1 exactly when some are
         assert (abs(x["tis_weight"] - 1.0) > 1e-4) == (x["version_lag"] > 0), x
