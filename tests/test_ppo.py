@@ -484,10 +484,16 @@ def test_a_resumed_run_replaces_tensorboard_steps_after_its_checkpoint(tmp_path)
 
     from rlhf_ray.reward.train import MetricsLog
 
+    # TensorBoard reads a directory's event files in name order: the time in whole seconds, then a
+    # per-process counter as text ("10" before "9"). Runs start seconds apart; writers made within one
+    # second of each other by a process that made ten or more before would be read out of order.
+    import time
+
     first = MetricsLog(tmp_path / "metrics.jsonl")
     for step in range(1, 6):
         first.write(step, {"gold": float(step)})
     first.tb.close()
+    time.sleep(1.05)
     resumed = MetricsLog(tmp_path / "metrics.jsonl", purge_step=3)
     for step in (3, 4):
         resumed.write(step, {"gold": 10.0 + step})
@@ -496,6 +502,7 @@ def test_a_resumed_run_replaces_tensorboard_steps_after_its_checkpoint(tmp_path)
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("gold")] == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]
     # A fresh run in the same directory (metrics.jsonl rewritten; purge_step 0): only its own steps.
+    time.sleep(1.05)
     fresh = MetricsLog(tmp_path / "metrics.jsonl", purge_step=0)
     fresh.write(1, {"gold": 100.0})
     fresh.tb.close()
