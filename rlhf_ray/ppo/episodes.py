@@ -98,7 +98,8 @@ class PrefixCache:
 
 
 def turn_seed(seed: int, turn: int) -> int:
-    """The sampling seed of an episode's ``turn``-th request, from the episode's ``seed``."""
+    """The sampling seed of an episode's ``turn``-th request (partial rollouts: of a sample's ``turn``-th
+    request, each resumption one), from the episode's ``seed``."""
     return int(np.random.SeedSequence([seed, turn]).generate_state(1)[0] & 0x7FFFFFFF)
 
 

@@ -220,6 +220,8 @@ class PartialRollouts:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
+        from rlhf_ray.ppo.episodes import turn_seed
+
         w, e = self.worker, s.episode
         room = min(s.budget - e.used, w.max_model_len - 1 - len(e.ids))
         if room < 1:
@@ -231,8 +233,7 @@ class PartialRollouts:
             regex = s.turn_regex[e.rounds] if s.turn_regex and e.rounds < len(s.turn_regex) else None
             if e.rounds:
                 self._later.add(rid)
-        seed = None if s.seed is None else int(np.random.SeedSequence([s.seed, s.requests]).generate_state(1)[0]
-                                               & 0x7FFFFFFF)
+        seed = None if s.seed is None else turn_seed(s.seed, s.requests)
         params = SamplingParams(max_tokens=room, temperature=temperature, top_p=top_p, seed=seed, logprobs=0,
                                 detokenize=False, flat_logprobs=True, stop_token_ids=w.stop_token_ids or None,
                                 output_kind=RequestOutputKind.DELTA,
